@@ -1,0 +1,152 @@
+"""Cross-field rules, checked before any process group starts.
+
+Every message names the key(s), the values and what to change, because a rule broken at
+scale is otherwise discovered as an opaque assert minutes into a multi-node launch.
+"""
+
+from __future__ import annotations
+
+from megavlm.config.loader import ConfigError
+from megavlm.config.schema import Config
+
+_CHOICES = {
+    "model.init": ("layout_invariant", "megatron"),
+    "model.fp8.format": (None, "hybrid", "e4m3"),
+    "model.fp8.recipe": ("delayed", "tensorwise", "mxfp8"),
+    "train.lr_decay": ("cosine", "linear", "constant"),
+    "train.precision": ("auto", "fp32", "bf16"),
+    "data.dataset": ("synthetic_text",),
+}
+
+
+def _get(cfg: Config, key: str):
+    node = cfg
+    for part in key.split("."):
+        node = getattr(node, part)
+    return node
+
+
+def data_parallel_size(cfg: Config, world_size: int) -> int:
+    p = cfg.parallel
+    return world_size // (p.tp * p.pp * p.cp)
+
+
+def validate(cfg: Config, world_size: int) -> None:
+    """Raise ConfigError on the first broken rule."""
+    errors = _collect_errors(cfg, world_size)
+    if errors:
+        raise ConfigError("invalid configuration:\n  - " + "\n  - ".join(errors))
+
+
+def _collect_errors(cfg: Config, world_size: int) -> list[str]:
+    errors: list[str] = []
+    p, t = cfg.parallel, cfg.train
+    lm = cfg.model.language
+
+    for key, choices in _CHOICES.items():
+        value = _get(cfg, key)
+        if value not in choices:
+            shown = ", ".join("null" if c is None else str(c) for c in choices)
+            errors.append(f"{key}: {value!r} is not one of {shown}")
+    for i, phase in enumerate(t.lr_phases):
+        if phase.decay not in _CHOICES["train.lr_decay"]:
+            errors.append(f"train.lr_phases[{i}].decay: {phase.decay!r} is not one of cosine, linear, constant")
+
+    for key in ("parallel.tp", "parallel.pp", "parallel.cp", "parallel.ep", "train.iters",
+                "train.micro_batch_size", "train.global_batch_size", "data.seq_length"):
+        if _get(cfg, key) < 1:
+            errors.append(f"{key} must be >= 1, got {_get(cfg, key)}")
+    if errors:
+        return errors
+
+    if lm is None:
+        return errors + ["model: set model.preset (e.g. qwen3-tiny) or model.language"]
+
+    etp = p.etp if p.etp is not None else p.tp
+    model_parallel = p.tp * p.pp * p.cp
+    if world_size % model_parallel:
+        errors.append(
+            f"world size {world_size} must equal parallel.tp x parallel.pp x parallel.cp x DP; "
+            f"tp*pp*cp = {p.tp}*{p.pp}*{p.cp} = {model_parallel} does not divide it"
+        )
+    if lm.num_attention_heads % p.tp:
+        errors.append(
+            f"model.language.num_attention_heads ({lm.num_attention_heads}) must be a multiple "
+            f"of parallel.tp ({p.tp})"
+        )
+    if lm.num_query_groups % p.tp:
+        errors.append(
+            f"model.language.num_query_groups ({lm.num_query_groups}) must be a multiple of "
+            f"parallel.tp ({p.tp}); lower parallel.tp"
+        )
+    if lm.num_attention_heads % lm.num_query_groups:
+        errors.append(
+            f"model.language.num_attention_heads ({lm.num_attention_heads}) must be a multiple "
+            f"of model.language.num_query_groups ({lm.num_query_groups})"
+        )
+    vpp = p.vpp or 1
+    if p.vpp is not None and p.vpp > 1 and p.pp < 2:
+        errors.append(f"parallel.vpp={p.vpp} needs parallel.pp >= 2, got {p.pp}")
+    if lm.num_layers % (p.pp * vpp):
+        errors.append(
+            f"model.language.num_layers ({lm.num_layers}) must be a multiple of "
+            f"parallel.pp x parallel.vpp ({p.pp} x {vpp} = {p.pp * vpp})"
+        )
+    if p.sequence_parallel and p.tp == 1:
+        errors.append("parallel.sequence_parallel=true needs parallel.tp > 1")
+    if p.sequence_parallel and cfg.data.seq_length % (p.tp * p.cp):
+        errors.append(
+            f"data.seq_length ({cfg.data.seq_length}) must be a multiple of parallel.tp x "
+            f"parallel.cp ({p.tp * p.cp}) with sequence parallelism"
+        )
+
+    if lm.moe is None:
+        if p.ep > 1:
+            errors.append(f"parallel.ep={p.ep} needs a MoE model (model.language.moe)")
+    else:
+        if lm.moe.num_experts % p.ep:
+            errors.append(
+                f"model.language.moe.num_experts ({lm.moe.num_experts}) must be a multiple of "
+                f"parallel.ep ({p.ep})"
+            )
+        if lm.moe.topk > lm.moe.num_experts:
+            errors.append(
+                f"model.language.moe.topk ({lm.moe.topk}) must be <= num_experts ({lm.moe.num_experts})"
+            )
+        if lm.moe.dispatcher not in ("alltoall", "allgather"):
+            errors.append(f"model.language.moe.dispatcher: {lm.moe.dispatcher!r} is not one of alltoall, allgather")
+        if world_size % (etp * p.ep * p.pp):
+            errors.append(
+                f"world size {world_size} must be a multiple of parallel.etp x parallel.ep x "
+                f"parallel.pp ({etp} x {p.ep} x {p.pp})"
+            )
+        if p.tp > 1 and p.ep > 1 and not p.sequence_parallel:
+            errors.append("parallel.ep > 1 with parallel.tp > 1 needs parallel.sequence_parallel=true")
+
+    if errors:
+        return errors
+    dp = data_parallel_size(cfg, world_size)
+    if t.global_batch_size % (t.micro_batch_size * dp):
+        errors.append(
+            f"train.global_batch_size ({t.global_batch_size}) must be a multiple of "
+            f"train.micro_batch_size x DP ({t.micro_batch_size} x {dp}); DP = world size "
+            f"{world_size} / (tp*pp*cp)"
+        )
+    if t.lr_phases and sum(ph.iters for ph in t.lr_phases) + t.warmup_iters > t.iters:
+        errors.append(
+            f"train.warmup_iters + sum(train.lr_phases[*].iters) exceeds train.iters ({t.iters})"
+        )
+    if cfg.model.fp8.format is not None:
+        from megavlm.platform.device import fp8_support
+
+        supported, why = fp8_support(cfg.model.fp8.recipe)
+        if not supported:
+            errors.append(f"model.fp8.format={cfg.model.fp8.format!r}: {why}; set model.fp8.format=null")
+    if cfg.checkpoint.interval < 0:
+        errors.append(f"checkpoint.interval must be >= 0, got {cfg.checkpoint.interval}")
+    if cfg.data.seq_length > lm.max_position_embeddings:
+        errors.append(
+            f"data.seq_length ({cfg.data.seq_length}) exceeds model.language.max_position_embeddings "
+            f"({lm.max_position_embeddings})"
+        )
+    return errors

@@ -1,0 +1,1 @@
+"""Datasets, batches and the order in which each rank sees samples."""

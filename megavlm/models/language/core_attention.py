@@ -1,0 +1,352 @@
+"""Core attention on ``torch.nn.functional.scaled_dot_product_attention`` (SDPA).
+
+Why: megatron-core's local ``DotProductAttention`` (the ``core_attention`` of
+``get_gpt_layer_local_spec``) materializes the full ``[b, np, sq, sk]`` score matrix with
+``baddbmm`` and a masked softmax, and keeps it (plus the dropout mask and probabilities) for
+backward. SDPA dispatches to fused kernels (flash / memory-efficient on CPU and GPU) that never
+store the score matrix, so memory is linear instead of quadratic in sequence length and the
+kernels are faster. It also supports GQA natively, which avoids DotProductAttention's
+``repeat_interleave`` copies of K/V.
+
+:class:`SDPAAttention` is a drop-in for the ``core_attention`` slot of megatron's
+``SelfAttentionSubmodules`` / ``CrossAttentionSubmodules``: same constructor and forward
+contract as ``megatron.core.transformer.dot_product_attention.DotProductAttention`` (0.16.1).
+
+Packed sequences (``packed_seq_params``): supported by masking, not by variable-length
+kernels. The segments given by ``cu_seqlens`` become a block-diagonal (causal) boolean mask,
+so no token attends across a sample boundary; the compute is still that of one long sequence.
+Real varlen kernels (cuDNN / flash-attn with ``cu_seqlens``) are the GPU path through
+Transformer Engine's ``TEDotProductAttention``; this module is for the CPU (local-spec) path
+and for tests.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from megatron.core import tensor_parallel
+from megatron.core.packed_seq_params import PackedSeqParams
+from megatron.core.process_groups_config import ProcessGroupCollection
+from megatron.core.transformer.enums import AttnMaskType
+from megatron.core.transformer.module import MegatronModule
+from megatron.core.transformer.transformer_config import TransformerConfig
+from megatron.core.transformer.utils import is_layer_window_attention
+from megatron.core.utils import divide
+
+__all__ = ["SDPAAttention", "packed_segment_mask"]
+
+_CAUSAL_TYPES = (
+    AttnMaskType.causal,
+    AttnMaskType.padding_causal,
+    AttnMaskType.causal_bottom_right,
+)
+
+
+def packed_segment_mask(
+    cu_seqlens: Tensor,
+    total_len: int,
+    cu_seqlens_padded: Optional[Tensor] = None,
+    device: Optional[torch.device] = None,
+) -> Tensor:
+    """Block-diagonal "may attend" mask for sequences packed along one dimension.
+
+    Args:
+        cu_seqlens: ``[n + 1]`` cumulative real lengths of the n packed samples.
+        total_len: length of the packed dimension (may exceed the packed tokens; the tail is
+            padding).
+        cu_seqlens_padded: optional ``[n + 1]`` cumulative *padded* lengths: when given, sample
+            i occupies ``[padded[i], padded[i+1])`` and only its first
+            ``cu_seqlens[i+1] - cu_seqlens[i]`` positions are real (megatron/TE convention).
+
+    Returns:
+        ``[total_len, total_len]`` bool, True where query i may attend key j: same sample and
+        both real tokens. Padding tokens attend nothing and are attended by nothing.
+        Causality is applied separately.
+    """
+    device = device if device is not None else cu_seqlens.device
+    cu = cu_seqlens.to(device=device, dtype=torch.long)
+    layout = cu if cu_seqlens_padded is None else cu_seqlens_padded.to(device, torch.long)
+    if cu.dim() != 1 or cu.numel() < 2 or layout.shape != cu.shape:
+        raise ValueError(f"bad cu_seqlens {tuple(cu.shape)} / padded {tuple(layout.shape)}")
+    if int(layout[-1]) > total_len:
+        raise ValueError(
+            f"cu_seqlens describe {int(layout[-1])} tokens but the packed dim has {total_len}"
+        )
+    lengths = cu[1:] - cu[:-1]  # [n]
+    if bool((lengths > layout[1:] - layout[:-1]).any()):
+        raise ValueError("cu_seqlens lengths exceed cu_seqlens_padded lengths")
+    num_segments = cu.numel() - 1
+    pos = torch.arange(total_len, device=device)  # [s]
+    # segment index of each position; == num_segments past the last boundary (tail padding)
+    seg = torch.bucketize(pos, layout[1:], right=True)  # [s]
+    seg_c = seg.clamp(max=num_segments - 1)
+    real = (seg < num_segments) & (pos - layout[seg_c] < lengths[seg_c])  # [s]
+    return (seg[:, None] == seg[None, :]) & real[:, None] & real[None, :]  # [s, s]
+
+
+class SDPAAttention(MegatronModule):
+    """Megatron core attention computed with ``F.scaled_dot_product_attention``.
+
+    Same constructor as megatron's ``DotProductAttention``; see the module docstring for why.
+    Not supported (clear errors at construction): ``apply_query_key_layer_scaling`` (it only
+    exists to keep fp16 scores in range in the unfused softmax, which SDPA never materializes),
+    context parallelism, non-vanilla ``softmax_type`` (off-by-one / learnable sink), ``qk_clip``
+    (needs the max logit, which SDPA does not expose).
+
+    Masking semantics (the "may attend" sets are intersected):
+      * causal mask types (``causal``, ``padding_causal``: top-left aligned, which requires
+        ``sq == sk`` unless ``sq == 1`` — single-token decode, where megatron also drops the
+        mask; ``causal_bottom_right``: aligned to the last key);
+      * sliding window when ``config.window_size`` applies to this layer (as
+        DotProductAttention, ``(left, right)`` relative to the aligned diagonal; ``-1`` means
+        unbounded, as in TE);
+      * ``attention_mask``: boolean, megatron convention True = masked out, broadcastable to
+        ``[b, np, sq, sk]``. DotProductAttention uses a given mask *instead of* the causal
+        mask; here it is applied *in addition* to it, which is identical for megatron's usual
+        causal/padding masks and never lets a causal layer see the future;
+      * packed segments from ``packed_seq_params``.
+    A query row with no visible key yields zeros (SDPA's behavior) where megatron's
+    ``-10000`` fill yields an average of V; such rows are padding whose output is discarded.
+    """
+
+    def __init__(
+        self,
+        config: TransformerConfig,
+        layer_number: int,
+        attn_mask_type: AttnMaskType,
+        attention_type: str,
+        attention_dropout: Optional[float] = None,
+        softmax_scale: Optional[float] = None,
+        cp_comm_type: Optional[str] = None,
+        pg_collection: Optional[ProcessGroupCollection] = None,
+    ):
+        super().__init__(config=config)
+        self.config: TransformerConfig = config
+
+        if config.context_parallel_size != 1:
+            raise NotImplementedError(
+                "SDPAAttention does not support context parallelism; use TEDotProductAttention"
+            )
+        if config.apply_query_key_layer_scaling:
+            raise ValueError(
+                "SDPAAttention does not support apply_query_key_layer_scaling: it rescales fp16 "
+                "scores inside megatron's unfused softmax, which SDPA never materializes. "
+                "Set apply_query_key_layer_scaling=False (pass softmax_scale if you need a "
+                "different scale)."
+            )
+        if config.softmax_type != "vanilla":
+            raise NotImplementedError(
+                f"SDPAAttention supports softmax_type='vanilla' only, got {config.softmax_type!r}"
+            )
+        if getattr(config, "qk_clip", False):
+            raise NotImplementedError(
+                "SDPAAttention does not expose max attention logits (qk_clip)"
+            )
+
+        self.layer_number = max(1, layer_number)
+        self.attn_mask_type = attn_mask_type
+        self.attention_type = attention_type  # unused, as in DotProductAttention
+
+        if pg_collection is None:
+            pg_collection = ProcessGroupCollection.use_mpu_process_groups(required_pgs=["tp"])
+        elif not hasattr(pg_collection, "tp"):
+            raise ValueError("SDPAAttention pg_collection must have a tp process group")
+        self.pg_collection = pg_collection
+        self.tp_group = pg_collection.tp
+
+        world_size = pg_collection.tp.size()
+        projection_size = config.kv_channels * config.num_attention_heads
+        self.hidden_size_per_partition = divide(projection_size, world_size)
+        self.hidden_size_per_attention_head = divide(projection_size, config.num_attention_heads)
+        self.num_attention_heads_per_partition = divide(config.num_attention_heads, world_size)
+        self.num_query_groups_per_partition = divide(config.num_query_groups, world_size)
+
+        self.softmax_scale = (
+            1.0 / math.sqrt(self.hidden_size_per_attention_head)
+            if softmax_scale is None
+            else softmax_scale
+        )
+        if is_layer_window_attention(
+            config.window_size, config.window_attn_skip_freq, layer_number
+        ):
+            self.window_size = tuple(config.window_size)
+        else:
+            self.window_size = None
+        self.attention_dropout_p = float(
+            config.attention_dropout if attention_dropout is None else attention_dropout
+        )
+
+    # ------------------------------------------------------------------ masks
+    def _keep_mask(
+        self,
+        sq: int,
+        sk: int,
+        device: torch.device,
+        mask_type: AttnMaskType,
+        attention_mask: Optional[Tensor],
+        packed_seq_params: Optional[PackedSeqParams],
+    ) -> tuple[Optional[Tensor], bool]:
+        """Returns (keep, is_causal): a bool "may attend" mask or None, and whether SDPA's
+        built-in causal flag can be used instead of materializing the causal mask."""
+        causal = mask_type in _CAUSAL_TYPES
+        offset = 0  # diagonal alignment: key index j aligned to query i is i + offset
+        if mask_type == AttnMaskType.causal_bottom_right or self.window_size is not None:
+            # bottom-right; also megatron's get_sliding_window_causal_mask alignment
+            offset = sk - sq
+        elif causal and sq != sk:
+            if sq == 1:
+                causal = False  # single-token decode against a KV cache (as megatron)
+            else:
+                raise ValueError(
+                    f"top-left causal attention needs sq == sk (got {sq}, {sk}); "
+                    "use AttnMaskType.causal_bottom_right for queries at the end of the keys"
+                )
+
+        if (
+            causal
+            and offset == 0
+            and attention_mask is None
+            and packed_seq_params is None
+            and self.window_size is None
+        ):
+            return None, True  # fast path: SDPA's own causal mask, nothing materialized
+
+        keep: Optional[Tensor] = None
+
+        def _and(m: Tensor) -> None:
+            nonlocal keep
+            keep = m if keep is None else keep & m
+
+        if causal or self.window_size is not None:
+            rel = (
+                torch.arange(sk, device=device)[None, :]
+                - torch.arange(sq, device=device)[:, None]
+                - offset
+            )  # [sq, sk]: key index minus aligned query index
+            if causal:
+                _and(rel <= 0)
+            if self.window_size is not None:
+                left, right = self.window_size
+                if left is not None and left >= 0:
+                    _and(rel >= -left)
+                if right is not None and right >= 0:
+                    _and(rel <= right)
+
+        if packed_seq_params is not None:
+            _and(self._packed_keep_mask(packed_seq_params, sq, sk, device))  # [sq, sk]
+
+        if attention_mask is not None:
+            if attention_mask.dtype.is_floating_point:
+                raise TypeError(
+                    "SDPAAttention expects a boolean attention_mask (True = masked out); "
+                    "additive float masks are not supported"
+                )
+            _and(~attention_mask.to(device=device, dtype=torch.bool))  # [b|1, np|1, sq, sk]
+        return keep, False
+
+    @staticmethod
+    def _packed_keep_mask(
+        params: PackedSeqParams, sq: int, sk: int, device: torch.device
+    ) -> Tensor:
+        if params.qkv_format not in ("sbhd", "thd"):
+            raise NotImplementedError(
+                f"SDPAAttention supports packed qkv_format 'sbhd'/'thd', got {params.qkv_format!r}"
+            )
+        if params.cu_seqlens_q is None:
+            raise ValueError("packed_seq_params.cu_seqlens_q is required")
+        cu_kv = params.cu_seqlens_kv if params.cu_seqlens_kv is not None else params.cu_seqlens_q
+        pad_q, pad_kv = params.cu_seqlens_q_padded, params.cu_seqlens_kv_padded
+        same = torch.equal(params.cu_seqlens_q.cpu(), cu_kv.cpu()) and (
+            (pad_q is None and pad_kv is None)
+            or (pad_q is not None and pad_kv is not None and torch.equal(pad_q.cpu(), pad_kv.cpu()))
+        )
+        if sq != sk or not same:
+            raise NotImplementedError(
+                "SDPAAttention supports packed sequences only for self-attention with "
+                "cu_seqlens_q == cu_seqlens_kv; use TEDotProductAttention for varlen cross-attn"
+            )
+        return packed_segment_mask(params.cu_seqlens_q, sq, pad_q, device=device)
+
+    # ---------------------------------------------------------------- forward
+    def forward(
+        self,
+        query: Tensor,
+        key: Tensor,
+        value: Tensor,
+        attention_mask: Optional[Tensor],
+        attn_mask_type: Optional[AttnMaskType] = None,
+        attention_bias: Optional[Tensor] = None,
+        packed_seq_params: Optional[PackedSeqParams] = None,
+    ) -> Tensor:
+        """Attention over TP-local heads.
+
+        Args:
+            query: ``[sq, b, np, hn]`` (``[t, np, hn]`` for packed 'thd', where megatron's
+                SelfAttention has already squeezed the dummy batch dim).
+            key, value: ``[sk, b, ng, hn]`` with ``ng = num_query_groups_per_partition``
+                dividing ``np`` (GQA); ``[t, ng, hn]`` for 'thd'.
+            attention_mask: optional bool mask, True = masked out.
+            attn_mask_type: overrides the constructor's mask type when given (as TE does).
+            attention_bias: not supported (as in DotProductAttention).
+            packed_seq_params: packed-sequence boundaries (see module docstring).
+
+        Returns:
+            ``[sq, b, hp]`` with ``hp = np * hn`` (``[t, hp]`` for 'thd').
+        """
+        if attention_bias is not None:
+            raise NotImplementedError("attention_bias is not supported by SDPAAttention")
+
+        thd = packed_seq_params is not None and packed_seq_params.qkv_format == "thd"
+        if thd:
+            # [t, np, hn] -> [t, 1, np, hn]: the packed tokens as one sequence of batch 1
+            query, key, value = query.unsqueeze(1), key.unsqueeze(1), value.unsqueeze(1)
+
+        sq, b, np_, hn = query.shape  # [sq, b, np, hn]
+        sk, ng = key.shape[0], key.shape[2]  # key/value: [sk, b, ng, hn]
+        if np_ % ng != 0:
+            raise ValueError(f"query heads ({np_}) must be a multiple of key/value heads ({ng})")
+
+        mask_type = attn_mask_type if attn_mask_type is not None else self.attn_mask_type
+        keep, is_causal = self._keep_mask(
+            sq, sk, query.device, mask_type, attention_mask, packed_seq_params
+        )
+
+        # SDPA layout: [sq, b, np, hn] -> [b, np, sq, hn]; [sk, b, ng, hn] -> [b, ng, sk, hn]
+        q = query.permute(1, 2, 0, 3)
+        k = key.permute(1, 2, 0, 3)
+        v = value.permute(1, 2, 0, 3)
+
+        dropout_p = self.attention_dropout_p if self.training else 0.0
+
+        def _sdpa() -> Tensor:
+            return F.scaled_dot_product_attention(
+                q,
+                k,
+                v,
+                attn_mask=keep,  # bool, True = may attend (SDPA convention), or None
+                dropout_p=dropout_p,
+                is_causal=is_causal,
+                scale=self.softmax_scale,
+                enable_gqa=ng != np_,
+            )  # [b, np, sq, hn]
+
+        if dropout_p > 0.0 and not self.config.sequence_parallel:
+            # Heads are TP-local, so the dropout pattern must differ across TP ranks: use the
+            # model-parallel RNG stream. Under sequence parallelism TransformerBlock already
+            # runs every layer inside this fork, and nesting it would replay random numbers
+            # (the same rule as DotProductAttention).
+            with tensor_parallel.get_cuda_rng_tracker().fork():
+                context = _sdpa()
+        else:
+            context = _sdpa()
+
+        # [b, np, sq, hn] -> [sq, b, np, hn] -> [sq, b, hp]
+        context = context.permute(2, 0, 1, 3).reshape(sq, b, np_ * hn)
+        if thd:
+            context = context.squeeze(1)  # [t, hp]
+        return context

@@ -1,0 +1,1 @@
+"""Hardware and launcher differences, confined to one package (see DESIGN.md principle 3)."""

@@ -1,0 +1,54 @@
+"""Start a megavlm job: process group, CPU adapter, megatron parallel state, RNG seeds."""
+
+from __future__ import annotations
+
+import random
+
+import numpy as np
+import torch
+from megatron.core import parallel_state
+from megatron.core.tensor_parallel.random import model_parallel_cuda_manual_seed
+
+from megavlm.config.schema import ParallelConfig
+from megavlm.platform import cpu_adapter, device
+from megavlm.platform.launch import DistEnv, detect_dist_env, init_process_group
+
+
+def initialize(parallel: ParallelConfig, seed: int, env: DistEnv | None = None) -> DistEnv:
+    """Bring up the process group and megatron's TP/PP/CP/EP/DP groups from ``parallel``.
+
+    The config must already be validated against ``env.world_size``.
+    """
+    env = env or detect_dist_env()
+    init_process_group(env, device.distributed_backend())
+    if not device.has_cuda():
+        cpu_adapter.install()
+    parallel_state.initialize_model_parallel(
+        tensor_model_parallel_size=parallel.tp,
+        pipeline_model_parallel_size=parallel.pp,
+        virtual_pipeline_model_parallel_size=parallel.vpp if parallel.vpp and parallel.vpp > 1 else None,
+        context_parallel_size=parallel.cp,
+        expert_model_parallel_size=parallel.ep,
+        expert_tensor_parallel_size=parallel.etp,
+    )
+    seed_everything(seed)
+    return env
+
+
+def seed_everything(seed: int) -> None:
+    """Seed Python, numpy, torch and megatron's TP/EP RNG trackers.
+
+    Pipeline stages get different seeds (as in Megatron-LM) so dropout masks differ per stage.
+    """
+    stage_seed = seed + 100 * parallel_state.get_pipeline_model_parallel_rank()
+    random.seed(stage_seed)
+    np.random.seed(stage_seed)
+    torch.manual_seed(stage_seed)
+    model_parallel_cuda_manual_seed(stage_seed)
+
+
+def shutdown() -> None:
+    if parallel_state.model_parallel_is_initialized():
+        parallel_state.destroy_model_parallel()
+    if torch.distributed.is_initialized():
+        torch.distributed.destroy_process_group()

@@ -1,0 +1,221 @@
+"""Find this process's place in a distributed job and start the process group.
+
+The same training script must run under ``torchrun`` (which exports ``RANK``,
+``WORLD_SIZE``, ...) and directly under slurm ``srun`` with one task per GPU (which
+exports only ``SLURM_*`` variables), so the launcher is detected from the environment
+instead of being configured by hand. A process with neither is a single-process run.
+"""
+
+from __future__ import annotations
+
+import itertools
+import os
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass
+from datetime import timedelta
+
+import torch
+import torch.distributed as dist
+
+_SINGLE_PROCESS_PORT = 29500
+_SLURM_PORT_BASE = 20000
+_SLURM_PORT_SPAN = 10000
+
+
+@dataclass(frozen=True)
+class DistEnv:
+    """Where this process sits in the job; ``launcher`` is "torchrun", "slurm" or "single"."""
+
+    rank: int
+    local_rank: int
+    world_size: int
+    local_world_size: int
+    master_addr: str
+    master_port: int
+    launcher: str
+
+
+def expand_slurm_nodelist(nodelist: str) -> list[str]:
+    """Expand slurm hostlist syntax, e.g. ``node[01-03,07]`` -> node01, node02, node03, node07.
+
+    Several bracket groups in one name expand to their cartesian product, leftmost
+    group varying slowest, as slurm does. Zero padding of a range start is kept.
+    """
+    # Parsed by hand because `scontrol show hostnames` is not available inside every container.
+    hosts: list[str] = []
+    for pattern in _split_top_level(nodelist):
+        if not pattern:
+            raise ValueError(f"malformed slurm nodelist {nodelist!r}: empty host name")
+        pieces = re.split(r"(\[[^\]]*\])", pattern)
+        choices = [[p] if i % 2 == 0 else _expand_brackets(p[1:-1], nodelist) for i, p in enumerate(pieces)]
+        hosts.extend("".join(parts) for parts in itertools.product(*choices))
+    return hosts
+
+
+def _split_top_level(nodelist: str) -> list[str]:
+    """Split on commas outside brackets; commas inside brackets separate ranges."""
+    patterns, depth, start = [], 0, 0
+    for i, char in enumerate(nodelist):
+        if char == "[":
+            depth += 1
+        elif char == "]":
+            depth -= 1
+        if depth not in (0, 1):
+            raise ValueError(f"malformed slurm nodelist {nodelist!r}: unbalanced brackets")
+        if char == "," and depth == 0:
+            patterns.append(nodelist[start:i])
+            start = i + 1
+    if depth != 0:
+        raise ValueError(f"malformed slurm nodelist {nodelist!r}: unbalanced brackets")
+    patterns.append(nodelist[start:])
+    return patterns
+
+
+def _expand_brackets(ranges: str, nodelist: str) -> list[str]:
+    values: list[str] = []
+    for item in ranges.split(","):
+        match = re.fullmatch(r"(\d+)(?:-(\d+))?", item)
+        if match is None:
+            raise ValueError(f"malformed slurm nodelist {nodelist!r}: bad range {item!r}")
+        lo, hi = match.group(1), match.group(2) or match.group(1)
+        if int(hi) < int(lo):
+            raise ValueError(f"malformed slurm nodelist {nodelist!r}: reversed range {item!r}")
+        values.extend(str(n).zfill(len(lo)) for n in range(int(lo), int(hi) + 1))
+    return values
+
+
+def detect_dist_env(environ: Mapping[str, str] | None = None) -> DistEnv:
+    """Read the launcher's variables: torchrun first, then slurm, else a single process.
+
+    Under slurm the rendezvous port is derived from ``SLURM_JOB_ID`` so that every task
+    of one job picks the same port without talking to each other.
+    """
+    env = os.environ if environ is None else environ
+    if ("RANK" in env) != ("WORLD_SIZE" in env):
+        missing = "WORLD_SIZE" if "RANK" in env else "RANK"
+        raise ValueError(f"{missing} is not set but the other torchrun variable is; set both or neither")
+    if "RANK" in env:
+        dist_env = DistEnv(
+            rank=_int(env, "RANK"),
+            local_rank=_int(env, "LOCAL_RANK"),
+            world_size=_int(env, "WORLD_SIZE"),
+            local_world_size=_int(env, "LOCAL_WORLD_SIZE"),
+            master_addr=_str(env, "MASTER_ADDR"),
+            master_port=_port(env, "MASTER_PORT"),
+            launcher="torchrun",
+        )
+    elif "SLURM_PROCID" in env:
+        job_id = _int(env, "SLURM_JOB_ID", default=0)
+        dist_env = DistEnv(
+            rank=_int(env, "SLURM_PROCID"),
+            local_rank=_int(env, "SLURM_LOCALID"),
+            world_size=_int(env, "SLURM_NTASKS"),
+            local_world_size=_slurm_local_world_size(env),
+            master_addr=env.get("MASTER_ADDR") or _slurm_first_host(env),
+            master_port=_port(env, "MASTER_PORT", default=_SLURM_PORT_BASE + job_id % _SLURM_PORT_SPAN),
+            launcher="slurm",
+        )
+    else:
+        dist_env = DistEnv(
+            rank=0,
+            local_rank=0,
+            world_size=1,
+            local_world_size=1,
+            master_addr="127.0.0.1",
+            master_port=_port(env, "MASTER_PORT", default=_SINGLE_PROCESS_PORT),
+            launcher="single",
+        )
+    _check_consistent(dist_env)
+    return dist_env
+
+
+def _int(env: Mapping[str, str], name: str, default: int | None = None) -> int:
+    raw = env.get(name)
+    if raw is None:
+        if default is None:
+            raise ValueError(f"{name} is not set; the launcher must export it")
+        return default
+    try:
+        value = int(raw)
+    except ValueError:
+        raise ValueError(f"{name}={raw!r} is not an integer") from None
+    if value < 0:
+        raise ValueError(f"{name}={raw!r} must not be negative")
+    return value
+
+
+def _str(env: Mapping[str, str], name: str) -> str:
+    value = env.get(name)
+    if not value:
+        raise ValueError(f"{name} is not set; the launcher must export it")
+    return value
+
+
+def _port(env: Mapping[str, str], name: str, default: int | None = None) -> int:
+    port = _int(env, name, default)
+    if not 0 < port < 65536:
+        raise ValueError(f"{name}={env.get(name)!r} is not a TCP port (1-65535)")
+    return port
+
+
+def _slurm_local_world_size(env: Mapping[str, str]) -> int:
+    """Tasks on this node: ``SLURM_NTASKS_PER_NODE`` if plain, else this node's ``SLURM_TASKS_PER_NODE`` entry."""
+    if env.get("SLURM_NTASKS_PER_NODE", "").isdigit():
+        return int(env["SLURM_NTASKS_PER_NODE"])
+    raw = env.get("SLURM_TASKS_PER_NODE")
+    if raw is None:
+        raise ValueError("neither SLURM_NTASKS_PER_NODE nor SLURM_TASKS_PER_NODE is set; run under srun")
+    per_node: list[int] = []
+    for entry in raw.split(","):
+        match = re.fullmatch(r"(\d+)(?:\(x(\d+)\))?", entry)
+        if match is None:
+            raise ValueError(f"SLURM_TASKS_PER_NODE={raw!r} is not of the form '8(x2)' or '4,4'")
+        per_node.extend([int(match.group(1))] * int(match.group(2) or 1))
+    node_id = _int(env, "SLURM_NODEID", default=0)
+    if node_id >= len(per_node):
+        raise ValueError(f"SLURM_NODEID={node_id} has no entry in SLURM_TASKS_PER_NODE={raw!r}")
+    return per_node[node_id]
+
+
+def _slurm_first_host(env: Mapping[str, str]) -> str:
+    for name in ("SLURM_JOB_NODELIST", "SLURM_NODELIST"):
+        if env.get(name):
+            return expand_slurm_nodelist(env[name])[0]
+    raise ValueError("none of MASTER_ADDR, SLURM_JOB_NODELIST, SLURM_NODELIST is set; export MASTER_ADDR")
+
+
+def _check_consistent(env: DistEnv) -> None:
+    if env.rank >= env.world_size:
+        raise ValueError(f"rank {env.rank} is not below world size {env.world_size} ({env.launcher} variables)")
+    if env.local_rank >= env.local_world_size:
+        raise ValueError(
+            f"local rank {env.local_rank} is not below local world size {env.local_world_size} "
+            f"({env.launcher} variables)"
+        )
+
+
+def init_process_group(env: DistEnv, backend: str, timeout_minutes: int = 30) -> None:
+    """Start torch.distributed for ``env``; does nothing if a process group already exists.
+
+    The rendezvous variables are exported too because megatron-core and
+    dist_checkpointing read them from ``os.environ`` rather than from the process group.
+    """
+    if dist.is_initialized():
+        return
+    os.environ.update(
+        RANK=str(env.rank),
+        WORLD_SIZE=str(env.world_size),
+        LOCAL_RANK=str(env.local_rank),
+        MASTER_ADDR=env.master_addr,
+        MASTER_PORT=str(env.master_port),
+    )
+    if backend == "nccl":
+        torch.cuda.set_device(env.local_rank)
+    dist.init_process_group(
+        backend=backend,
+        init_method=f"tcp://{env.master_addr}:{env.master_port}",
+        rank=env.rank,
+        world_size=env.world_size,
+        timeout=timedelta(minutes=timeout_minutes),
+    )

@@ -1,0 +1,191 @@
+"""The training loop: one readable function on megatron-core's pipeline schedules."""
+
+from __future__ import annotations
+
+import signal
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+from megatron.core import parallel_state
+from megatron.core.distributed import finalize_model_grads
+from megatron.core.pipeline_parallel import get_forward_backward_func
+
+from megavlm.config import Config, data_parallel_size, dump_yaml, validate
+from megavlm.data.sampler import micro_batches
+from megavlm.data.synthetic_text import SyntheticTextDataset
+from megavlm.platform import device
+from megavlm.platform.distributed import initialize
+from megavlm.platform.launch import detect_dist_env
+from megavlm.training.checkpoint import TrainState, latest_complete, load_checkpoint, save_checkpoint
+from megavlm.training.metrics import MetricsLogger
+from megavlm.training.model_setup import build_model_chunks, wrap_data_parallel
+from megavlm.training.optimizer import build_lr_schedule, build_optimizer
+from megavlm.training.step import forward_step
+
+
+@dataclass
+class TrainResult:
+    state: TrainState
+    losses: dict[int, float] = field(default_factory=dict)  # iteration -> loss (all ranks)
+    grad_norms: dict[int, float] = field(default_factory=dict)
+    checkpoint: Path | None = None
+
+
+class _StopRequest:
+    """Remembers SIGTERM / SIGUSR1 (slurm preemption) until the next step boundary."""
+
+    def __init__(self):
+        self.requested = False
+        for sig in (signal.SIGTERM, signal.SIGUSR1):
+            signal.signal(sig, self._handle)
+
+    def _handle(self, signum, frame):
+        self.requested = True
+
+    def agreed(self) -> bool:
+        """True on every rank if any rank got a signal (they must stop together)."""
+        flag = torch.tensor([float(self.requested)], device=device.device())
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+        return bool(flag.item())
+
+
+def _data_iterators(cfg: Config, consumed_samples: int, num_chunks: int):
+    lm = cfg.model.language
+    dataset = SyntheticTextDataset(vocab_size=lm.vocab_size, seq_length=cfg.data.seq_length, seed=cfg.data.seed)
+    make = lambda: micro_batches(  # noqa: E731
+        dataset,
+        consumed_samples=consumed_samples,
+        micro_batch_size=cfg.train.micro_batch_size,
+        dp_rank=parallel_state.get_data_parallel_rank(),
+        dp_size=parallel_state.get_data_parallel_world_size(),
+    )
+    # Each virtual pipeline chunk consumes the micro-batches independently.
+    return [make() for _ in range(num_chunks)] if num_chunks > 1 else make()
+
+
+def _global_loss(losses_reduced: list[dict]) -> torch.Tensor:
+    """[loss sum, token count] over the global batch, the same on every rank."""
+    total = torch.zeros(2, device=device.device())
+    if parallel_state.is_pipeline_last_stage() and parallel_state.get_tensor_model_parallel_rank() == 0:
+        for report in losses_reduced:
+            total += report["lm loss"].to(total.device)
+    dist.all_reduce(total)
+    return total
+
+
+def _grads_finite(model) -> bool:
+    finite = torch.ones(1, device=device.device())
+    for chunk in model:
+        for p in chunk.parameters():
+            grad = getattr(p, "main_grad", None)
+            if grad is not None and not torch.isfinite(grad).all():
+                finite.zero_()
+                break
+    dist.all_reduce(finite, op=dist.ReduceOp.MIN)
+    return bool(finite.item())
+
+
+class Trainer:
+    """Owns the model, optimizer, data and state of one run; ``step()`` is one iteration."""
+
+    def __init__(self, cfg: Config):
+        env = detect_dist_env()
+        validate(cfg, env.world_size)
+        initialize(cfg.parallel, cfg.train.seed, env)
+        self.cfg = cfg
+        if dist.get_rank() == 0:
+            print(f"megavlm: world size {env.world_size} ({env.launcher}), resolved config:\n{dump_yaml(cfg)}", flush=True)
+
+        chunks, tconfig = build_model_chunks(cfg)
+        self.model = wrap_data_parallel(chunks, tconfig, distributed_optimizer=cfg.parallel.distributed_optimizer)
+        tconfig.no_sync_func = [m.no_sync for m in self.model] if len(self.model) > 1 else self.model[0].no_sync
+        tconfig.finalize_model_grads_func = finalize_model_grads
+        self.optimizer = build_optimizer(cfg, self.model)
+        self.schedule = build_lr_schedule(cfg)
+
+        self.state = TrainState()
+        if cfg.checkpoint.load:
+            path = latest_complete(cfg.checkpoint.load)
+            if path is None:
+                raise FileNotFoundError(f"checkpoint.load={cfg.checkpoint.load!r}: no complete checkpoint found there")
+            self.state = load_checkpoint(path, cfg, self.model, self.optimizer)
+            if dist.get_rank() == 0:
+                print(f"megavlm: resumed from {path} at iteration {self.state.iteration}", flush=True)
+
+        t = cfg.train
+        dp = data_parallel_size(cfg, env.world_size)
+        self.num_microbatches = t.global_batch_size // (t.micro_batch_size * dp)
+        self.data = _data_iterators(cfg, self.state.consumed_samples, len(self.model))
+        self.forward_backward = get_forward_backward_func()
+
+    def step(self) -> dict[str, float]:
+        """One optimizer step over a global batch; returns its metrics (same on all ranks)."""
+        t = self.cfg.train
+        start = time.perf_counter()
+        lr = self.schedule.apply(self.optimizer, self.state.iteration + 1)  # 1-based: no step at lr 0
+        for chunk in self.model:
+            chunk.zero_grad_buffer()
+        self.optimizer.zero_grad()
+        losses_reduced = self.forward_backward(
+            forward_step_func=forward_step,
+            data_iterator=self.data,
+            model=self.model,
+            num_microbatches=self.num_microbatches,
+            seq_length=self.cfg.data.seq_length,
+            micro_batch_size=t.micro_batch_size,
+        )
+        if _grads_finite(self.model):
+            _, grad_norm, _ = self.optimizer.step()
+        else:
+            grad_norm = float("nan")
+            self.state.skipped_steps += 1
+        self.state.iteration += 1
+        self.state.consumed_samples += t.global_batch_size
+        loss_sum, num_tokens = _global_loss(losses_reduced).tolist()
+        return {
+            "loss": loss_sum / max(num_tokens, 1.0),
+            "lr": lr,
+            "grad_norm": float("nan") if grad_norm is None else float(grad_norm),
+            "tokens_per_sec": t.global_batch_size * self.cfg.data.seq_length / (time.perf_counter() - start),
+            "skipped_steps": self.state.skipped_steps,
+        }
+
+    def save(self) -> Path:
+        path = save_checkpoint(self.cfg.checkpoint.save, self.cfg, self.state, self.model, self.optimizer)
+        if dist.get_rank() == 0:
+            print(f"megavlm: saved checkpoint {path}", flush=True)
+        return path
+
+    def run(self) -> TrainResult:
+        """Train to ``train.iters``: log, checkpoint on interval, at the end and on signals."""
+        cfg = self.cfg
+        stop = _StopRequest()
+        is_logger = dist.get_rank() == dist.get_world_size() - 1
+        logger = MetricsLogger(cfg.logging.dir, total_iters=cfg.train.iters, enabled=is_logger,
+                               tensorboard=cfg.logging.tensorboard)
+        result = TrainResult(state=self.state)
+        while self.state.iteration < cfg.train.iters:
+            metrics = self.step()
+            it = self.state.iteration
+            result.losses[it] = metrics["loss"]
+            result.grad_norms[it] = metrics["grad_norm"]
+            if it % cfg.logging.interval == 0 or it == cfg.train.iters:
+                logger.log(it, metrics)
+            stopping = stop.agreed()
+            interval_hit = cfg.checkpoint.interval and it % cfg.checkpoint.interval == 0
+            if cfg.checkpoint.save and (interval_hit or stopping or it == cfg.train.iters):
+                result.checkpoint = self.save()
+            if stopping:
+                if dist.get_rank() == 0:
+                    print(f"megavlm: stop signal received, stopped at iteration {it}", flush=True)
+                break
+        logger.close()
+        return result
+
+
+def train(cfg: Config) -> TrainResult:
+    """Validate, start the process groups, build, then train for ``cfg.train.iters``."""
+    return Trainer(cfg).run()

@@ -1,0 +1,31 @@
+"""What megatron's pipeline schedules call for one micro-batch: forward and the loss."""
+
+from __future__ import annotations
+
+from functools import partial
+from typing import Iterator
+
+import torch
+
+from megavlm.data.batch import Batch
+from megavlm.platform import device
+
+
+def token_loss_sum(loss_mask: torch.Tensor, output_tensor: torch.Tensor):
+    """Sum of supervised token losses and their count (megatron's per-token-loss contract).
+
+    megatron adds the counts over micro-batches and DP ranks and divides the gradients by
+    the total, so the loss is normalized over the whole global batch whatever the layout.
+    """
+    losses = output_tensor.float()  # [b, s] per-token cross entropy
+    mask = loss_mask.float()
+    loss_sum = (losses * mask).sum()
+    num_tokens = mask.sum().to(torch.int)
+    report = torch.stack([loss_sum.detach(), mask.sum().detach()])
+    return loss_sum, num_tokens, {"lm loss": report}
+
+
+def forward_step(data_iterator: Iterator[Batch], model: torch.nn.Module):
+    batch = next(data_iterator).to(device.device())
+    output = model(batch.tokens, batch.position_ids, None, labels=batch.labels)
+    return output, partial(token_loss_sum, batch.loss_mask)

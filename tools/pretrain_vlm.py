@@ -1,0 +1,24 @@
+"""Pretrain or fine-tune with megavlm: `torchrun [--nproc_per_node N] tools/pretrain_vlm.py
+--config FILE [section.key=value ...]`. Under slurm, `srun python tools/pretrain_vlm.py ...`."""
+
+import argparse
+
+from megavlm.config import load_config
+from megavlm.platform.distributed import shutdown
+from megavlm.training.loop import train
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--config", required=True, help="YAML recipe, e.g. examples/tiny/pretrain.yaml")
+    parser.add_argument("overrides", nargs="*", help="dotted overrides, e.g. parallel.tp=2 train.iters=20")
+    args = parser.parse_args()
+    cfg = load_config(args.config, args.overrides)
+    try:
+        train(cfg)
+    finally:
+        shutdown()
+
+
+if __name__ == "__main__":  # dist_checkpointing spawns a helper process that re-imports us
+    main()
