@@ -5,17 +5,22 @@ import argparse
 
 from megavlm.config import load_config
 from megavlm.platform.distributed import shutdown
-from megavlm.training.loop import train
+from megavlm.training.loop import Trainer
+from megavlm.training.samples import print_synthetic_sample
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--config", required=True, help="YAML recipe, e.g. examples/tiny/pretrain.yaml")
+    parser.add_argument("--sample", action="store_true", help="generate a sample after training")
     parser.add_argument("overrides", nargs="*", help="dotted overrides, e.g. parallel.tp=2 train.iters=20")
     args = parser.parse_args()
     cfg = load_config(args.config, args.overrides)
     try:
-        train(cfg)
+        trainer = Trainer(cfg)
+        trainer.run()
+        if args.sample:
+            print_synthetic_sample(trainer)
     finally:
         shutdown()
 

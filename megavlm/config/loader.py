@@ -79,14 +79,14 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
         if value is None:
             if type(None) in options:
                 return None
-        errors = []
-        for option in options:
-            if option is type(None):
-                continue
+        candidates = [o for o in options if o is not type(None)]
+        if len(candidates) == 1:  # Optional[X]: X's own error is the most precise
+            return _coerce(value, candidates[0], key)
+        for option in candidates:
             try:
                 return _coerce(value, option, key)
-            except ConfigError as e:
-                errors.append(str(e))
+            except ConfigError:
+                continue
         raise ConfigError(f"{key}: {value!r} is not a valid {_type_name(tp)}")
     if origin is list:
         if not isinstance(value, list):

@@ -17,6 +17,7 @@ import torch
 import torch.distributed as dist
 from megatron.core.dist_checkpointing.mapping import ShardedTensor, ShardedTensorFactory
 from megatron.core.dist_checkpointing.dict_utils import nested_values
+from megatron.core.utils import unwrap_model
 
 _VOCAB_KEYS = ("word_embeddings.weight", "output_layer.weight")
 _SCALED_INIT_KEYS = ("linear_proj.weight", "linear_fc2.weight")
@@ -38,7 +39,7 @@ class Shard:
 
 def iter_shards(model_chunks: Iterable[torch.nn.Module]) -> Iterator[Shard]:
     """Every ShardedTensor of the model chunks (factories expanded), as ``Shard``."""
-    for chunk in model_chunks:
+    for chunk in unwrap_model(list(model_chunks)):
         for item in nested_values(chunk.sharded_state_dict()):
             built = item.build() if isinstance(item, ShardedTensorFactory) else [item]
             for sh in built:

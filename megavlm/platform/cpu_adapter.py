@@ -50,6 +50,7 @@ PATCHED_SYMBOLS = (
     ("megatron.core.optimizer.distrib_optimizer", "DistributedOptimizer._build_model_and_main_param_groups"),
     ("megatron.core.optimizer.clip_grads", "clip_grad_by_total_norm_fp32"),
     ("megatron.core.optimizer.optimizer", "clip_grad_by_total_norm_fp32"),
+    ("megatron.core.optimizer.distrib_optimizer", "DistributedOptimizer._set_main_param_and_optimizer_states"),
 )
 
 # megatron-core references this name without defining it when Transformer Engine is absent.
@@ -186,6 +187,24 @@ def _all_to_all_single_with_list_splits(original):
     return wrapper
 
 
+def _keep_torch_adam_step(original):
+    """Without TE/apex the inner optimizer is torch's Adam, whose per-parameter state has a
+    ``step`` tensor that megatron's layout-independent checkpoint does not carry (it
+    restores ``step`` separately, in load_state_dict); keep the existing one."""
+
+    @functools.wraps(original)
+    def wrapper(self, model_param, tensors):
+        if "step" not in tensors:
+            group_index, group_order = self.model_param_group_index_map[model_param]
+            main_param = self.optimizer.param_groups[group_index]["params"][group_order]
+            step = self.optimizer.state[main_param].get("step")
+            if step is not None:
+                tensors = {**tensors, "step": step}
+        return original(self, model_param, tensors)
+
+    return wrapper
+
+
 def _resolve(module_name: str, attr_path: str):
     """Return (owner object, final attribute name), raising if any part is missing."""
     owner = importlib.import_module(module_name)
@@ -232,6 +251,10 @@ def _replacements():
         ): classmethod(_with_cuda_type_names(build_groups.__func__)),
         ("megatron.core.optimizer.clip_grads", "clip_grad_by_total_norm_fp32"): clip_fn,
         ("megatron.core.optimizer.optimizer", "clip_grad_by_total_norm_fp32"): clip_fn,
+        (
+            "megatron.core.optimizer.distrib_optimizer",
+            "DistributedOptimizer._set_main_param_and_optimizer_states",
+        ): _keep_torch_adam_step(DistributedOptimizer._set_main_param_and_optimizer_states),
     }
 
 

@@ -102,7 +102,8 @@ def detect_dist_env(environ: Mapping[str, str] | None = None) -> DistEnv:
             world_size=_int(env, "WORLD_SIZE"),
             local_world_size=_int(env, "LOCAL_WORLD_SIZE"),
             master_addr=_str(env, "MASTER_ADDR"),
-            master_port=_port(env, "MASTER_PORT"),
+            # torchrun --master_port=0 picks a free port and hands workers its own store
+            master_port=_port(env, "MASTER_PORT", allow_zero=True),
             launcher="torchrun",
         )
     elif "SLURM_PROCID" in env:
@@ -152,9 +153,9 @@ def _str(env: Mapping[str, str], name: str) -> str:
     return value
 
 
-def _port(env: Mapping[str, str], name: str, default: int | None = None) -> int:
+def _port(env: Mapping[str, str], name: str, default: int | None = None, allow_zero: bool = False) -> int:
     port = _int(env, name, default)
-    if not 0 < port < 65536:
+    if not (0 if allow_zero else 1) <= port < 65536:
         raise ValueError(f"{name}={env.get(name)!r} is not a TCP port (1-65535)")
     return port
 
@@ -214,7 +215,8 @@ def init_process_group(env: DistEnv, backend: str, timeout_minutes: int = 30) ->
         torch.cuda.set_device(env.local_rank)
     dist.init_process_group(
         backend=backend,
-        init_method=f"tcp://{env.master_addr}:{env.master_port}",
+        # Under torchrun, env:// reuses the agent's rendezvous store (works with port 0).
+        init_method="env://" if env.launcher == "torchrun" else f"tcp://{env.master_addr}:{env.master_port}",
         rank=env.rank,
         world_size=env.world_size,
         timeout=timedelta(minutes=timeout_minutes),

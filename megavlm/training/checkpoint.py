@@ -20,7 +20,9 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.distributed as dist
-from megatron.core import dist_checkpointing, parallel_state, tensor_parallel
+from megatron.core import dist_checkpointing, tensor_parallel
+from megatron.core.optimizer.distrib_optimizer import DistributedOptimizer
+from megatron.core.utils import unwrap_model
 
 from megavlm.config.loader import dump_yaml
 from megavlm.config.schema import Config
@@ -63,7 +65,7 @@ def latest_complete(root: str | Path) -> Path | None:
 
 
 def _sharded_state_dict(model, optimizer, *, is_loading: bool) -> dict:
-    model_sd = {f"model{i}": chunk.sharded_state_dict() for i, chunk in enumerate(model)}
+    model_sd = {f"model{i}": chunk.sharded_state_dict() for i, chunk in enumerate(unwrap_model(model))}
     merged = {k: v for sd in model_sd.values() for k, v in sd.items()}
     state = dict(model_sd)
     if optimizer is not None:
@@ -71,6 +73,28 @@ def _sharded_state_dict(model, optimizer, *, is_loading: bool) -> dict:
             merged, is_loading=is_loading, metadata=_OPTIMIZER_METADATA
         )
     return state
+
+
+def _materialize_optimizer_state(optimizer) -> None:
+    """Give a fresh DistributedOptimizer the state tensors that loading fills in place.
+
+    With torch's Adam (no TE/apex), megatron's DistributedOptimizer.state_dict() requires
+    each parameter's ``step`` to exist, which happens only after a first step.
+    """
+    for opt in getattr(optimizer, "chained_optimizers", [optimizer]):
+        if isinstance(opt, DistributedOptimizer) and not opt.optimizer.state:
+            opt._init_optimizer_states_with_dummy_values()
+
+
+def _unshare_adam_steps(optimizer) -> None:
+    """megatron's DistributedOptimizer.load_state_dict gives every parameter of torch's Adam
+    the *same* ``step`` tensor, which Adam then increments once per parameter per step,
+    corrupting bias correction after a resume. Give each parameter its own copy."""
+    for opt in getattr(optimizer, "chained_optimizers", [optimizer]):
+        inner = getattr(opt, "optimizer", None)
+        for state in getattr(inner, "state", {}).values():
+            if isinstance(state.get("step"), torch.Tensor):
+                state["step"] = state["step"].clone()
 
 
 def _rng_state() -> dict:
@@ -128,11 +152,14 @@ def load_checkpoint(path: str | Path, cfg: Config, model, optimizer) -> TrainSta
     if not (path / COMPLETE_MARKER).is_file():
         raise FileNotFoundError(f"{path} is not a complete megavlm checkpoint (no '{COMPLETE_MARKER}' marker)")
     meta = torch.load(path / "train_state.pt", weights_only=False)
+    if optimizer is not None:
+        _materialize_optimizer_state(optimizer)
     loaded = dist_checkpointing.load(_sharded_state_dict(model, optimizer, is_loading=True), str(path))
-    for i, chunk in enumerate(model):
+    for i, chunk in enumerate(unwrap_model(model)):
         chunk.load_state_dict(loaded[f"model{i}"])
     if optimizer is not None:
         optimizer.load_state_dict(loaded["optimizer"])
+        _unshare_adam_steps(optimizer)
     rng_file = path / "rng" / f"rank_{dist.get_rank():05d}.pt"
     if meta["layout"] == _layout(cfg) and rng_file.is_file():
         _set_rng_state(torch.load(rng_file, weights_only=False))

@@ -1,0 +1,210 @@
+"""Training throughput of megavlm (TP=1) against Hugging Face ``Qwen3ForCausalLM`` on CPU.
+
+What is measured: tokens/s of full training steps (forward, backward, gradient clipping at
+1.0, AdamW update) of the same Qwen3 decoder shapes, fp32, same micro-batch ``[mbs, seq]``
+and the same intra-op thread count, in one process:
+
+* megavlm: ``Trainer.step()`` as ``megavlm.training.loop`` runs it (megatron-core GPTModel
+  with the local/SDPA spec, DDP grad buffers, distributed optimizer, one 1-rank gloo group);
+* HF: ``transformers.Qwen3ForCausalLM`` with ``attn_implementation="sdpa"``, ``labels=input_ids``
+  (HF shifts internally), ``torch.optim.AdamW`` and ``clip_grad_norm_(1.0)`` — a plain
+  PyTorch training loop, the baseline megavlm has to beat.
+
+Why interleaved: on a small shared CPU box other processes move throughput by tens of
+percent from one second to the next. Each round times a block of megavlm steps and a block
+of HF steps (alternating which goes first), and the reported figure is the median over rounds.
+
+HF runs with torch-function modes popped: megavlm's CPU adapter installs a process-wide
+``TorchFunctionMode`` (``megavlm.platform.cpu_adapter``) that HF would otherwise pay for.
+
+Usage: ``python bench/train_throughput.py [--layers 4 --hidden 256 ... --threads 2]``
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import io
+import os
+import socket
+import statistics
+import sys
+import time
+import warnings
+from pathlib import Path
+
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+
+def _default_threads() -> int:
+    return min(len(os.sched_getaffinity(0)), 16)
+
+
+def parse_args() -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--layers", type=int, default=4)
+    p.add_argument("--hidden", type=int, default=256)
+    p.add_argument("--ffn", type=int, default=768)
+    p.add_argument("--heads", type=int, default=8)
+    p.add_argument("--kv-heads", type=int, default=4)
+    p.add_argument("--head-dim", type=int, default=32)
+    p.add_argument("--vocab", type=int, default=4096)
+    p.add_argument("--seq", type=int, default=512)
+    p.add_argument("--mbs", type=int, default=4)
+    p.add_argument("--steps", type=int, default=5, help="measured steps per block")
+    p.add_argument("--warmup", type=int, default=2, help="untimed steps per framework")
+    p.add_argument("--rounds", type=int, default=3, help="interleaved megavlm/HF block pairs")
+    p.add_argument("--threads", type=int, default=_default_threads())
+    return p.parse_args()
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def build_megavlm(a: argparse.Namespace, iters: int):
+    """A megavlm Trainer; returns its ``step`` function."""
+    os.environ.setdefault("MASTER_PORT", str(_free_port()))
+    from megavlm.config import load_config
+    from megavlm.training.loop import Trainer
+
+    lm = "model.language."
+    cfg = load_config(
+        REPO / "examples/tiny/pretrain.yaml",
+        [
+            "checkpoint.save=null",
+            "logging.interval=1000000",
+            "parallel.distributed_optimizer=true",
+            f"train.iters={iters}",
+            f"data.seq_length={a.seq}",
+            f"train.micro_batch_size={a.mbs}",
+            f"train.global_batch_size={a.mbs}",
+            "model.preset=qwen3-tiny",
+            f"{lm}num_layers={a.layers}",
+            f"{lm}hidden_size={a.hidden}",
+            f"{lm}ffn_hidden_size={a.ffn}",
+            f"{lm}num_attention_heads={a.heads}",
+            f"{lm}num_query_groups={a.kv_heads}",
+            f"{lm}head_dim={a.head_dim}",
+            f"{lm}vocab_size={a.vocab}",
+            f"{lm}max_position_embeddings={max(a.seq, 4096)}",
+        ],
+    )
+    with contextlib.redirect_stdout(io.StringIO()):  # the Trainer prints its resolved config
+        trainer = Trainer(cfg)
+    return lambda: trainer.step()["loss"], cfg
+
+
+@contextlib.contextmanager
+def _no_torch_function_modes():
+    """Pop every active TorchFunctionMode (megavlm's CPU adapter) for the duration."""
+    with contextlib.ExitStack() as stack:
+        for _ in torch.overrides._get_current_function_mode_stack():
+            stack.enter_context(torch.overrides._pop_mode_temporarily())
+        yield
+
+
+def build_hf(a: argparse.Namespace, cfg):
+    """HF Qwen3ForCausalLM with the same shapes and optimizer settings; returns its step."""
+    import transformers
+
+    from megavlm.data.sampler import micro_batches
+    from megavlm.data.synthetic_text import SyntheticTextDataset
+
+    lm, t = cfg.model.language, cfg.train
+    config = transformers.Qwen3Config(
+        hidden_size=a.hidden,
+        intermediate_size=a.ffn,
+        num_hidden_layers=a.layers,
+        num_attention_heads=a.heads,
+        num_key_value_heads=a.kv_heads,
+        head_dim=a.head_dim,
+        vocab_size=a.vocab,
+        rope_theta=lm.rope_theta,
+        max_position_embeddings=lm.max_position_embeddings,
+        rms_norm_eps=1e-6,
+        tie_word_embeddings=False,
+        attention_dropout=0.0,
+        use_cache=False,
+        attn_implementation="sdpa",
+    )
+    torch.manual_seed(t.seed)
+    model = transformers.Qwen3ForCausalLM(config).to(torch.float32).train()
+    optimizer = torch.optim.AdamW(
+        model.parameters(), lr=t.lr, betas=(t.adam_beta1, t.adam_beta2), eps=t.adam_eps,
+        weight_decay=t.weight_decay,
+    )
+    # The same synthetic sequences megavlm trains on, so both losses should fall alike.
+    data = micro_batches(
+        SyntheticTextDataset(vocab_size=a.vocab, seq_length=a.seq, seed=cfg.data.seed),
+        consumed_samples=0, micro_batch_size=a.mbs, dp_rank=0, dp_size=1,
+    )
+
+    def step() -> float:
+        input_ids = next(data).tokens
+        with _no_torch_function_modes():
+            optimizer.zero_grad(set_to_none=True)
+            loss = model(input_ids=input_ids, labels=input_ids).loss
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(model.parameters(), t.clip_grad)
+            optimizer.step()
+        return loss.item()
+
+    return step
+
+
+def tokens_per_sec(step, n: int, tokens_per_step: int) -> float:
+    start = time.perf_counter()
+    for _ in range(n):
+        step()
+    return n * tokens_per_step / (time.perf_counter() - start)
+
+
+def main() -> None:
+    a = parse_args()
+    warnings.filterwarnings("ignore")  # megatron warns at import that TE/apex are absent
+    torch.set_num_threads(a.threads)
+    import transformers
+    from megatron.core import __version__ as mcore_version
+
+    print(
+        f"torch {torch.__version__} | transformers {transformers.__version__} | "
+        f"megatron-core {mcore_version} | threads {torch.get_num_threads()} "
+        f"(cpus {os.cpu_count()}) | cuda {torch.cuda.is_available()}"
+    )
+    print(
+        f"model: layers {a.layers} hidden {a.hidden} ffn {a.ffn} heads {a.heads}/{a.kv_heads} "
+        f"head_dim {a.head_dim} vocab {a.vocab} | batch {a.mbs}x{a.seq} fp32 | "
+        f"{a.rounds} rounds x {a.steps} steps after {a.warmup} warmup"
+    )
+    mega_step, cfg = build_megavlm(a, iters=a.warmup + a.rounds * a.steps + 1)
+    hf_step = build_hf(a, cfg)
+    steps = {"megavlm": mega_step, "hf": hf_step}
+    tokens = a.mbs * a.seq
+
+    for step in steps.values():
+        for _ in range(a.warmup):
+            step()
+    rates: dict[str, list[float]] = {name: [] for name in steps}
+    for r in range(a.rounds):
+        order = list(steps) if r % 2 == 0 else list(reversed(steps))
+        for name in order:
+            rates[name].append(tokens_per_sec(steps[name], a.steps, tokens))
+    losses = {name: step() for name, step in steps.items()}
+
+    print(f"\n{'':10}" + "".join(f"{f'round {i + 1}':>10}" for i in range(a.rounds))
+          + f"{'median':>10}{'last loss':>11}")
+    for name, values in rates.items():
+        print(f"{name + ' tok/s':10}" + "".join(f"{v:10.0f}" for v in values)
+              + f"{statistics.median(values):10.0f}{losses[name]:11.3f}")
+    ratio = statistics.median(rates["megavlm"]) / statistics.median(rates["hf"])
+    print(f"ratio megavlm/hf: {ratio:.2f}x")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,1 @@
+"""Generation over the model in its training layout."""

@@ -1,0 +1,129 @@
+"""Runs parallel layouts inside one torchrun launch and saves what the tests compare.
+
+Usage: torchrun --nproc_per_node N tests/parallel/worker.py OUT_DIR SCENARIO [SCENARIO ...]
+
+Several layouts share one launch (megatron's parallel state is torn down and rebuilt
+between them) because starting processes and importing megatron-core dominate the cost.
+Rank 0 writes ``OUT_DIR/<scenario>.pt`` with losses, grad norms, full step-1 gradients
+and full parameters after the last step.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+from megatron.core import parallel_state
+
+from megavlm.config import load_config
+from megavlm.models.full_tensors import gather_full_tensors
+from megavlm.training.loop import Trainer
+
+STEPS = 3
+BASE = [
+    "model.preset=qwen3-tiny",
+    "data.seq_length=32",
+    "train.micro_batch_size=2",
+    "train.global_batch_size=8",
+    "train.lr=1e-2",
+    "train.warmup_iters=0",
+    f"train.iters={STEPS}",
+    "train.seed=7",
+    "checkpoint.save=null",
+    "logging.interval=1000",
+    "logging.tensorboard=false",
+    "parallel.distributed_optimizer=false",
+]
+MOE = ["model.preset=qwen3-moe-tiny"]
+
+# scenario -> overrides (on top of BASE)
+LAYOUTS = {
+    "ref": [],
+    "ref_moe": MOE,
+    "tp2": ["parallel.tp=2", "parallel.sequence_parallel=true"],
+    "pp2": ["parallel.pp=2"],
+    "pp2_vpp2": ["parallel.pp=2", "parallel.vpp=2"],
+    "dp2": [],
+    "dp2_distopt": ["parallel.distributed_optimizer=true"],
+    "ep2_moe": MOE + ["parallel.ep=2"],
+    "tp2_pp2": ["parallel.tp=2", "parallel.pp=2", "parallel.sequence_parallel=true"],
+}
+
+
+def _teardown() -> None:
+    parallel_state.destroy_model_parallel()
+
+
+def run_layout(name: str, out: Path, log_dir: Path) -> None:
+    cfg = load_config(None, BASE + LAYOUTS[name] + [f"logging.dir={log_dir / name}"])
+    trainer = Trainer(cfg)
+    losses, grad_norms, grads = [], [], None
+    for step in range(STEPS):
+        metrics = trainer.step()
+        losses.append(metrics["loss"])
+        grad_norms.append(metrics["grad_norm"])
+        if step == 0 and not cfg.parallel.distributed_optimizer:
+            grads = gather_full_tensors(trainer.model, grads=True)
+    params = gather_full_tensors(trainer.model)
+    if dist.get_rank() == 0:
+        torch.save({"losses": losses, "grad_norms": grad_norms, "grads": grads, "params": params}, out / f"{name}.pt")
+    _teardown()
+
+
+def run_resume(name: str, out: Path, log_dir: Path) -> None:
+    """Uninterrupted 6 steps vs 3 steps, checkpoint, a fresh Trainer resuming to 6."""
+    layout = {"resume_dp2": ["parallel.distributed_optimizer=true"],
+              "resume_pp2": ["parallel.pp=2"]}[name]
+    ckpt = log_dir / f"{name}_ckpt"
+    common = BASE + layout + ["train.iters=6", "train.lr_phases=[{iters: 6, end_lr: 1e-3}]"]
+    full = Trainer(load_config(None, common + [f"logging.dir={log_dir / name}_a"])).run()
+    _teardown()
+    first = Trainer(load_config(None, common + [f"logging.dir={log_dir / name}_b", f"checkpoint.save={ckpt}", "checkpoint.interval=3"]))
+    while first.state.iteration < 3:
+        first.step()
+    first.save()
+    _teardown()
+    resumed = Trainer(load_config(None, common + [f"logging.dir={log_dir / name}_b", f"checkpoint.load={ckpt}"])).run()
+    _teardown()
+    if dist.get_rank() == 0:
+        torch.save({"full": full.losses, "resumed": resumed.losses}, out / f"{name}.pt")
+
+
+def run_reshard(name: str, out: Path, log_dir: Path) -> None:
+    """Save at TP=2 after 2 steps; continue at TP=2 and, from the checkpoint, at PP=2."""
+    ckpt = log_dir / "reshard_ckpt"
+    common = BASE + ["train.iters=4", "parallel.distributed_optimizer=true"]
+    tp2 = ["parallel.tp=2", "parallel.sequence_parallel=true"]
+    trainer = Trainer(load_config(None, common + tp2 + [f"logging.dir={log_dir}/r1", f"checkpoint.save={ckpt}"]))
+    trainer.step(), trainer.step()
+    trainer.save()
+    continued = [trainer.step()["loss"] for _ in range(2)]
+    _teardown()
+    pp2 = Trainer(load_config(None, common + ["parallel.pp=2", f"logging.dir={log_dir}/r2", f"checkpoint.load={ckpt}"]))
+    assert pp2.state.iteration == 2
+    loaded = [pp2.step()["loss"] for _ in range(2)]
+    _teardown()
+    if dist.get_rank() == 0:
+        torch.save({"tp2": continued, "pp2_from_tp2": loaded}, out / f"{name}.pt")
+
+
+def main() -> None:
+    out = Path(sys.argv[1])
+    log_dir = out / "logs"
+    for name in sys.argv[2:]:
+        if name in LAYOUTS:
+            run_layout(name, out, log_dir)
+        elif name.startswith("resume_"):
+            run_resume(name, out, log_dir)
+        elif name == "reshard_tp2_to_pp2":
+            run_reshard(name, out, log_dir)
+        else:
+            raise SystemExit(f"unknown scenario {name!r}")
+    dist.barrier()
+    dist.destroy_process_group()
+
+
+if __name__ == "__main__":  # dist_checkpointing spawns a process that re-imports this file
+    main()
