@@ -4,7 +4,7 @@ Layout of ``<save>/iter_0000020/``:
   - the sharded model and optimizer state (reshardable to another TP/PP/EP on load);
   - ``config.yaml``: the resolved config of the run;
   - ``train_state.pt``: iteration, consumed samples, skipped steps;
-  - ``rng/rank_XXXXX.pt``: every rank's RNG states (restored only under the same layout);
+  - ``rng/rank_<rank>.pt``: every rank's RNG states (restored only under the same layout);
   - ``complete``: written last, atomically. A directory without it is an interrupted save
     and is never loaded.
 """

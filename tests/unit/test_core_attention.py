@@ -182,7 +182,7 @@ def test_packed_thd_and_padded():
     )
     assert torch.equal(keep, expected)
 
-    with pytest.raises(NotImplementedError, match="cu_seqlens_q == cu_seqlens_kv"):
+    with pytest.raises(ValueError, match="cu_seqlens_q == cu_seqlens_kv"):
         other_kv = torch.tensor([0, 6, 12])
         other = PackedSeqParams(qkv_format="thd", cu_seqlens_q=cu, cu_seqlens_kv=other_kv)
         sdpa(q[:, 0], k[:, 0], v[:, 0], None, packed_seq_params=other)

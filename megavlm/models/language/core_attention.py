@@ -129,7 +129,7 @@ class SDPAAttention(MegatronModule):
         self.config: TransformerConfig = config
 
         if config.context_parallel_size != 1:
-            raise NotImplementedError(
+            raise ValueError(
                 "SDPAAttention does not support context parallelism; use TEDotProductAttention"
             )
         if config.apply_query_key_layer_scaling:
@@ -140,11 +140,11 @@ class SDPAAttention(MegatronModule):
                 "different scale)."
             )
         if config.softmax_type != "vanilla":
-            raise NotImplementedError(
+            raise ValueError(
                 f"SDPAAttention supports softmax_type='vanilla' only, got {config.softmax_type!r}"
             )
         if getattr(config, "qk_clip", False):
-            raise NotImplementedError(
+            raise ValueError(
                 "SDPAAttention does not expose max attention logits (qk_clip)"
             )
 
@@ -254,7 +254,7 @@ class SDPAAttention(MegatronModule):
         params: PackedSeqParams, sq: int, sk: int, device: torch.device
     ) -> Tensor:
         if params.qkv_format not in ("sbhd", "thd"):
-            raise NotImplementedError(
+            raise ValueError(
                 f"SDPAAttention supports packed qkv_format 'sbhd'/'thd', got {params.qkv_format!r}"
             )
         if params.cu_seqlens_q is None:
@@ -266,7 +266,7 @@ class SDPAAttention(MegatronModule):
             or (pad_q is not None and pad_kv is not None and torch.equal(pad_q.cpu(), pad_kv.cpu()))
         )
         if sq != sk or not same:
-            raise NotImplementedError(
+            raise ValueError(
                 "SDPAAttention supports packed sequences only for self-attention with "
                 "cu_seqlens_q == cu_seqlens_kv; use TEDotProductAttention for varlen cross-attn"
             )
@@ -299,7 +299,7 @@ class SDPAAttention(MegatronModule):
             ``[sq, b, hp]`` with ``hp = np * hn`` (``[t, hp]`` for 'thd').
         """
         if attention_bias is not None:
-            raise NotImplementedError("attention_bias is not supported by SDPAAttention")
+            raise ValueError("attention_bias is not supported by SDPAAttention")
 
         thd = packed_seq_params is not None and packed_seq_params.qkv_format == "thd"
         if thd:
