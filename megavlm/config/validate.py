@@ -92,6 +92,14 @@ def _collect_errors(cfg: Config, world_size: int) -> list[str]:
             f"model.language.num_layers ({lm.num_layers}) must be a multiple of "
             f"parallel.pp x parallel.vpp ({p.pp} x {vpp} = {p.pp * vpp})"
         )
+    if p.cp > 1:
+        from megavlm.platform.device import has_transformer_engine
+
+        if not has_transformer_engine():
+            errors.append(
+                f"parallel.cp={p.cp} needs Transformer Engine attention (GPU); context "
+                "parallelism without TE (ring attention) is not implemented yet"
+            )
     if p.sequence_parallel and p.tp == 1:
         errors.append("parallel.sequence_parallel=true needs parallel.tp > 1")
     if p.sequence_parallel and cfg.data.seq_length % (p.tp * p.cp):
