@@ -12,7 +12,9 @@ and the same intra-op thread count, in one process:
 
 Why interleaved: on a small shared CPU box other processes move throughput by tens of
 percent from one second to the next. Each round times a block of megavlm steps and a block
-of HF steps (alternating which goes first), and the reported figure is the median over rounds.
+of HF steps (alternating which goes first); every step is timed on its own, and tokens/s is
+that of the median step over all rounds (per-round medians and the fastest step are printed
+too, to show the spread). The ratio is megavlm's median tokens/s over HF's.
 
 HF runs with torch-function modes popped: megavlm's CPU adapter installs a process-wide
 ``TorchFunctionMode`` (``megavlm.platform.cpu_adapter``) that HF would otherwise pay for.
@@ -28,7 +30,6 @@ import io
 import os
 import socket
 import statistics
-import sys
 import time
 import warnings
 from pathlib import Path
@@ -36,7 +37,6 @@ from pathlib import Path
 import torch
 
 REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
 
 
 def _default_threads() -> int:
@@ -68,7 +68,7 @@ def _free_port() -> int:
 
 
 def build_megavlm(a: argparse.Namespace, iters: int):
-    """A megavlm Trainer; returns its ``step`` function."""
+    """A megavlm Trainer; returns its step function (-> loss), parameter count and config."""
     os.environ.setdefault("MASTER_PORT", str(_free_port()))
     from megavlm.config import load_config
     from megavlm.training.loop import Trainer
@@ -97,7 +97,8 @@ def build_megavlm(a: argparse.Namespace, iters: int):
     )
     with contextlib.redirect_stdout(io.StringIO()):  # the Trainer prints its resolved config
         trainer = Trainer(cfg)
-    return lambda: trainer.step()["loss"], cfg
+    num_params = sum(p.numel() for chunk in trainer.model for p in chunk.parameters())
+    return lambda: trainer.step()["loss"], num_params, cfg
 
 
 @contextlib.contextmanager
@@ -110,7 +111,8 @@ def _no_torch_function_modes():
 
 
 def build_hf(a: argparse.Namespace, cfg):
-    """HF Qwen3ForCausalLM with the same shapes and optimizer settings; returns its step."""
+    """HF Qwen3ForCausalLM with megavlm's shapes and optimizer settings; returns its step
+    function (-> loss) and parameter count."""
     import transformers
 
     from megavlm.data.sampler import micro_batches
@@ -135,11 +137,16 @@ def build_hf(a: argparse.Namespace, cfg):
     )
     torch.manual_seed(t.seed)
     model = transformers.Qwen3ForCausalLM(config).to(torch.float32).train()
+    # Two groups like megatron's: no weight decay on norm weights (the 1-D parameters).
+    params = list(model.parameters())
     optimizer = torch.optim.AdamW(
-        model.parameters(), lr=t.lr, betas=(t.adam_beta1, t.adam_beta2), eps=t.adam_eps,
-        weight_decay=t.weight_decay,
+        [
+            {"params": [p for p in params if p.ndim > 1]},
+            {"params": [p for p in params if p.ndim <= 1], "weight_decay": 0.0},
+        ],
+        lr=t.lr, betas=(t.adam_beta1, t.adam_beta2), eps=t.adam_eps, weight_decay=t.weight_decay,
     )
-    # The same synthetic sequences megavlm trains on, so both losses should fall alike.
+    # The same synthetic sequences megavlm trains on.
     data = micro_batches(
         SyntheticTextDataset(vocab_size=a.vocab, seq_length=a.seq, seed=cfg.data.seed),
         consumed_samples=0, micro_batch_size=a.mbs, dp_rank=0, dp_size=1,
@@ -155,22 +162,22 @@ def build_hf(a: argparse.Namespace, cfg):
             optimizer.step()
         return loss.item()
 
-    return step
+    return step, sum(p.numel() for p in params)
 
 
-def step_times(step, n: int) -> list[float]:
-    """Wall seconds of each of ``n`` steps (CPU work is synchronous, so no device sync)."""
+def step_times(step, n: int) -> tuple[list[float], float]:
+    """Wall seconds of each of ``n`` steps (CPU work is synchronous), and the last loss."""
     times = []
     for _ in range(n):
         start = time.perf_counter()
-        step()
+        loss = step()
         times.append(time.perf_counter() - start)
-    return times
+    return times, loss
 
 
 def main() -> None:
     a = parse_args()
-    warnings.filterwarnings("ignore")  # megatron warns at import that TE/apex are absent
+    warnings.filterwarnings("ignore")  # one-off library notices (TE/apex absent, deprecations)
     torch.set_num_threads(a.threads)
     import transformers
     from megatron.core import __version__ as mcore_version
@@ -185,8 +192,9 @@ def main() -> None:
         f"head_dim {a.head_dim} vocab {a.vocab} | batch {a.mbs}x{a.seq} fp32 | "
         f"{a.rounds} rounds x {a.steps} steps after {a.warmup} warmup"
     )
-    mega_step, cfg = build_megavlm(a, iters=a.warmup + a.rounds * a.steps + 1)
-    hf_step = build_hf(a, cfg)
+    mega_step, mega_params, cfg = build_megavlm(a, iters=a.warmup + a.rounds * a.steps)
+    hf_step, hf_params = build_hf(a, cfg)
+    print(f"parameters: megavlm {mega_params:,} | hf {hf_params:,}")
     steps = {"megavlm": mega_step, "hf": hf_step}
     tokens = a.mbs * a.seq
 
@@ -194,13 +202,15 @@ def main() -> None:
         for _ in range(a.warmup):
             step()
     times: dict[str, list[list[float]]] = {name: [] for name in steps}
+    losses: dict[str, float] = {}
     for r in range(a.rounds):
         for name in steps if r % 2 == 0 else reversed(steps):
-            times[name].append(step_times(steps[name], a.steps))
-    losses = {name: step() for name, step in steps.items()}
+            block, losses[name] = step_times(steps[name], a.steps)
+            times[name].append(block)
 
-    # tokens/s of the median step: per round, then over all measured steps; "best" = fastest step
-    rate = lambda ts: tokens / statistics.median(ts)  # noqa: E731
+    def rate(ts: list[float]) -> float:  # tokens/s of the median step
+        return tokens / statistics.median(ts)
+
     header = "".join(f"{f'round {i + 1}':>9}" for i in range(a.rounds))
     print(f"\ntokens/s  {header}{'median':>9}{'best':>9}{'last loss':>11}")
     summary = {}
