@@ -77,13 +77,11 @@ def _global_loss(losses_reduced: list[dict]) -> torch.Tensor:
 
 
 def _grads_finite(model) -> bool:
+    """One pass over DDP's contiguous gradient buffers, agreed on by every rank."""
     finite = torch.ones(1, device=device.device())
     for chunk in model:
-        for p in chunk.parameters():
-            grad = getattr(p, "main_grad", None)
-            if grad is not None and not torch.isfinite(grad).all():
-                finite.zero_()
-                break
+        for buffer in chunk.buffers + chunk.expert_parallel_buffers:
+            finite.mul_(torch.isfinite(buffer.grad_data).all())
     dist.all_reduce(finite, op=dist.ReduceOp.MIN)
     return bool(finite.item())
 

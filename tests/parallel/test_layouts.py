@@ -20,7 +20,7 @@ WORKER = Path(__file__).with_name("worker.py")
 LAUNCHES = {
     1: ["ref", "ref_moe"],
     2: ["tp2", "pp2", "pp2_vpp2", "dp2", "dp2_distopt", "ep2_moe", "resume_dp2", "resume_pp2",
-        "reshard_tp2_to_pp2"],
+        "reshard_tp2_to_pp2", "nan_skip"],
     4: ["tp2_pp2"],
 }
 LOSS_TOL = GRAD_TOL = 1e-5
@@ -81,3 +81,11 @@ def test_tp2_checkpoint_loads_into_pp2(results):
     r = _load(results, "reshard_tp2_to_pp2")
     for a, b in zip(r["tp2"], r["pp2_from_tp2"]):
         assert abs(a - b) <= LOSS_TOL, r
+
+
+def test_nan_step_is_skipped_on_every_rank(results):
+    """A NaN on one DP rank skips the update everywhere, is counted, and training goes on."""
+    r = _load(results, "nan_skip")
+    assert r["skipped_steps"] == 1 and r["recovered_skipped"] == 1
+    assert r["params_unchanged"]
+    assert r["iteration"] == 3 and r["recovered_loss"] == r["recovered_loss"]  # finite, not NaN

@@ -109,6 +109,35 @@ def run_reshard(name: str, out: Path, log_dir: Path) -> None:
         torch.save({"tp2": continued, "pp2_from_tp2": loaded}, out / f"{name}.pt")
 
 
+def run_nan_skip(name: str, out: Path, log_dir: Path) -> None:
+    """DP=2, rank 0 alone sees a NaN loss in step 2: both ranks skip that update."""
+    import megavlm.training.loop as loop
+
+    trainer = Trainer(load_config(None, BASE + [f"logging.dir={log_dir / name}"]))
+    trainer.step()
+    before = gather_full_tensors(trainer.model)
+    clean_forward = loop.forward_step
+
+    def poisoned_forward(data_iterator, model):
+        output, loss_func = clean_forward(data_iterator, model)
+        return output * float("nan") if dist.get_rank() == 0 else output, loss_func
+
+    loop.forward_step = poisoned_forward
+    skipped = trainer.step()
+    loop.forward_step = clean_forward
+    after_skip = gather_full_tensors(trainer.model)
+    recovered = trainer.step()
+    if dist.get_rank() == 0:
+        torch.save({
+            "skipped_steps": skipped["skipped_steps"],
+            "params_unchanged": all(torch.equal(before[k], after_skip[k]) for k in before),
+            "recovered_loss": recovered["loss"],
+            "recovered_skipped": recovered["skipped_steps"],
+            "iteration": trainer.state.iteration,
+        }, out / f"{name}.pt")
+    _teardown()
+
+
 def main() -> None:
     out = Path(sys.argv[1])
     log_dir = out / "logs"
@@ -117,6 +146,8 @@ def main() -> None:
             run_layout(name, out, log_dir)
         elif name.startswith("resume_"):
             run_resume(name, out, log_dir)
+        elif name == "nan_skip":
+            run_nan_skip(name, out, log_dir)
         elif name == "reshard_tp2_to_pp2":
             run_reshard(name, out, log_dir)
         else:
