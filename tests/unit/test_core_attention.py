@@ -3,14 +3,10 @@
 from __future__ import annotations
 
 import copy
-import os
-import socket
-
 import pytest
 import torch
 import torch.nn.functional as F
 
-from megatron.core import parallel_state
 from megatron.core.models.gpt import GPTModel
 from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
 from megatron.core.packed_seq_params import PackedSeqParams
@@ -20,34 +16,13 @@ from megatron.core.transformer.enums import AttnMaskType
 from megatron.core.transformer.transformer_block import TransformerBlockSubmodules
 from megatron.core.transformer.transformer_config import TransformerConfig
 
-import megavlm.platform.cpu_adapter as cpu_adapter
 from megavlm.models.language.core_attention import SDPAAttention, packed_segment_mask
 from megavlm.models.norms import LayerNorm, Norm, RMSNorm
 
 NP, NG, HN, SQ, B = 4, 2, 16, 12, 2
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-@pytest.fixture(scope="module", autouse=True)
-def single_rank_megatron():
-    own_pg = not torch.distributed.is_initialized()
-    if own_pg:
-        os.environ["MASTER_ADDR"] = "127.0.0.1"
-        os.environ["MASTER_PORT"] = str(_free_port())
-        torch.distributed.init_process_group("gloo", rank=0, world_size=1)
-    cpu_adapter.install()
-    parallel_state.destroy_model_parallel()
-    parallel_state.initialize_model_parallel()
-    model_parallel_cuda_manual_seed(1)
-    yield
-    parallel_state.destroy_model_parallel()
-    if own_pg:
-        torch.distributed.destroy_process_group()
+pytestmark = pytest.mark.usefixtures("single_rank_megatron")
 
 
 def _attn_config(**overrides) -> TransformerConfig:
