@@ -19,7 +19,7 @@ import torch
 WORKER = Path(__file__).with_name("worker.py")
 LAUNCHES = {
     1: ["ref", "ref_moe"],
-    2: ["tp2", "pp2", "pp2_vpp2", "dp2", "dp2_distopt", "ep2_moe", "resume_dp2", "resume_pp2",
+    2: ["tp2", "pp2", "pp2_vpp2", "dp2", "dp2_distopt", "ep2_moe", "ep2_moe_allgather", "resume_dp2", "resume_pp2",
         "reshard_tp2_to_pp2", "nan_skip"],
     4: ["tp2_pp2"],
 }
@@ -53,7 +53,9 @@ def _max_diff(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> float:
     return max((a[k] - b[k]).abs().max().item() for k in a)
 
 
-@pytest.mark.parametrize("layout", ["tp2", "pp2", "pp2_vpp2", "dp2", "dp2_distopt", "ep2_moe", "tp2_pp2"])
+@pytest.mark.parametrize(
+    "layout", ["tp2", "pp2", "pp2_vpp2", "dp2", "dp2_distopt", "ep2_moe", "ep2_moe_allgather", "tp2_pp2"]
+)
 def test_layout_matches_single_rank(results, layout):
     """Losses of 3 steps, step-1 gradients and final parameters equal the 1-rank run."""
     ref = _load(results, "ref_moe" if "moe" in layout else "ref")

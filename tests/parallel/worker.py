@@ -48,6 +48,7 @@ LAYOUTS = {
     "dp2": [],
     "dp2_distopt": ["parallel.distributed_optimizer=true"],
     "ep2_moe": MOE + ["parallel.ep=2"],
+    "ep2_moe_allgather": MOE + ["parallel.ep=2", "model.language.moe.dispatcher=allgather"],
     "tp2_pp2": ["parallel.tp=2", "parallel.pp=2", "parallel.sequence_parallel=true"],
 }
 
