@@ -88,6 +88,10 @@ class DataConfig:
     dataset: str = "synthetic_text"
     seq_length: int = 128
     seed: int = 1234
+    # Pack several samples per sequence (needs train.micro_batch_size=1).
+    pack: bool = False
+    # Synthetic data only: draw sample lengths from [min_sample_length, seq_length]; 0: full.
+    min_sample_length: int = 0
 
 
 @dataclass(kw_only=True)

@@ -150,6 +150,12 @@ def _collect_errors(cfg: Config, world_size: int) -> list[str]:
         supported, why = fp8_support(cfg.model.fp8.recipe)
         if not supported:
             errors.append(f"model.fp8.format={cfg.model.fp8.format!r}: {why}; set model.fp8.format=null")
+    if cfg.data.pack and t.micro_batch_size != 1:
+        errors.append(f"data.pack=true needs train.micro_batch_size=1, got {t.micro_batch_size}")
+    if not 0 <= cfg.data.min_sample_length <= cfg.data.seq_length:
+        errors.append(
+            f"data.min_sample_length ({cfg.data.min_sample_length}) must be in [0, data.seq_length={cfg.data.seq_length}]"
+        )
     if cfg.checkpoint.interval < 0:
         errors.append(f"checkpoint.interval must be >= 0, got {cfg.checkpoint.interval}")
     if cfg.data.seq_length > lm.max_position_embeddings:

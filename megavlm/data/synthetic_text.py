@@ -24,22 +24,27 @@ def _largest_prime_at_most(n: int) -> int:
 
 
 class SyntheticTextDataset:
-    def __init__(self, *, vocab_size: int, seq_length: int, seed: int):
+    def __init__(self, *, vocab_size: int, seq_length: int, seed: int, min_length: int = 0):
+        """``min_length`` > 0 draws each sample's length from [min_length, seq_length]."""
         self.modulus = _largest_prime_at_most(vocab_size)
         self.seq_length = seq_length
+        self.min_length = min_length
         self.seed = seed
 
     def __getitem__(self, index: int) -> Batch:
         g = torch.Generator().manual_seed(self.seed * 1_000_003 + index)
         start = int(torch.randint(0, self.modulus, (1,), generator=g))
         step = int(torch.randint(1, _MAX_STEP + 1, (1,), generator=g))
-        seq = (start + step * torch.arange(self.seq_length + 1)) % self.modulus
+        length = self.seq_length
+        if self.min_length:
+            length = int(torch.randint(self.min_length, self.seq_length + 1, (1,), generator=g))
+        seq = (start + step * torch.arange(length + 1)) % self.modulus
         tokens, labels = seq[:-1], seq[1:]
-        loss_mask = torch.ones(self.seq_length)
+        loss_mask = torch.ones(length)
         loss_mask[0] = 0.0  # the first step is not predictable from one token
         return Batch(
             tokens=tokens[None],
             labels=labels[None],
             loss_mask=loss_mask[None],
-            position_ids=torch.arange(self.seq_length)[None],
+            position_ids=torch.arange(length)[None],
         )

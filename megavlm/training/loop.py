@@ -14,6 +14,7 @@ from megatron.core.distributed import finalize_model_grads
 from megatron.core.pipeline_parallel import get_forward_backward_func
 
 from megavlm.config import Config, data_parallel_size, dump_yaml, validate
+from megavlm.data.packing import PackedDataset
 from megavlm.data.sampler import micro_batches
 from megavlm.data.synthetic_text import SyntheticTextDataset
 from megavlm.platform import device
@@ -54,7 +55,12 @@ class _StopRequest:
 
 def _data_iterators(cfg: Config, consumed_samples: int, num_chunks: int):
     lm = cfg.model.language
-    dataset = SyntheticTextDataset(vocab_size=lm.vocab_size, seq_length=cfg.data.seq_length, seed=cfg.data.seed)
+    dataset = SyntheticTextDataset(
+        vocab_size=lm.vocab_size, seq_length=cfg.data.seq_length, seed=cfg.data.seed,
+        min_length=cfg.data.min_sample_length,
+    )
+    if cfg.data.pack:
+        dataset = PackedDataset(dataset, seq_length=cfg.data.seq_length)
     make = lambda: micro_batches(  # noqa: E731
         dataset,
         consumed_samples=consumed_samples,

@@ -6,6 +6,7 @@ from functools import partial
 from typing import Iterator
 
 import torch
+from megatron.core.packed_seq_params import PackedSeqParams
 
 from megavlm.data.batch import Batch
 from megavlm.platform import device
@@ -25,7 +26,16 @@ def token_loss_sum(loss_mask: torch.Tensor, output_tensor: torch.Tensor):
     return loss_sum, num_tokens, {"lm loss": report}
 
 
+def packed_seq_params(cu_seqlens: torch.Tensor) -> PackedSeqParams:
+    max_len = int((cu_seqlens[1:] - cu_seqlens[:-1]).max())
+    return PackedSeqParams(
+        qkv_format="thd", cu_seqlens_q=cu_seqlens, cu_seqlens_kv=cu_seqlens,
+        max_seqlen_q=max_len, max_seqlen_kv=max_len,
+    )
+
+
 def forward_step(data_iterator: Iterator[Batch], model: torch.nn.Module):
     batch = next(data_iterator).to(device.device())
-    output = model(batch.tokens, batch.position_ids, None, labels=batch.labels)
+    packed = None if batch.cu_seqlens is None else packed_seq_params(batch.cu_seqlens)
+    output = model(batch.tokens, batch.position_ids, None, labels=batch.labels, packed_seq_params=packed)
     return output, partial(token_loss_sum, batch.loss_mask)

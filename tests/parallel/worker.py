@@ -37,11 +37,13 @@ BASE = [
     "parallel.distributed_optimizer=false",
 ]
 MOE = ["model.preset=qwen3-moe-tiny"]
+PACKED = ["data.pack=true", "data.min_sample_length=6", "train.micro_batch_size=1"]
 
 # scenario -> overrides (on top of BASE)
 LAYOUTS = {
     "ref": [],
     "ref_moe": MOE,
+    "ref_packed": PACKED,
     "tp2": ["parallel.tp=2", "parallel.sequence_parallel=true"],
     "pp2": ["parallel.pp=2"],
     "pp2_vpp2": ["parallel.pp=2", "parallel.vpp=2"],
@@ -49,6 +51,7 @@ LAYOUTS = {
     "dp2_distopt": ["parallel.distributed_optimizer=true"],
     "ep2_moe": MOE + ["parallel.ep=2"],
     "ep2_moe_allgather": MOE + ["parallel.ep=2", "model.language.moe.dispatcher=allgather"],
+    "tp2_packed": PACKED + ["parallel.tp=2", "parallel.sequence_parallel=true"],
     "tp2_pp2": ["parallel.tp=2", "parallel.pp=2", "parallel.sequence_parallel=true"],
 }
 
