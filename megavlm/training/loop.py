@@ -72,24 +72,22 @@ def _data_iterators(cfg: Config, consumed_samples: int, num_chunks: int):
     return [make() for _ in range(num_chunks)] if num_chunks > 1 else make()
 
 
-def _global_loss(losses_reduced: list[dict]) -> torch.Tensor:
-    """[loss sum, token count] over the global batch, the same on every rank."""
-    total = torch.zeros(2, device=device.device())
+def _step_stats(losses_reduced: list[dict], model) -> tuple[float, float, bool]:
+    """(loss sum, token count, all gradients finite) over the global batch, on every rank.
+
+    One all-reduce: the loss from the last pipeline stage (one TP rank per replica), and a
+    count of non-finite values from one pass over DDP's contiguous gradient buffers.
+    """
+    stats = torch.zeros(3, device=device.device())  # [loss sum, tokens, non-finite grads]
     if parallel_state.is_pipeline_last_stage() and parallel_state.get_tensor_model_parallel_rank() == 0:
         for report in losses_reduced:
-            total += report["lm loss"].to(total.device)
-    dist.all_reduce(total)
-    return total
-
-
-def _grads_finite(model) -> bool:
-    """One pass over DDP's contiguous gradient buffers, agreed on by every rank."""
-    finite = torch.ones(1, device=device.device())
+            stats[:2] += report["lm loss"].to(stats.device)
     for chunk in model:
         for buffer in chunk.buffers + chunk.expert_parallel_buffers:
-            finite.mul_(torch.isfinite(buffer.grad_data).all())
-    dist.all_reduce(finite, op=dist.ReduceOp.MIN)
-    return bool(finite.item())
+            stats[2] += (~torch.isfinite(buffer.grad_data)).any()
+    dist.all_reduce(stats)
+    loss_sum, num_tokens, nonfinite = stats.tolist()
+    return loss_sum, num_tokens, nonfinite == 0
 
 
 class Trainer:
@@ -141,14 +139,14 @@ class Trainer:
             seq_length=self.cfg.data.seq_length,
             micro_batch_size=t.micro_batch_size,
         )
-        if _grads_finite(self.model):
+        loss_sum, num_tokens, grads_finite = _step_stats(losses_reduced, self.model)
+        if grads_finite:
             _, grad_norm, _ = self.optimizer.step()
         else:
             grad_norm = float("nan")
             self.state.skipped_steps += 1
         self.state.iteration += 1
         self.state.consumed_samples += t.global_batch_size
-        loss_sum, num_tokens = _global_loss(losses_reduced).tolist()
         return {
             "loss": loss_sum / max(num_tokens, 1.0),
             "lr": lr,
