@@ -90,3 +90,14 @@ def test_bad_config_fails_in_cli_before_process_group(tmp_path):
     )
     assert proc.returncode != 0
     assert "num_attention_heads (4) must be a multiple of parallel.tp (3)" in proc.stderr
+
+
+def test_every_example_recipe_loads():
+    """Recipes stay in sync with the config schema (validation needs their GPU world)."""
+    from pathlib import Path
+
+    recipes = sorted(Path("examples").rglob("*.yaml"))
+    assert recipes
+    for recipe in recipes:
+        cfg = load_config(recipe)
+        assert cfg.model.language is not None, recipe
