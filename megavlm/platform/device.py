@@ -43,13 +43,23 @@ def fp8_support(recipe: str) -> tuple[bool, str]:
         return False, "FP8 needs a CUDA GPU (this machine has none)"
     if not has_transformer_engine():
         return False, "FP8 needs Transformer Engine (pip install 'megavlm[gpu]' or the NGC container)"
+    import transformer_engine
+    from packaging.version import Version
     from transformer_engine.pytorch import fp8 as te_fp8
 
+    needed = _TE_VERSION_FOR_RECIPE.get(recipe)
+    have = Version(transformer_engine.__version__.split("+")[0])
+    if needed is not None and have < Version(needed):
+        return False, f"FP8 recipe {recipe!r} needs Transformer Engine >= {needed}, found {have}"
     if recipe == "mxfp8":
         ok, reason = te_fp8.check_mxfp8_support()
     else:
         ok, reason = te_fp8.check_fp8_support()
     return bool(ok), reason or ""
+
+
+# Oldest Transformer Engine that megatron-core 0.16.1 drives each FP8 recipe with.
+_TE_VERSION_FOR_RECIPE = {"tensorwise": "2.2", "mxfp8": "2.1"}
 
 
 def default_dtype(precision: str) -> torch.dtype:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import random
 
 import numpy as np
@@ -20,6 +21,9 @@ def initialize(parallel: ParallelConfig, seed: int, env: DistEnv | None = None) 
     The config must already be validated against ``env.world_size``.
     """
     env = env or detect_dist_env()
+    if device.has_cuda():
+        # megatron's TP/SP communication overlap assumes kernels are issued in order
+        os.environ.setdefault("CUDA_DEVICE_MAX_CONNECTIONS", "1")
     init_process_group(env, device.distributed_backend())
     if not device.has_cuda():
         cpu_adapter.install()

@@ -94,6 +94,7 @@ class Trainer:
     """Owns the model, optimizer, data and state of one run; ``step()`` is one iteration."""
 
     def __init__(self, cfg: Config):
+        self.stop = _StopRequest()  # before the slow build, so an early preemption is kept
         env = detect_dist_env()
         validate(cfg, env.world_size)
         initialize(cfg.parallel, cfg.train.seed, env)
@@ -109,13 +110,16 @@ class Trainer:
         self.schedule = build_lr_schedule(cfg)
 
         self.state = TrainState()
-        if cfg.checkpoint.load:
-            path = latest_complete(cfg.checkpoint.load)
-            if path is None:
-                raise FileNotFoundError(f"checkpoint.load={cfg.checkpoint.load!r}: no complete checkpoint found there")
+        path = latest_complete(cfg.checkpoint.load) if cfg.checkpoint.load else None
+        if path is not None:
             self.state = load_checkpoint(path, cfg, self.model, self.optimizer)
             if dist.get_rank() == 0:
                 print(f"megavlm: resumed from {path} at iteration {self.state.iteration}", flush=True)
+        elif cfg.checkpoint.load and cfg.checkpoint.load != cfg.checkpoint.save:
+            raise FileNotFoundError(f"checkpoint.load={cfg.checkpoint.load!r}: no complete checkpoint found there")
+        elif cfg.checkpoint.load and dist.get_rank() == 0:
+            # load == save is the requeue pattern: the first submission starts from scratch
+            print(f"megavlm: no checkpoint in {cfg.checkpoint.load} yet, starting from scratch", flush=True)
 
         t = cfg.train
         dp = data_parallel_size(cfg, env.world_size)
@@ -164,7 +168,6 @@ class Trainer:
     def run(self) -> TrainResult:
         """Train to ``train.iters``: log, checkpoint on interval, at the end and on signals."""
         cfg = self.cfg
-        stop = _StopRequest()
         is_logger = dist.get_rank() == dist.get_world_size() - 1
         logger = MetricsLogger(cfg.logging.dir, total_iters=cfg.train.iters, enabled=is_logger,
                                tensorboard=cfg.logging.tensorboard)
@@ -176,7 +179,7 @@ class Trainer:
             result.grad_norms[it] = metrics["grad_norm"]
             if it % cfg.logging.interval == 0 or it == cfg.train.iters:
                 logger.log(it, metrics)
-            stopping = stop.agreed()
+            stopping = self.stop.agreed()
             interval_hit = cfg.checkpoint.interval and it % cfg.checkpoint.interval == 0
             if cfg.checkpoint.save and (interval_hit or stopping or it == cfg.train.iters):
                 result.checkpoint = self.save()

@@ -1,0 +1,150 @@
+#!/bin/bash
+# Shared body of slurm/{pretrain,sft,ppo}.sbatch: start one megavlm training step on every
+# node of the allocation inside the pyxis/enroot container, turn slurm's time-limit warning
+# (SIGUSR1, see `#SBATCH --signal`) into "checkpoint, exit, requeue", and print what it did.
+#
+# The sbatch files set TOOL (and a default CONFIG) and source this file. Everything below
+# is an environment variable with a default; see slurm/README.md. Extra arguments of the
+# sbatch script are dotted config overrides, e.g. `sbatch slurm/pretrain.sbatch train.iters=10`.
+#
+#   NODES          nodes to use (default: all of the allocation, SLURM_JOB_NUM_NODES)
+#   GPUS_PER_NODE  GPUs (= training processes) per node (default 8)
+#   IMAGE          container: squashfs made by `enroot import` (see docker/README.md)
+#   CODE_DIR       host checkout mounted over the image's copy at WORKDIR, so edits need no
+#                  rebuild (default: the submit directory; CODE_DIR=none runs the image's code)
+#   WORKDIR        repository root inside the container (default /opt/megavlm)
+#   MOUNTS         extra pyxis mounts, comma-separated SRC:DST[:ro], e.g. data and checkpoints
+#   CONFIG         recipe, relative to the repository root (or an absolute container path)
+#   OVERRIDES      dotted overrides, space-separated (appended before the script's arguments)
+#   LAUNCH_MODE    srun: one task per GPU runs python, ranks come from SLURM_* (default)
+#                  torchrun: one task per node runs torchrun with a c10d rendezvous on the head node
+#   RDZV_PORT      torchrun rendezvous port on the head node (default 29500)
+#   DRY_RUN=1      print the srun command line instead of running it
+set -euo pipefail
+
+die() { echo "megavlm launch: error: $*" >&2; exit 1; }
+# Print a command so that it can be pasted into a shell; plain words stay unquoted.
+quote() {
+    local w q out=()
+    for w in "$@"; do
+        if [[ "$w" =~ ^[A-Za-z0-9_@%+=:,./-]+$ ]]; then out+=("$w"); else printf -v q '%q' "$w"; out+=("$q"); fi
+    done
+    echo "${out[*]}"
+}
+
+: "${TOOL:?TOOL is not set; submit one of slurm/*.sbatch instead of launch.sh}"
+NODES=${NODES:-${SLURM_JOB_NUM_NODES:-}}
+GPUS_PER_NODE=${GPUS_PER_NODE:-8}
+IMAGE=${IMAGE:-/shared/containers/megavlm.sqsh}
+CODE_DIR=${CODE_DIR:-${SLURM_SUBMIT_DIR:-$PWD}}
+WORKDIR=${WORKDIR:-/opt/megavlm}
+MOUNTS=${MOUNTS:-}
+CONFIG=${CONFIG:?CONFIG is not set}
+OVERRIDES=${OVERRIDES:-}
+LAUNCH_MODE=${LAUNCH_MODE:-srun}
+RDZV_PORT=${RDZV_PORT:-29500}
+PYTHON=${PYTHON:-python}
+DRY_RUN=${DRY_RUN:-0}
+
+[[ -n "${SLURM_JOB_ID:-}" ]] || die "SLURM_JOB_ID is not set: submit with sbatch (or run inside salloc)"
+[[ -n "${SLURM_JOB_NODELIST:-}" ]] || die "SLURM_JOB_NODELIST is not set: submit with sbatch (or run inside salloc)"
+[[ -n "$NODES" ]] || die "NODES is not set and SLURM_JOB_NUM_NODES is empty"
+[[ "$NODES" =~ ^[1-9][0-9]*$ ]] || die "NODES=$NODES is not a positive integer"
+[[ "$GPUS_PER_NODE" =~ ^[1-9][0-9]*$ ]] || die "GPUS_PER_NODE=$GPUS_PER_NODE is not a positive integer"
+
+# Check the tool and recipe on the host when the checkout is mounted: a typo should fail
+# here, in one line, not as NODES x GPUS_PER_NODE Python tracebacks after the container starts.
+if [[ "$CODE_DIR" != none ]]; then
+    [[ -d "$CODE_DIR" ]] ||
+        die "CODE_DIR=$CODE_DIR is not a directory (set CODE_DIR=none to run the code in the image)"
+    [[ -f "$CODE_DIR/$TOOL" ]] ||
+        die "$TOOL does not exist in CODE_DIR=$CODE_DIR${TOOL_MISSING_HINT:+: $TOOL_MISSING_HINT}"
+    if [[ "$CONFIG" != /* && ! -f "$CODE_DIR/$CONFIG" ]]; then
+        die "CONFIG=$CONFIG does not exist in CODE_DIR=$CODE_DIR; pass CONFIG=path/to/recipe.yaml"
+    fi
+fi
+
+# The head node hosts the rendezvous (torchrun) or the TCP store (srun: megavlm.platform
+# reads MASTER_ADDR, else the first host of SLURM_JOB_NODELIST; the port comes from the job id).
+hosts=$(scontrol show hostnames "$SLURM_JOB_NODELIST") || die "scontrol show hostnames '$SLURM_JOB_NODELIST' failed"
+HEAD=$(head -n1 <<<"$hosts")
+[[ -n "$HEAD" ]] || die "no host in SLURM_JOB_NODELIST=$SLURM_JOB_NODELIST"
+num_hosts=$(wc -l <<<"$hosts")
+(( NODES <= num_hosts )) || die "NODES=$NODES but the allocation has $num_hosts node(s): $SLURM_JOB_NODELIST"
+export MASTER_ADDR=${MASTER_ADDR:-$HEAD}
+# megatron-core's TP/SP communication overlap assumes one CUDA work queue (Megatron-LM sets this too).
+export CUDA_DEVICE_MAX_CONNECTIONS=${CUDA_DEVICE_MAX_CONNECTIONS:-1}
+
+mounts=()
+[[ "$CODE_DIR" != none ]] && mounts+=("$CODE_DIR:$WORKDIR")
+[[ -n "$MOUNTS" ]] && mounts+=("$MOUNTS")
+container=(--container-image="$IMAGE" --container-workdir="$WORKDIR" --no-container-mount-home)
+if (( ${#mounts[@]} )); then
+    container+=(--container-mounts="$(IFS=,; echo "${mounts[*]}")")
+fi
+
+read -r -a overrides <<<"$OVERRIDES"
+# (the ${a[@]+...} form keeps bash < 4.4 from calling an empty array unbound under set -u)
+train_args=("$TOOL" --config "$CONFIG" ${overrides[@]+"${overrides[@]}"} "$@")
+
+case "$LAUNCH_MODE" in
+    srun)
+        tasks_per_node=$GPUS_PER_NODE
+        worker=("$PYTHON" "${train_args[@]}")
+        ;;
+    torchrun)
+        tasks_per_node=1
+        # torchrun_node.sh keeps torchrun alive through SIGUSR1 and hands it to the workers.
+        worker=(bash slurm/torchrun_node.sh torchrun
+                --nnodes="$NODES" --nproc_per_node="$GPUS_PER_NODE"
+                --rdzv-backend=c10d --rdzv-endpoint="$HEAD:$RDZV_PORT" --rdzv-id="$SLURM_JOB_ID"
+                "${train_args[@]}")
+        ;;
+    *) die "LAUNCH_MODE=$LAUNCH_MODE: use srun or torchrun" ;;
+esac
+
+step=(srun --nodes="$NODES" --ntasks-per-node="$tasks_per_node" --kill-on-bad-exit=1)
+# Without an explicit count every task of the step gets one CPU, which starves data loading.
+if [[ -n "${SLURM_CPUS_ON_NODE:-}" ]]; then
+    step+=(--cpus-per-task=$(( SLURM_CPUS_ON_NODE / tasks_per_node > 0 ? SLURM_CPUS_ON_NODE / tasks_per_node : 1 )))
+fi
+step+=("${container[@]}" "${worker[@]}")
+
+echo "megavlm launch: job $SLURM_JOB_ID (restart ${SLURM_RESTART_COUNT:-0}):" \
+     "$NODES node(s) x $GPUS_PER_NODE GPU(s), mode $LAUNCH_MODE, head $HEAD, image $IMAGE"
+if [[ "$DRY_RUN" == 1 ]]; then
+    quote "${step[@]}"
+    exit 0
+fi
+echo "megavlm launch: $(quote "${step[@]}")"
+
+# Preemption: `#SBATCH --signal=B:USR1@300` sends SIGUSR1 to this batch shell 300 s before the
+# time limit. Pass it on to the step (srun forwards it to every task); the trainer finishes
+# its step, saves a checkpoint and exits 0; then put the job back in the queue. The requeued
+# job resumes because the recipe's checkpoint.load points at its checkpoint.save.
+preempted=0
+srun_pid=
+on_usr1() {
+    preempted=1
+    echo "megavlm launch: SIGUSR1 at $(date '+%F %T'): asking the training step to checkpoint and stop"
+    if [[ -n "$srun_pid" ]]; then kill -USR1 "$srun_pid" 2>/dev/null || true; fi
+}
+trap on_usr1 USR1
+
+"${step[@]}" &
+srun_pid=$!
+# `wait` returns early when a trapped signal arrives; keep waiting until srun itself exits.
+while :; do
+    rc=0
+    wait "$srun_pid" || rc=$?
+    kill -0 "$srun_pid" 2>/dev/null || break
+done
+trap '' USR1  # a late warning must not kill this shell before it reports
+
+if (( preempted )); then
+    echo "megavlm launch: training step exited with $rc after SIGUSR1; requeueing job $SLURM_JOB_ID"
+    scontrol requeue "$SLURM_JOB_ID"
+    exit 0
+fi
+echo "megavlm launch: training step exited with $rc"
+exit "$rc"
