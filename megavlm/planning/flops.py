@@ -27,8 +27,9 @@ Step time
 Per micro-batch and pipeline stage: compute = stage FLOPs / (tp * cp) / (peak * efficiency)
 -- one efficiency for GEMMs (the FP8 peak for decoder GEMMs with fp8; vision and logits
 stay BF16), a lower one for flash attention's scores and values -- plus communication
-that megavlm does not overlap, each over NVLink when its group fits in one node (ranks ordered tp, cp, dp, pp as megatron does; 8 GPUs per node)
-and over the per-GPU InfiniBand link otherwise, at ``comm efficiency`` of the link:
+that megavlm does not overlap, each over NVLink when its group fits in one node (ranks
+ordered tp, cp, dp, pp as megatron does; 8 GPUs per node) and over the per-GPU InfiniBand
+link otherwise, at ``comm efficiency`` of the link:
 
 * TP (per layer, activation ``A = s*b/cp*h`` elements): with sequence parallelism 4
   all-gathers/reduce-scatters forward and 6 backward (2 re-gathers of saved inputs),
@@ -52,7 +53,7 @@ MFU = model FLOPs / (step time * GPUs * dense BF16 peak).
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 from megavlm.config.schema import LanguageModelConfig
 from megavlm.planning.hardware import GPU
@@ -99,7 +100,9 @@ def vision_forward_flops(vision: VisionSpec, seq_length: int) -> LayerFlops:
     hv, fv = vision.hidden_size, vision.ffn_hidden_size
     per_layer = 2 * n * hv * 3 * hv + 2 * n * hv * hv + 4 * n * hv * fv
     wide = hv * vision.merge
-    mergers = (1 + vision.deepstack_mergers) * (n / vision.merge) * (2 * wide * wide + 2 * wide * vision.out_hidden_size)
+    mergers = (
+        (1 + vision.deepstack_mergers) * (n / vision.merge) * (2 * wide * wide + 2 * wide * vision.out_hidden_size)
+    )
     linear = 2 * n * vision.patch_dim * hv + vision.num_layers * per_layer + mergers
     core = vision.num_layers * 4 * n * min(vision.patches_per_image, n) * hv
     return LayerFlops(linear=linear, core=core)
@@ -108,9 +111,7 @@ def vision_forward_flops(vision: VisionSpec, seq_length: int) -> LayerFlops:
 def model_forward_flops(lm: LanguageModelConfig, seq_length: int, vision: VisionSpec | None = None) -> float:
     """Forward FLOPs of one sequence through the whole model."""
     pattern = moe_layer_pattern(lm)
-    total = sum(
-        (f.linear + f.core) for f in (layer_forward_flops(lm, seq_length, moe=bool(p)) for p in pattern)
-    )
+    total = sum((f.linear + f.core) for f in (layer_forward_flops(lm, seq_length, moe=bool(p)) for p in pattern))
     total += logits_forward_flops(lm, seq_length)
     if vision is not None:
         v = vision_forward_flops(vision, seq_length)
@@ -166,7 +167,6 @@ class TimeBreakdown:
     step_time: float
     mfu: float
     tokens_per_s_per_gpu: float
-    notes: list[str] = field(default_factory=list)
 
     @property
     def slowest(self) -> StageTime:
@@ -183,8 +183,17 @@ def _bandwidth(gpu: GPU, span: int, eff: Efficiency) -> float:
 
 
 def stage_time(
-    lm: LanguageModelConfig, layout: Layout, gpu: GPU, *, pp_rank: int, gpus: int, seq_length: int,
-    dtype: str = "bf16", fp8: bool = False, vision: VisionSpec | None = None, eff: Efficiency = Efficiency(),
+    lm: LanguageModelConfig,
+    layout: Layout,
+    gpu: GPU,
+    *,
+    pp_rank: int,
+    gpus: int,
+    seq_length: int,
+    dtype: str = "bf16",
+    fp8: bool = False,
+    vision: VisionSpec | None = None,
+    eff: Efficiency = Efficiency(),
 ) -> StageTime:
     """Time of one micro-batch (forward + backward, all chunks) on pipeline rank ``pp_rank``."""
     B = dtype_bytes(dtype)
@@ -241,7 +250,13 @@ def stage_time(
 
 
 def dp_time(
-    dense_numel: int, expert_numel: int, layout: Layout, gpu: GPU, *, gpus: int, dtype: str = "bf16",
+    dense_numel: int,
+    expert_numel: int,
+    layout: Layout,
+    gpu: GPU,
+    *,
+    gpus: int,
+    dtype: str = "bf16",
     eff: Efficiency = Efficiency(),
 ) -> float:
     """Gradient reduction (+ parameter all-gather) after the pipeline, not overlapped."""

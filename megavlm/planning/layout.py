@@ -76,8 +76,11 @@ class Layout:
     def overrides(self) -> list[str]:
         """The megavlm config keys of this layout (cp as given)."""
         out = [
-            f"parallel.tp={self.tp}", f"parallel.pp={self.pp}", f"parallel.cp={self.cp}",
-            f"parallel.ep={self.ep}", f"parallel.sequence_parallel={str(self.sp).lower()}",
+            f"parallel.tp={self.tp}",
+            f"parallel.pp={self.pp}",
+            f"parallel.cp={self.cp}",
+            f"parallel.ep={self.ep}",
+            f"parallel.sequence_parallel={str(self.sp).lower()}",
             f"parallel.distributed_optimizer={str(self.distributed_optimizer).lower()}",
             f"train.micro_batch_size={self.micro_batch_size}",
         ]
@@ -91,18 +94,30 @@ class Layout:
     def from_config(cfg: Config, recompute: str = "none") -> "Layout":
         p = cfg.parallel
         return Layout(
-            tp=p.tp, pp=p.pp, vpp=p.vpp or 1, cp=p.cp, ep=p.ep, etp=p.etp,
-            micro_batch_size=cfg.train.micro_batch_size, sequence_parallel=p.sequence_parallel,
-            distributed_optimizer=p.distributed_optimizer, recompute=recompute,
+            tp=p.tp,
+            pp=p.pp,
+            vpp=p.vpp or 1,
+            cp=p.cp,
+            ep=p.ep,
+            etp=p.etp,
+            micro_batch_size=cfg.train.micro_batch_size,
+            sequence_parallel=p.sequence_parallel,
+            distributed_optimizer=p.distributed_optimizer,
+            recompute=recompute,
         )
 
 
 def build_config(model: PlanModel, layout: Layout, *, seq_length: int, global_batch_size: int) -> Config:
     """The megavlm config of this model and layout, from ``load_config`` and dotted keys."""
-    return load_config(None, [
-        *model.config_overrides(), *layout.overrides(),
-        f"data.seq_length={seq_length}", f"train.global_batch_size={global_batch_size}",
-    ])
+    return load_config(
+        None,
+        [
+            *model.config_overrides(),
+            *layout.overrides(),
+            f"data.seq_length={seq_length}",
+            f"train.global_batch_size={global_batch_size}",
+        ],
+    )
 
 
 _MODEL_CONFIGS: dict[tuple, Config] = {}
@@ -121,18 +136,24 @@ def _fast_config(model: PlanModel, layout: Layout, *, seq_length: int, global_ba
         _MODEL_CONFIGS[key] = load_config(None, model.config_overrides())
     base = _MODEL_CONFIGS[key]
     parallel = ParallelConfig(
-        tp=layout.tp, pp=layout.pp, vpp=layout.vpp if layout.vpp > 1 else None, cp=layout.cp, ep=layout.ep,
-        etp=layout.etp, sequence_parallel=layout.sp, distributed_optimizer=layout.distributed_optimizer,
+        tp=layout.tp,
+        pp=layout.pp,
+        vpp=layout.vpp if layout.vpp > 1 else None,
+        cp=layout.cp,
+        ep=layout.ep,
+        etp=layout.etp,
+        sequence_parallel=layout.sp,
+        distributed_optimizer=layout.distributed_optimizer,
     )
     return replace(
-        base, parallel=parallel, data=replace(base.data, seq_length=seq_length),
+        base,
+        parallel=parallel,
+        data=replace(base.data, seq_length=seq_length),
         train=replace(base.train, micro_batch_size=layout.micro_batch_size, global_batch_size=global_batch_size),
     )
 
 
-def check_layout(
-    model: PlanModel, layout: Layout, *, gpus: int, seq_length: int, global_batch_size: int
-) -> list[str]:
+def check_layout(model: PlanModel, layout: Layout, *, gpus: int, seq_length: int, global_batch_size: int) -> list[str]:
     """Why megavlm would reject this layout (empty when it is valid); see the module doc."""
     errors: list[str] = []
     if layout.recompute not in RECOMPUTE:
@@ -151,7 +172,9 @@ def check_layout(
         need = 2 * layout.cp * (layout.tp if layout.sp else 1)
         if seq_length % need:
             what = "2 x cp x tp (sequence parallel)" if layout.sp else "2 x cp"
-            errors.append(f"data.seq_length ({seq_length}) must be a multiple of {what} = {need} with context parallelism")
+            errors.append(
+                f"data.seq_length ({seq_length}) must be a multiple of {what} = {need} with context parallelism"
+            )
     if layout.vpp > 1:
         m = layout.num_microbatches(gpus, global_batch_size)
         if m % layout.pp:

@@ -166,7 +166,9 @@ def layer_activation_bytes(
     return T * (attn + norm + routing) + routed * per_routed + rope
 
 
-def vision_activation_bytes(vision: VisionSpec, layout: Layout, act: ActivationInputs, recompute: str | None = None) -> float:
+def vision_activation_bytes(
+    vision: VisionSpec, layout: Layout, act: ActivationInputs, recompute: str | None = None
+) -> float:
     """Bytes the ViT saves for one micro-batch on the first stage (estimate)."""
     recompute = layout.recompute if recompute is None else recompute
     Tv = vision.patches(act.seq_length) * act.micro_batch_size / layout.cp
@@ -198,14 +200,18 @@ def last_stage_extra_bytes(
 
 
 def chunk_activation_bytes(
-    lm: LanguageModelConfig, layout: Layout, act: ActivationInputs, pp_rank: int, vp_stage: int, *,
-    vision: VisionSpec | None = None, vocab_divisible_by: int = 1,
+    lm: LanguageModelConfig,
+    layout: Layout,
+    act: ActivationInputs,
+    pp_rank: int,
+    vp_stage: int,
+    *,
+    vision: VisionSpec | None = None,
+    vocab_divisible_by: int = 1,
 ) -> float:
     """Bytes one micro-batch leaves saved in one model chunk of one pipeline rank."""
     pattern = moe_layer_pattern(lm)
-    per_kind = {
-        kind: layer_activation_bytes(lm, layout, act, moe=bool(kind)) for kind in set(pattern)
-    }
+    per_kind = {kind: layer_activation_bytes(lm, layout, act, moe=bool(kind)) for kind in set(pattern)}
     total = sum(per_kind[pattern[i]] for i in chunk_layer_range(lm.num_layers, layout, pp_rank, vp_stage))
     if pp_rank == 0 and vp_stage == 0:
         total += first_stage_extra_bytes(lm, layout, act)
@@ -254,7 +260,7 @@ def peak_inflight(pp: int, vpp: int, m: int, pp_rank: int, chunk_bytes: list[flo
     def forward(i: int) -> None:
         nonlocal best, at_best
         live[fwd[i]] += 1
-        now = sum(n * b for n, b in zip(live, chunk_bytes))
+        now = sum(n * b for n, b in zip(live, chunk_bytes, strict=True))
         if now > best:
             best, at_best = now, list(live)
 
@@ -286,9 +292,18 @@ class StageMemory:
 
 
 def stage_memory(
-    lm: LanguageModelConfig, layout: Layout, *, pp_rank: int, gpus: int, seq_length: int,
-    global_batch_size: int, dtype: str = "bf16", backend: str = "te", vision: VisionSpec | None = None,
-    vocab_divisible_by: int = 1, rank_params_: RankParams | None = None,
+    lm: LanguageModelConfig,
+    layout: Layout,
+    *,
+    pp_rank: int,
+    gpus: int,
+    seq_length: int,
+    global_batch_size: int,
+    dtype: str = "bf16",
+    backend: str = "te",
+    vision: VisionSpec | None = None,
+    vocab_divisible_by: int = 1,
+    rank_params_: RankParams | None = None,
 ) -> StageMemory:
     """Per-GPU memory on pipeline rank ``pp_rank`` (see the module doc for every term)."""
     P = dtype_bytes(dtype)
@@ -299,7 +314,9 @@ def stage_memory(
     grads = rp.buffer_numel * GRAD_BYTES
     per_element = ADAM_STATE_BYTES + (MASTER_BYTES if P < 4 else 0)
     optimizer = rp.optimizer_elements() * per_element
-    act = ActivationInputs(seq_length=seq_length, micro_batch_size=layout.micro_batch_size, dtype=dtype, backend=backend)
+    act = ActivationInputs(
+        seq_length=seq_length, micro_batch_size=layout.micro_batch_size, dtype=dtype, backend=backend
+    )
     per_chunk = [
         chunk_activation_bytes(lm, layout, act, pp_rank, v, vision=vision, vocab_divisible_by=vocab_divisible_by)
         for v in range(layout.vpp)
@@ -312,7 +329,13 @@ def stage_memory(
             for kind in set(moe_layer_pattern(lm))
         )
     return StageMemory(
-        pp_rank=pp_rank, params=rp.param_count, weight_bytes=weights, grad_bytes=grads,
-        optimizer_bytes=optimizer, activation_bytes=activations, activation_per_microbatch=per_chunk,
-        inflight=inflight, rank_params=rp,
+        pp_rank=pp_rank,
+        params=rp.param_count,
+        weight_bytes=weights,
+        grad_bytes=grads,
+        optimizer_bytes=optimizer,
+        activation_bytes=activations,
+        activation_per_microbatch=per_chunk,
+        inflight=inflight,
+        rank_params=rp,
     )

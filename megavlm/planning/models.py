@@ -95,8 +95,14 @@ _VLM: dict[str, PlanModel] = {
         name="qwen3vl-8b",
         preset="qwen3-8b",
         language_overrides=("max_position_embeddings=262144",),
-        vision=VisionSpec(num_layers=27, hidden_size=1152, ffn_hidden_size=4304, num_heads=16,
-                          out_hidden_size=4096, deepstack_mergers=3),
+        vision=VisionSpec(
+            num_layers=27,
+            hidden_size=1152,
+            ffn_hidden_size=4304,
+            num_heads=16,
+            out_hidden_size=4096,
+            deepstack_mergers=3,
+        ),
         planner_only=True,
         note="planner-only until megavlm's VLM lands: qwen3-8b decoder + 27x1152 ViT (estimated)",
     ),
@@ -104,8 +110,14 @@ _VLM: dict[str, PlanModel] = {
         name="qwen3vl-2b",
         preset="qwen3-1.7b",
         language_overrides=("max_position_embeddings=262144",),
-        vision=VisionSpec(num_layers=24, hidden_size=1024, ffn_hidden_size=4096, num_heads=16,
-                          out_hidden_size=2048, deepstack_mergers=3),
+        vision=VisionSpec(
+            num_layers=24,
+            hidden_size=1024,
+            ffn_hidden_size=4096,
+            num_heads=16,
+            out_hidden_size=2048,
+            deepstack_mergers=3,
+        ),
         planner_only=True,
         note="planner-only until megavlm's VLM lands: 2048x28 tied decoder + 24x1024 ViT (estimated)",
     ),
@@ -125,8 +137,14 @@ def get_model(name: str, vision: VisionSpec | None = None) -> PlanModel:
     else:
         raise ValueError(f"unknown model {name!r}; known: {', '.join(model_names())}")
     if vision is not None:
-        model = PlanModel(name=model.name, preset=model.preset, language_overrides=model.language_overrides,
-                          vision=vision, planner_only=True, note=model.note or "vision tower given to the planner (estimate)")
+        model = PlanModel(
+            name=model.name,
+            preset=model.preset,
+            language_overrides=model.language_overrides,
+            vision=vision,
+            planner_only=True,
+            note=model.note or "vision tower given to the planner (estimate)",
+        )
     return model
 
 

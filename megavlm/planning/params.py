@@ -108,8 +108,13 @@ def _layer_params(lm: LanguageModelConfig, layout: Layout, prefix: str, moe: boo
     out.append(ParamTensor(f"{prefix}pre_mlp_layernorm.weight", (h,)))
     out.append(ParamTensor(f"{prefix}mlp.router.weight", (m.num_experts, h)))
     if te and m.grouped_gemm:
-        out += [ParamTensor(f"{prefix}mlp.experts.linear_fc1.weight{j}", (2 * fe // etp, h), expert=True) for j in range(local)]
-        out += [ParamTensor(f"{prefix}mlp.experts.linear_fc2.weight{j}", (h, fe // etp), expert=True) for j in range(local)]
+        out += [
+            ParamTensor(f"{prefix}mlp.experts.linear_fc1.weight{j}", (2 * fe // etp, h), expert=True)
+            for j in range(local)
+        ]
+        out += [
+            ParamTensor(f"{prefix}mlp.experts.linear_fc2.weight{j}", (h, fe // etp), expert=True) for j in range(local)
+        ]
     else:
         for j in range(local):
             e = f"{prefix}mlp.experts.local_experts.{j}."
@@ -129,20 +134,28 @@ def vision_params(vision: VisionSpec, tp: int) -> list[ParamTensor]:
     for i in range(vision.num_layers):
         p = f"vision.blocks.{i}."
         out += [
-            ParamTensor(f"{p}norm1.weight", (hv,)), ParamTensor(f"{p}norm1.bias", (hv,)),
-            ParamTensor(f"{p}attn.qkv.weight", (3 * hv // tp, hv)), ParamTensor(f"{p}attn.qkv.bias", (3 * hv // tp,)),
-            ParamTensor(f"{p}attn.proj.weight", (hv, hv // tp)), ParamTensor(f"{p}attn.proj.bias", (hv,)),
-            ParamTensor(f"{p}norm2.weight", (hv,)), ParamTensor(f"{p}norm2.bias", (hv,)),
-            ParamTensor(f"{p}mlp.linear_fc1.weight", (fv // tp, hv)), ParamTensor(f"{p}mlp.linear_fc1.bias", (fv // tp,)),
-            ParamTensor(f"{p}mlp.linear_fc2.weight", (hv, fv // tp)), ParamTensor(f"{p}mlp.linear_fc2.bias", (hv,)),
+            ParamTensor(f"{p}norm1.weight", (hv,)),
+            ParamTensor(f"{p}norm1.bias", (hv,)),
+            ParamTensor(f"{p}attn.qkv.weight", (3 * hv // tp, hv)),
+            ParamTensor(f"{p}attn.qkv.bias", (3 * hv // tp,)),
+            ParamTensor(f"{p}attn.proj.weight", (hv, hv // tp)),
+            ParamTensor(f"{p}attn.proj.bias", (hv,)),
+            ParamTensor(f"{p}norm2.weight", (hv,)),
+            ParamTensor(f"{p}norm2.bias", (hv,)),
+            ParamTensor(f"{p}mlp.linear_fc1.weight", (fv // tp, hv)),
+            ParamTensor(f"{p}mlp.linear_fc1.bias", (fv // tp,)),
+            ParamTensor(f"{p}mlp.linear_fc2.weight", (hv, fv // tp)),
+            ParamTensor(f"{p}mlp.linear_fc2.bias", (hv,)),
         ]
     wide = hv * vision.merge
     for k in range(1 + vision.deepstack_mergers):
         p = "vision.merger." if k == 0 else f"vision.deepstack_merger_list.{k - 1}."
         norm = hv if k == 0 else wide
         out += [
-            ParamTensor(f"{p}norm.weight", (norm,)), ParamTensor(f"{p}norm.bias", (norm,)),
-            ParamTensor(f"{p}linear_fc1.weight", (wide // tp, wide)), ParamTensor(f"{p}linear_fc1.bias", (wide // tp,)),
+            ParamTensor(f"{p}norm.weight", (norm,)),
+            ParamTensor(f"{p}norm.bias", (norm,)),
+            ParamTensor(f"{p}linear_fc1.weight", (wide // tp, wide)),
+            ParamTensor(f"{p}linear_fc1.bias", (wide // tp,)),
             ParamTensor(f"{p}linear_fc2.weight", (vision.out_hidden_size, wide // tp)),
             ParamTensor(f"{p}linear_fc2.bias", (vision.out_hidden_size,)),
         ]
@@ -155,7 +168,9 @@ def _first_stage_params(
     vocab = padded_vocab(lm.vocab_size, layout.tp, vocab_divisible_by)
     shared = lm.tie_embeddings and layout.pp > 1
     out = vision_params(vision, layout.tp) if vision is not None else []
-    out.append(ParamTensor("embedding.word_embeddings.weight", (vocab // layout.tp, lm.hidden_size), shared_embedding=shared))
+    out.append(
+        ParamTensor("embedding.word_embeddings.weight", (vocab // layout.tp, lm.hidden_size), shared_embedding=shared)
+    )
     return out
 
 
@@ -177,8 +192,14 @@ def _is_last(layout: Layout, pp_rank: int, vp_stage: int) -> bool:
 
 
 def chunk_params(
-    lm: LanguageModelConfig, layout: Layout, pp_rank: int, vp_stage: int = 0, *,
-    backend: str = "local", vision: VisionSpec | None = None, vocab_divisible_by: int = 1,
+    lm: LanguageModelConfig,
+    layout: Layout,
+    pp_rank: int,
+    vp_stage: int = 0,
+    *,
+    backend: str = "local",
+    vision: VisionSpec | None = None,
+    vocab_divisible_by: int = 1,
 ) -> list[ParamTensor]:
     """The parameters of one model chunk on one rank, in ``named_parameters()`` order."""
     out: list[ParamTensor] = []
@@ -218,9 +239,20 @@ _LAYER_ITEMS: dict[tuple, tuple[list[Item], list[Item]]] = {}
 def _layer_items(lm: LanguageModelConfig, layout: Layout, moe: bool, backend: str) -> tuple[list[Item], list[Item]]:
     """(dense, expert) items of one decoder layer, cached by shape and layout."""
     m = lm.moe
-    key = (lm.hidden_size, lm.head_dim, lm.num_attention_heads, lm.num_query_groups, lm.ffn_hidden_size,
-           lm.qk_norm, moe, m and (m.num_experts, m.ffn_hidden_size, m.grouped_gemm), layout.tp, layout.ep,
-           layout.expert_tp, backend)
+    key = (
+        lm.hidden_size,
+        lm.head_dim,
+        lm.num_attention_heads,
+        lm.num_query_groups,
+        lm.ffn_hidden_size,
+        lm.qk_norm,
+        moe,
+        m and (m.num_experts, m.ffn_hidden_size, m.grouped_gemm),
+        layout.tp,
+        layout.ep,
+        layout.expert_tp,
+        backend,
+    )
     if key not in _LAYER_ITEMS:
         params = _layer_params(lm, layout, "", moe, backend)
         _LAYER_ITEMS[key] = (
@@ -231,8 +263,14 @@ def _layer_items(lm: LanguageModelConfig, layout: Layout, moe: bool, backend: st
 
 
 def chunk_items(
-    lm: LanguageModelConfig, layout: Layout, pp_rank: int, vp_stage: int = 0, *, backend: str = "local",
-    vision: VisionSpec | None = None, vocab_divisible_by: int = 1,
+    lm: LanguageModelConfig,
+    layout: Layout,
+    pp_rank: int,
+    vp_stage: int = 0,
+    *,
+    backend: str = "local",
+    vision: VisionSpec | None = None,
+    vocab_divisible_by: int = 1,
 ) -> tuple[list[Item], list[Item]]:
     """``chunk_params`` as (dense, expert) items in the same order, for the buffer layout."""
     dense: list[Item] = []
@@ -307,9 +345,7 @@ class GradBuffer:
         return self._max_owned
 
 
-def grad_buffer(
-    params: list[ParamTensor] | list[Item], group_size: int, distributed_optimizer: bool
-) -> GradBuffer:
+def grad_buffer(params: list[ParamTensor] | list[Item], group_size: int, distributed_optimizer: bool) -> GradBuffer:
     """Lay parameters out as ``_ParamAndGradBuffer`` does (bucket_size=None).
 
     ``params`` in ``named_parameters()`` order: ParamTensors or (elements, shared) items.
@@ -364,7 +400,9 @@ class RankParams:
 
     def optimizer_elements(self, dp_rank: int | None = None, expert_dp_rank: int | None = None) -> int:
         """Parameter elements this rank's optimizer updates (max over DP ranks if None)."""
-        dense = sum(b.max_owned_elements() if dp_rank is None else b.owned_elements(dp_rank) for b in self.dense_buffers)
+        dense = sum(
+            b.max_owned_elements() if dp_rank is None else b.owned_elements(dp_rank) for b in self.dense_buffers
+        )
         expert = sum(
             b.max_owned_elements() if expert_dp_rank is None else b.owned_elements(expert_dp_rank)
             for b in self.expert_buffers
@@ -373,8 +411,14 @@ class RankParams:
 
 
 def rank_params(
-    lm: LanguageModelConfig, layout: Layout, pp_rank: int, *, gpus: int, backend: str = "local",
-    vision: VisionSpec | None = None, vocab_divisible_by: int = 1,
+    lm: LanguageModelConfig,
+    layout: Layout,
+    pp_rank: int,
+    *,
+    gpus: int,
+    backend: str = "local",
+    vision: VisionSpec | None = None,
+    vocab_divisible_by: int = 1,
 ) -> RankParams:
     """Every chunk of pipeline rank ``pp_rank``, with DDP's buffers for it.
 
@@ -385,7 +429,9 @@ def rank_params(
     expert_group = layout.expert_dp(gpus)
     dense, expert, count, expert_count = [], [], 0, 0
     for v in range(layout.vpp):
-        d, e = chunk_items(lm, layout, pp_rank, v, backend=backend, vision=vision, vocab_divisible_by=vocab_divisible_by)
+        d, e = chunk_items(
+            lm, layout, pp_rank, v, backend=backend, vision=vision, vocab_divisible_by=vocab_divisible_by
+        )
         dense.append(grad_buffer(d, dense_group, layout.distributed_optimizer))
         if e:
             expert.append(grad_buffer(e, expert_group, layout.distributed_optimizer))

@@ -86,10 +86,21 @@ class Plan:
 
 
 def estimate(
-    model: PlanModel | str, layout: Layout, *, gpus: int, gpu: GPU | str, seq_length: int,
-    global_batch_size: int | None = None, dtype: str = "bf16", backend: str = "te", fp8: bool = False,
-    memory_margin: float = DEFAULT_MEMORY_MARGIN, efficiency: F.Efficiency | None = None,
-    vocab_divisible_by: int = 1, check: bool = True, _lm: LanguageModelConfig | None = None,
+    model: PlanModel | str,
+    layout: Layout,
+    *,
+    gpus: int,
+    gpu: GPU | str,
+    seq_length: int,
+    global_batch_size: int | None = None,
+    dtype: str = "bf16",
+    backend: str = "te",
+    fp8: bool = False,
+    memory_margin: float = DEFAULT_MEMORY_MARGIN,
+    efficiency: F.Efficiency | None = None,
+    vocab_divisible_by: int = 1,
+    check: bool = True,
+    _lm: LanguageModelConfig | None = None,
     _params: dict | None = None,
 ) -> Plan:
     """Memory per stage, step time and MFU of one layout (raises LayoutError if invalid)."""
@@ -105,25 +116,65 @@ def estimate(
     vision = model.vision
     stages, times = [], []
     for r in range(layout.pp):
-        key = (layout.tp, layout.pp, layout.vpp, layout.ep, layout.expert_tp, layout.dp(gpus) * layout.cp,
-               layout.distributed_optimizer, r)
+        key = (
+            layout.tp,
+            layout.pp,
+            layout.vpp,
+            layout.ep,
+            layout.expert_tp,
+            layout.dp(gpus) * layout.cp,
+            layout.distributed_optimizer,
+            r,
+        )
         rp: RankParams | None = None if _params is None else _params.get(key)
         if rp is None:
-            rp = rank_params(lm, layout, r, gpus=gpus, backend=backend, vision=vision, vocab_divisible_by=vocab_divisible_by)
+            rp = rank_params(
+                lm, layout, r, gpus=gpus, backend=backend, vision=vision, vocab_divisible_by=vocab_divisible_by
+            )
             if _params is not None:
                 _params[key] = rp
-        stages.append(stage_memory(
-            lm, layout, pp_rank=r, gpus=gpus, seq_length=seq_length, global_batch_size=gbs, dtype=dtype,
-            backend=backend, vision=vision, vocab_divisible_by=vocab_divisible_by, rank_params_=rp,
-        ))
-        times.append(F.stage_time(lm, layout, gpu, pp_rank=r, gpus=gpus, seq_length=seq_length, dtype=dtype,
-                                  fp8=fp8, vision=vision, eff=efficiency))
+        stages.append(
+            stage_memory(
+                lm,
+                layout,
+                pp_rank=r,
+                gpus=gpus,
+                seq_length=seq_length,
+                global_batch_size=gbs,
+                dtype=dtype,
+                backend=backend,
+                vision=vision,
+                vocab_divisible_by=vocab_divisible_by,
+                rank_params_=rp,
+            )
+        )
+        times.append(
+            F.stage_time(
+                lm,
+                layout,
+                gpu,
+                pp_rank=r,
+                gpus=gpus,
+                seq_length=seq_length,
+                dtype=dtype,
+                fp8=fp8,
+                vision=vision,
+                eff=efficiency,
+            )
+        )
     m = layout.num_microbatches(gpus, gbs)
     slowest = max(t.total for t in times)
     bubble = (layout.pp - 1) / layout.vpp * slowest
     dp = max(
-        F.dp_time(sum(b.numel for b in s.rank_params.dense_buffers), sum(b.numel for b in s.rank_params.expert_buffers),
-                  layout, gpu, gpus=gpus, dtype=dtype, eff=efficiency)
+        F.dp_time(
+            sum(b.numel for b in s.rank_params.dense_buffers),
+            sum(b.numel for b in s.rank_params.expert_buffers),
+            layout,
+            gpu,
+            gpus=gpus,
+            dtype=dtype,
+            eff=efficiency,
+        )
         for s in stages
     )
     opt = max(F.optimizer_time(s.rank_params.optimizer_elements(), s.rank_params.buffer_numel, gpu) for s in stages)
@@ -131,14 +182,32 @@ def estimate(
     model_per_seq, hw_per_seq = F.training_flops_per_sequence(lm, seq_length, vision, layout.recompute)
     model_flops, hw_flops = model_per_seq * gbs, hw_per_seq * gbs
     time = F.TimeBreakdown(
-        num_microbatches=m, stages=times, bubble=bubble, dp_comm=dp, optimizer=opt,
-        model_flops=model_flops, hardware_flops=hw_flops, step_time=step,
+        num_microbatches=m,
+        stages=times,
+        bubble=bubble,
+        dp_comm=dp,
+        optimizer=opt,
+        model_flops=model_flops,
+        hardware_flops=hw_flops,
+        step_time=step,
         mfu=model_flops / (step * gpus * gpu.peak_flops(False)),
         tokens_per_s_per_gpu=gbs * seq_length / (step * gpus),
     )
-    return Plan(model=model, layout=layout, gpus=gpus, gpu=gpu, seq_length=seq_length, global_batch_size=gbs,
-                dtype=dtype, backend=backend, fp8=fp8, memory_margin=memory_margin, efficiency=efficiency,
-                stages=stages, time=time)
+    return Plan(
+        model=model,
+        layout=layout,
+        gpus=gpus,
+        gpu=gpu,
+        seq_length=seq_length,
+        global_batch_size=gbs,
+        dtype=dtype,
+        backend=backend,
+        fp8=fp8,
+        memory_margin=memory_margin,
+        efficiency=efficiency,
+        stages=stages,
+        time=time,
+    )
 
 
 def _divisors(n: int) -> list[int]:
@@ -148,13 +217,14 @@ def _divisors(n: int) -> list[int]:
 def candidate_layouts(lm: LanguageModelConfig, gpu: GPU, gpus: int, fixed: dict) -> Iterator[Layout]:
     """Every combination of degrees the search tries (before any validity rule).
 
-    tp in {1, 2, 4, 8} within a node; pp a divisor of the layer count; vpp in {1..4} with
-    pp * vpp dividing it;
-    cp a power of two; ep a power-of-two divisor of the expert count, etp in {tp, 1};
-    micro-batch size in {1, 2, 4}; recompute in {none, full}. Keys in ``fixed`` (Layout
-    field names) pin a value. Only combinations where tp*pp*cp divides the GPUs are
-    yielded (DP must be a whole number); all other rules are megavlm's.
+    tp in {1, 2, 4, 8} within a node; pp a divisor of the layer count and vpp in {1..4}
+    with pp * vpp dividing it; cp a power of two; ep a power-of-two divisor of the expert
+    count and etp in {tp, 1}; micro-batch size in {1, 2, 4}; recompute in {none, full}
+    (selective only when asked: with flash attention it saves next to nothing). Keys in
+    ``fixed`` (Layout field names) pin a value. Only combinations where tp*pp*cp divides
+    the GPUs are yielded (DP must be a whole number); every other rule is megavlm's.
     """
+
     def choices(name: str, default: list) -> list:
         return [fixed[name]] if name in fixed else default
 
@@ -171,9 +241,18 @@ def candidate_layouts(lm: LanguageModelConfig, gpu: GPU, gpus: int, fixed: dict)
                         for etp in choices("etp", [None, 1] if lm.moe and tp > 1 else [None]):
                             for mbs in choices("micro_batch_size", [1, 2, 4]):
                                 for rc in choices("recompute", ["none", "full"]):
-                                    yield Layout(tp=tp, pp=pp, vpp=vpp, cp=cp, ep=ep, etp=etp, micro_batch_size=mbs,
-                                                 distributed_optimizer=fixed.get("distributed_optimizer", True),
-                                                 sequence_parallel=fixed.get("sequence_parallel"), recompute=rc)
+                                    yield Layout(
+                                        tp=tp,
+                                        pp=pp,
+                                        vpp=vpp,
+                                        cp=cp,
+                                        ep=ep,
+                                        etp=etp,
+                                        micro_batch_size=mbs,
+                                        distributed_optimizer=fixed.get("distributed_optimizer", True),
+                                        sequence_parallel=fixed.get("sequence_parallel"),
+                                        recompute=rc,
+                                    )
 
 
 @dataclass
@@ -190,9 +269,19 @@ class Ranking:
 
 
 def rank_layouts(
-    model: PlanModel | str, *, gpus: int, gpu: GPU | str, seq_length: int, global_batch_size: int | None = None,
-    fixed: dict | None = None, top: int | None = 10, dtype: str = "bf16", backend: str = "te", fp8: bool = False,
-    memory_margin: float = DEFAULT_MEMORY_MARGIN, efficiency: F.Efficiency | None = None,
+    model: PlanModel | str,
+    *,
+    gpus: int,
+    gpu: GPU | str,
+    seq_length: int,
+    global_batch_size: int | None = None,
+    fixed: dict | None = None,
+    top: int | None = 10,
+    dtype: str = "bf16",
+    backend: str = "te",
+    fp8: bool = False,
+    memory_margin: float = DEFAULT_MEMORY_MARGIN,
+    efficiency: F.Efficiency | None = None,
     vocab_divisible_by: int = 1,
 ) -> Ranking:
     """Valid layouts that fit in memory, fastest (estimated step time) first."""
@@ -213,9 +302,23 @@ def rank_layouts(
             result.invalid_reasons[first] = result.invalid_reasons.get(first, 0) + 1
             continue
         result.valid += 1
-        plan = estimate(model, layout, gpus=gpus, gpu=gpu, seq_length=seq_length, global_batch_size=gbs,
-                        dtype=dtype, backend=backend, fp8=fp8, memory_margin=memory_margin, efficiency=efficiency,
-                        vocab_divisible_by=vocab_divisible_by, check=False, _lm=lm, _params=params)
+        plan = estimate(
+            model,
+            layout,
+            gpus=gpus,
+            gpu=gpu,
+            seq_length=seq_length,
+            global_batch_size=gbs,
+            dtype=dtype,
+            backend=backend,
+            fp8=fp8,
+            memory_margin=memory_margin,
+            efficiency=efficiency,
+            vocab_divisible_by=vocab_divisible_by,
+            check=False,
+            _lm=lm,
+            _params=params,
+        )
         if plan.fits:
             result.plans.append(plan)
         if result.smallest is None or plan.peak_memory < result.smallest.peak_memory:
@@ -224,8 +327,17 @@ def rank_layouts(
     # Fastest first. Layouts with the same estimated step time (e.g. micro-batch 2 at cp=8 and
     # micro-batch 1 at cp=4 put the same tokens on each GPU) differ only in memory: keep the
     # one needing least, count the others.
-    result.plans.sort(key=lambda p: (p.time.step_time, p.peak_memory, p.layout.cp, p.layout.micro_batch_size,
-                                     p.layout.vpp, p.layout.pp, p.layout.tp))
+    result.plans.sort(
+        key=lambda p: (
+            p.time.step_time,
+            p.peak_memory,
+            p.layout.cp,
+            p.layout.micro_batch_size,
+            p.layout.vpp,
+            p.layout.pp,
+            p.layout.tp,
+        )
+    )
     kept: list[Plan] = []
     for plan in result.plans:
         if kept and math.isclose(plan.time.step_time, kept[-1].time.step_time, rel_tol=1e-9):
@@ -239,6 +351,7 @@ def rank_layouts(
 
 
 # ----------------------------------------------------------------------------- text output
+
 
 def _gib(n: float) -> str:
     return f"{n / GiB:.1f}"
@@ -255,8 +368,15 @@ def _s(t: float) -> str:
     return f"{t * 1e3:.1f} ms" if t < 1 else f"{t:.2f} s"
 
 
-def assumptions(plan_or_model: Plan | PlanModel, *, efficiency: F.Efficiency | None = None, backend: str | None = None,
-                memory_margin: float | None = None, gbs_given: bool = True, seq_length: int | None = None) -> list[str]:
+def assumptions(
+    plan_or_model: Plan | PlanModel,
+    *,
+    efficiency: F.Efficiency | None = None,
+    backend: str | None = None,
+    memory_margin: float | None = None,
+    gbs_given: bool = True,
+    seq_length: int | None = None,
+) -> list[str]:
     p = plan_or_model if isinstance(plan_or_model, Plan) else None
     model = p.model if p else plan_or_model
     eff = p.efficiency if p else efficiency or F.Efficiency()
@@ -266,7 +386,8 @@ def assumptions(plan_or_model: Plan | PlanModel, *, efficiency: F.Efficiency | N
         f"compute: GEMMs at {eff.compute:.0%} and flash attention at {eff.attention:.0%} of the dense BF16 peak (FP8 "
         "peak for decoder GEMMs with --fp8), whatever their size; norms/RoPE/elementwise work not counted",
         "FLOPs: 2 per multiply-add; causal attention counted as half of s^2 (what flash attention computes); "
-        "training = 3x forward, +1x layer forward with full recompute; MFU uses model FLOPs (no recompute) vs dense BF16 peak",
+        "training = 3x forward, +1x layer forward with full recompute; MFU uses model FLOPs (no recompute) vs "
+        "dense BF16 peak",
         f"communication at {eff.comm:.0%} of link bandwidth: NVLink within a node of 8 GPUs, the per-GPU InfiniBand "
         "link across nodes (rank order tp, cp, dp, pp); TP/EP/PP/DP not overlapped with compute, CP ring overlapped "
         "with attention (only the excess counts)",
@@ -287,8 +408,8 @@ def assumptions(plan_or_model: Plan | PlanModel, *, efficiency: F.Efficiency | N
         patches = f"{v.patches(s):,} patches per sample" if s else "patches per sample from the visual-token fraction"
         out.append(
             f"vision tower (planner-only estimate, megavlm has no VLM yet): {v.num_layers}x{v.hidden_size} ViT on the "
-            f"first stage, TP-split like the decoder, {patches} ({v.visual_token_fraction:.0%} of the sequence as visual "
-            f"tokens unless --vision-patches), images of {v.patches_per_image} patches, split over CP ranks"
+            f"first stage, TP-split like the decoder, {patches} ({v.visual_token_fraction:.0%} of the sequence as "
+            f"visual tokens unless --vision-patches), images of {v.patches_per_image} patches, split over CP ranks"
         )
     if p is not None and not gbs_given:
         out.append(f"global batch {p.global_batch_size} sequences (~4M tokens per step; set --global-batch-size)")
@@ -297,16 +418,20 @@ def assumptions(plan_or_model: Plan | PlanModel, *, efficiency: F.Efficiency | N
 
 def format_table(ranking: Ranking, *, gpus: int, gpu: GPU, seq_length: int, model: PlanModel, dtype: str) -> str:
     gbs = ranking.global_batch_size
-    head = (f"{model.name} on {gpus} x {gpu.name}, seq {seq_length:,}, global batch {gbs} "
-            f"({gbs * seq_length / 2**20:.1f}M tokens), {dtype}: {ranking.considered} layouts considered, "
-            f"{ranking.valid} valid, {ranking.fitting} fit in {_gib(ranking.memory_limit)} GiB")
+    head = (
+        f"{model.name} on {gpus} x {gpu.name}, seq {seq_length:,}, global batch {gbs} "
+        f"({gbs * seq_length / 2**20:.1f}M tokens), {dtype}: {ranking.considered} layouts considered, "
+        f"{ranking.valid} valid, {ranking.fitting} fit in {_gib(ranking.memory_limit)} GiB"
+    )
     lines = [head, ""]
     if not ranking.plans:
         lines.append("No valid layout fits in memory.")
         if ranking.smallest is not None:
             p = ranking.smallest
-            lines.append(f"The smallest, {p.layout.label()} (micro-batch {p.layout.micro_batch_size}, recompute "
-                         f"{p.layout.recompute}), needs {_gib(p.peak_memory)} GiB on pp{p.peak_stage.pp_rank}.")
+            lines.append(
+                f"The smallest, {p.layout.label()} (micro-batch {p.layout.micro_batch_size}, recompute "
+                f"{p.layout.recompute}), needs {_gib(p.peak_memory)} GiB on pp{p.peak_stage.pp_rank}."
+            )
         if ranking.invalid_reasons:
             lines.append("Most common reasons layouts were invalid:")
             for reason, n in sorted(ranking.invalid_reasons.items(), key=lambda kv: -kv[1])[:5]:
@@ -314,18 +439,48 @@ def format_table(ranking: Ranking, *, gpus: int, gpu: GPU, seq_length: int, mode
             if any("max_position_embeddings" in r for r in ranking.invalid_reasons):
                 lines.append("(longer context: --language max_position_embeddings=N, as RoPE scaling would)")
         return "\n".join(lines)
-    cols = ["#", "layout", "dp", "mbs", "m", "recompute", "mem GiB", "(stage)", "step", "bubble", "MFU", "tok/s/GPU", "notes"]
+    cols = [
+        "#",
+        "layout",
+        "dp",
+        "mbs",
+        "m",
+        "recompute",
+        "mem GiB",
+        "(stage)",
+        "step",
+        "bubble",
+        "MFU",
+        "tok/s/GPU",
+        "notes",
+    ]
     rows = []
     for i, p in enumerate(ranking.plans, 1):
         L, t = p.layout, p.time
-        rows.append([
-            str(i), L.label(), str(L.dp(p.gpus)), str(L.micro_batch_size), str(t.num_microbatches), L.recompute,
-            _gib(p.peak_memory), f"pp{p.peak_stage.pp_rank}", _s(t.step_time), f"{t.bubble / t.step_time:.0%}",
-            f"{t.mfu:.1%}", f"{t.tokens_per_s_per_gpu:,.0f}",
-            ", ".join(p.notes + ([f"+{n} as fast, more memory"] if (n := ranking.equivalents[i - 1]) else [])),
-        ])
+        rows.append(
+            [
+                str(i),
+                L.label(),
+                str(L.dp(p.gpus)),
+                str(L.micro_batch_size),
+                str(t.num_microbatches),
+                L.recompute,
+                _gib(p.peak_memory),
+                f"pp{p.peak_stage.pp_rank}",
+                _s(t.step_time),
+                f"{t.bubble / t.step_time:.0%}",
+                f"{t.mfu:.1%}",
+                f"{t.tokens_per_s_per_gpu:,.0f}",
+                ", ".join(p.notes + ([f"+{n} as fast, more memory"] if (n := ranking.equivalents[i - 1]) else [])),
+            ]
+        )
     widths = [max(len(c), *(len(r[j]) for r in rows)) for j, c in enumerate(cols)]
-    fmt = lambda r: "  ".join(x.rjust(w) if j not in (1, 5, 12) else x.ljust(w) for j, (x, w) in enumerate(zip(r, widths)))
+
+    def fmt(r: list[str]) -> str:
+        return "  ".join(
+            x.ljust(w) if j in (1, 5, 12) else x.rjust(w) for j, (x, w) in enumerate(zip(r, widths, strict=True))
+        )
+
     lines += [fmt(cols).rstrip(), *(fmt(r).rstrip() for r in rows)]
     return "\n".join(lines)
 
@@ -336,7 +491,11 @@ def format_breakdown(plan: Plan) -> str:
         f"{plan.model.name} on {plan.gpus} x {g.name}, seq {plan.seq_length:,}, global batch {plan.global_batch_size}, "
         f"{plan.dtype}{' + fp8 GEMMs' if plan.fp8 else ''}",
         f"layout {L.label()}: dp {L.dp(plan.gpus)}, "
-        + (f"etp {L.expert_tp}, expert dp {L.expert_dp(plan.gpus)}, " if plan.stages[0].rank_params.expert_buffers else "")
+        + (
+            f"etp {L.expert_tp}, expert dp {L.expert_dp(plan.gpus)}, "
+            if plan.stages[0].rank_params.expert_buffers
+            else ""
+        )
         + f"sequence parallel {'on' if L.sp else 'off'}, "
         f"{'distributed' if L.distributed_optimizer else 'replicated'} optimizer, micro-batch {L.micro_batch_size}, "
         f"{t.num_microbatches} micro-batches, recompute {L.recompute}",
@@ -347,15 +506,24 @@ def format_breakdown(plan: Plan) -> str:
     rows = []
     for s in plan.stages:
         inflight = "+".join(str(n) for n in s.inflight) if len(s.inflight) > 1 else str(s.inflight[0])
-        rows.append([
-            f"pp{s.pp_rank}", _count(s.params), _gib(s.weight_bytes), _gib(s.grad_bytes), _gib(s.optimizer_bytes),
-            "/".join(_gib(a) for a in s.activation_per_microbatch), inflight, _gib(s.activation_bytes), _gib(s.total_bytes),
-        ])
+        rows.append(
+            [
+                f"pp{s.pp_rank}",
+                _count(s.params),
+                _gib(s.weight_bytes),
+                _gib(s.grad_bytes),
+                _gib(s.optimizer_bytes),
+                "/".join(_gib(a) for a in s.activation_per_microbatch),
+                inflight,
+                _gib(s.activation_bytes),
+                _gib(s.total_bytes),
+            ]
+        )
     if len(rows) > 6:  # the first two and the last two stages bound the others
         rows = rows[:2] + [["..."] + [""] * (len(cols) - 1)] + rows[-2:]
     widths = [max(len(c), *(len(r[j]) for r in rows)) for j, c in enumerate(cols)]
-    lines += ["  " + "  ".join(c.rjust(w) for c, w in zip(cols, widths))]
-    lines += ["  " + "  ".join(x.rjust(w) for x, w in zip(r, widths)) for r in rows]
+    lines += ["  " + "  ".join(c.rjust(w) for c, w in zip(cols, widths, strict=True))]
+    lines += ["  " + "  ".join(x.rjust(w) for x, w in zip(r, widths, strict=True)) for r in rows]
     verdict = "fits" if plan.fits else "DOES NOT FIT"
     lines += [
         f"peak {_gib(plan.peak_memory)} GiB on pp{plan.peak_stage.pp_rank} of {_gib(g.memory_bytes)} GiB "

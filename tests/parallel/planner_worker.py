@@ -41,8 +41,8 @@ TINY = ["model.preset=qwen3-tiny"]
 MOE = ["model.preset=qwen3-moe-tiny"]
 # name -> overrides on top of BASE (4 ranks each)
 LAYOUTS = {
-    "tp2_pp2": TINY + ["parallel.tp=2", "parallel.pp=2", "parallel.sequence_parallel=true",
-                       "parallel.distributed_optimizer=false"],
+    "tp2_pp2": TINY
+    + ["parallel.tp=2", "parallel.pp=2", "parallel.sequence_parallel=true", "parallel.distributed_optimizer=false"],
     # qwen3-tiny has 2 query groups; tp=4 needs 4
     "tp4": TINY + ["model.language.num_query_groups=4", "parallel.tp=4", "parallel.sequence_parallel=true"],
     "pp2_tied": TINY + ["model.language.tie_embeddings=true", "parallel.pp=2"],
@@ -138,7 +138,9 @@ def run_layout(name: str, log_dir: Path) -> dict:
         loop.forward_step = clean_forward
     opt_bytes, opt_keys = _optimizer_state_bytes(trainer.optimizer)
     buffers = {
-        kind: [b.grad_data.numel() * b.grad_data.element_size() for chunk in trainer.model for b in getattr(chunk, kind)]
+        kind: [
+            b.grad_data.numel() * b.grad_data.element_size() for chunk in trainer.model for b in getattr(chunk, kind)
+        ]
         for kind in ("buffers", "expert_parallel_buffers")
     }
     report = {

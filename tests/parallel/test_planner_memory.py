@@ -42,8 +42,16 @@ MOE_ACTIVATION_TOL = 0.10
 def measured(tmp_path_factory) -> dict:
     out = tmp_path_factory.mktemp("planner") / "measured.json"
     env = {**os.environ, "PYTHONWARNINGS": "ignore", "OMP_NUM_THREADS": "1"}
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=4", "--rdzv-backend=c10d",
-           "--rdzv-endpoint=localhost:0", str(WORKER), str(out)]
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nproc_per_node=4",
+        "--rdzv-backend=c10d",
+        "--rdzv-endpoint=localhost:0",
+        str(WORKER),
+        str(out),
+    ]
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
     if proc.returncode != 0:
         raise AssertionError(f"{' '.join(cmd)} failed:\n{proc.stdout[-4000:]}\n{proc.stderr[-8000:]}")
@@ -58,10 +66,19 @@ def _predictions(result: dict, report: dict) -> dict:
     layout = Layout.from_config(cfg)
     pp_rank = report["pp_rank"]
     params = rank_params(lm, layout, pp_rank, gpus=world, backend="local")
-    act = ActivationInputs(seq_length=cfg.data.seq_length, micro_batch_size=cfg.train.micro_batch_size,
-                           dtype="fp32", backend="local")
-    stage = stage_memory(lm, layout, pp_rank=pp_rank, gpus=world, seq_length=cfg.data.seq_length,
-                         global_batch_size=cfg.train.global_batch_size, dtype="fp32", backend="local")
+    act = ActivationInputs(
+        seq_length=cfg.data.seq_length, micro_batch_size=cfg.train.micro_batch_size, dtype="fp32", backend="local"
+    )
+    stage = stage_memory(
+        lm,
+        layout,
+        pp_rank=pp_rank,
+        gpus=world,
+        seq_length=cfg.data.seq_length,
+        global_batch_size=cfg.train.global_batch_size,
+        dtype="fp32",
+        backend="local",
+    )
     return {
         "params": params.param_count,
         "grad_buffer_bytes": params.buffer_numel * 4,  # grad_reduce_in_fp32

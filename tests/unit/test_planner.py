@@ -44,6 +44,7 @@ def _lm(name: str, *overrides: str):
 
 # ------------------------------------------------------------------------- hardware, models
 
+
 def test_gpu_table_and_unknown_name():
     h100 = get_gpu("h100-80gb")
     assert (h100.memory_bytes, h100.bf16_flops, h100.fp8_flops) == (80 * GiB, 989e12, 1979e12)
@@ -66,6 +67,7 @@ def test_models_and_unknown_name():
 
 # ------------------------------------------------------------------------- parameters
 
+
 def test_qwen3_8b_total_parameters_by_hand():
     h, f, V, L = 4096, 12288, 151936, 36
     per_layer = 2 * h + h * 32 * 128 + (32 + 2 * 8) * 128 * h + 2 * 128 + 3 * h * f
@@ -80,7 +82,9 @@ def test_tied_embeddings_counted_once_and_copied_on_the_last_stage():
     assert one.param_count == total_params(lm)
     assert two[0].param_count + two[1].param_count == one.param_count + V * h
     names = [p.name for p in chunk_params(lm, Layout(pp=2), 1)]
-    assert names[-1] == "output_layer.weight" and "output_layer.weight" not in [p.name for p in chunk_params(lm, Layout(), 0)]
+    assert names[-1] == "output_layer.weight" and "output_layer.weight" not in [
+        p.name for p in chunk_params(lm, Layout(), 0)
+    ]
 
 
 def test_tp_pp_shards_of_qwen3_tiny_by_hand():
@@ -107,7 +111,11 @@ def test_experts_split_over_ep_and_etp_router_replicated():
 
 def test_interleaved_chunks_hold_megatrons_layers():
     lm = _lm("qwen3-tiny")
-    layers = lambda r, v: sorted({p.name.split(".")[2] for p in chunk_params(lm, Layout(pp=2, vpp=2), r, v) if p.name.startswith("decoder.layers")})
+
+    def layers(r: int, v: int) -> list[str]:
+        names = [p.name for p in chunk_params(lm, Layout(pp=2, vpp=2), r, v)]
+        return sorted({n.split(".")[2] for n in names if n.startswith("decoder.layers")})
+
     assert [layers(0, 0), layers(1, 0), layers(0, 1), layers(1, 1)] == [["0"], ["1"], ["2"], ["3"]]
 
 
@@ -117,8 +125,18 @@ def test_vocab_padding_option():
 
 
 def test_vision_parameters_by_hand():
-    v = VisionSpec(num_layers=1, hidden_size=8, ffn_hidden_size=16, num_heads=2, out_hidden_size=4, patch_size=2,
-                   temporal_patch_size=1, in_channels=1, num_position_embeddings=3, deepstack_mergers=1)
+    v = VisionSpec(
+        num_layers=1,
+        hidden_size=8,
+        ffn_hidden_size=16,
+        num_heads=2,
+        out_hidden_size=4,
+        patch_size=2,
+        temporal_patch_size=1,
+        in_channels=1,
+        num_position_embeddings=3,
+        deepstack_mergers=1,
+    )
     patch = 8 * 4 + 8 + 3 * 8
     block = 4 * 8 + (24 * 8 + 24) + (8 * 8 + 8) + (16 * 8 + 16) + (8 * 16 + 8)
     merger = 2 * 8 + (32 * 32 + 32) + (4 * 32 + 4)
@@ -130,6 +148,7 @@ def test_vision_parameters_by_hand():
 
 
 # ------------------------------------------------------------------------- DDP buffers
+
 
 def test_grad_buffer_padding_by_hand():
     """Reverse order; distributed optimizer: starts at multiples of 64, end at lcm(dp, 128)."""
@@ -149,8 +168,12 @@ def test_shared_embedding_gets_its_own_bucket():
 
 def test_merged_items_lay_out_like_the_parameters():
     """The fast path (padding-free runs merged) equals the parameter-by-parameter layout."""
-    for preset, layout in [("qwen3-tiny", Layout(tp=2, pp=2)), ("qwen3-moe-tiny", Layout(ep=2)),
-                           ("qwen3-0.6b", Layout(pp=2)), ("qwen3-tiny", Layout(pp=2, vpp=2))]:
+    for preset, layout in [
+        ("qwen3-tiny", Layout(tp=2, pp=2)),
+        ("qwen3-moe-tiny", Layout(ep=2)),
+        ("qwen3-0.6b", Layout(pp=2)),
+        ("qwen3-tiny", Layout(pp=2, vpp=2)),
+    ]:
         lm = _lm(preset, "model.language.tie_embeddings=true")
         for r in range(layout.pp):
             for v in range(layout.vpp):
@@ -160,11 +183,14 @@ def test_merged_items_lay_out_like_the_parameters():
                     slow = grad_buffer([p for p in params if not p.expert], group, True)
                     fast = grad_buffer(dense, group, True)
                     assert (slow.numel, slow.buckets) == (fast.numel, fast.buckets)
-                    assert [slow.owned_elements(k) for k in range(group)] == [fast.owned_elements(k) for k in range(group)]
+                    assert [slow.owned_elements(k) for k in range(group)] == [
+                        fast.owned_elements(k) for k in range(group)
+                    ]
                 assert sum(n for n, _ in expert) == sum(p.numel for p in params if p.expert)
 
 
 # ------------------------------------------------------------------------- activations
+
 
 def test_local_activation_formula_matches_the_measured_tiny_model():
     """qwen3-tiny, s=64, b=2, fp32, one rank: 3,337,344 bytes saved for backward, as measured
@@ -198,8 +224,9 @@ def test_sequence_parallel_and_recompute():
     no_sp = layer_activation_bytes(lm, Layout(tp=4, sequence_parallel=False), act, moe=False)
     # SP shards the four h-sized tensors (2 norm inputs, 2 norm outputs) and the two fp32 rstd
     assert no_sp - sp == pytest.approx(4096 * (2 * 4 * 4096 * 3 / 4 + 4 * 2 * 3 / 4))
-    assert layer_activation_bytes(lm, Layout(recompute="selective"), act, moe=False) < \
-        layer_activation_bytes(lm, Layout(), act, moe=False)
+    assert layer_activation_bytes(lm, Layout(recompute="selective"), act, moe=False) < layer_activation_bytes(
+        lm, Layout(), act, moe=False
+    )
 
 
 def test_inflight_microbatches_follow_megatrons_schedules():
@@ -214,6 +241,7 @@ def test_inflight_microbatches_follow_megatrons_schedules():
 
 
 # ------------------------------------------------------------------------- FLOPs
+
 
 def test_layer_flops_by_hand():
     lm = _lm("qwen3-tiny")
@@ -250,23 +278,38 @@ def test_estimate_reports_consistent_breakdown():
 
 # ------------------------------------------------------------------------- validity, ranking
 
+
 def test_validity_is_megavlms_own():
     tiny = get_model("qwen3-tiny")
     kw = dict(gpus=8, seq_length=128, global_batch_size=8)
     assert check_layout(tiny, Layout(tp=2, pp=2), **kw) == []
     errors = check_layout(tiny, Layout(tp=4), **kw)
     assert any("num_query_groups (2) must be a multiple of parallel.tp (4)" in e for e in errors)
-    assert any("must be a multiple of train.micro_batch_size x DP" in e
-               for e in check_layout(tiny, Layout(micro_batch_size=4), **kw))
+    assert any(
+        "must be a multiple of train.micro_batch_size x DP" in e
+        for e in check_layout(tiny, Layout(micro_batch_size=4), **kw)
+    )
     # CP: validated with cp folded away, plus the planner's own sequence rule
     assert check_layout(tiny, Layout(cp=2), **kw) == []
-    assert any("multiple of 2 x cp" in e for e in check_layout(tiny, Layout(cp=4), gpus=8, seq_length=4, global_batch_size=8))
+    assert any(
+        "multiple of 2 x cp" in e for e in check_layout(tiny, Layout(cp=4), gpus=8, seq_length=4, global_batch_size=8)
+    )
     # megatron's interleaved schedule: micro-batches a multiple of pp
-    assert any("multiple of pp" in e for e in check_layout(tiny, Layout(pp=2, vpp=2), gpus=2, seq_length=128, global_batch_size=3))
+    assert any(
+        "multiple of pp" in e
+        for e in check_layout(tiny, Layout(pp=2, vpp=2), gpus=2, seq_length=128, global_batch_size=3)
+    )
 
 
-@pytest.mark.parametrize("layout", [Layout(), Layout(tp=2, pp=2, vpp=2, micro_batch_size=2), Layout(tp=2, ep=4, etp=1),
-                                    Layout(pp=4, distributed_optimizer=False, sequence_parallel=False)])
+@pytest.mark.parametrize(
+    "layout",
+    [
+        Layout(),
+        Layout(tp=2, pp=2, vpp=2, micro_batch_size=2),
+        Layout(tp=2, ep=4, etp=1),
+        Layout(pp=4, distributed_optimizer=False, sequence_parallel=False),
+    ],
+)
 def test_fast_validation_config_equals_the_parsed_one(layout):
     """Ranking builds configs without re-parsing the model keys; they equal load_config's."""
     model = get_model("qwen3vl-8b") if layout.ep == 1 else get_model("qwen3-30b-a3b")
@@ -290,8 +333,9 @@ def test_ranking_returns_only_valid_fitting_layouts_fastest_first(monkeypatch):
         assert plan.fits and plan.peak_memory <= 0.9 * 80 * GiB
         assert check_layout(model, L, gpus=16, seq_length=4096, global_batch_size=48) == []
         if L.cp == 1:  # nothing folded: megavlm's validate accepts the config as is
-            cfg = load_config(None, [*model.config_overrides(), *L.overrides(), "data.seq_length=4096",
-                                     "train.global_batch_size=48"])
+            cfg = load_config(
+                None, [*model.config_overrides(), *L.overrides(), "data.seq_length=4096", "train.global_batch_size=48"]
+            )
             validate(cfg, 16)
     fixed = rank_layouts(model, gpus=16, gpu="h100-80gb", seq_length=4096, global_batch_size=64, fixed={"tp": 2})
     assert fixed.plans and all(p.layout.tp == 2 for p in fixed.plans)
@@ -309,6 +353,7 @@ def test_estimate_rejects_invalid_layouts_with_megavlms_message():
 
 # ------------------------------------------------------------------------- command line
 
+
 def _tool():
     spec = importlib.util.spec_from_file_location("plan_parallelism", TOOL)
     module = importlib.util.module_from_spec(spec)
@@ -317,7 +362,9 @@ def _tool():
 
 
 def test_cli_ranks_layouts(capsys):
-    rc = _tool().main(["--model", "qwen3-8b", "--gpus", "16", "--gpu", "h100-80gb", "--seq-length", "4096", "--top", "3"])
+    rc = _tool().main(
+        ["--model", "qwen3-8b", "--gpus", "16", "--gpu", "h100-80gb", "--seq-length", "4096", "--top", "3"]
+    )
     out = capsys.readouterr().out
     assert rc == 0
     assert "qwen3-8b on 16 x h100-80gb, seq 4,096" in out and "layouts considered" in out
@@ -327,8 +374,26 @@ def test_cli_ranks_layouts(capsys):
 
 
 def test_cli_breakdown_of_one_layout(capsys):
-    rc = _tool().main(["--model", "qwen3vl-8b", "--gpus", "64", "--seq-length", "32768", "--tp", "2", "--pp", "2",
-                       "--cp", "4", "--global-batch-size", "64", "--recompute", "full"])
+    rc = _tool().main(
+        [
+            "--model",
+            "qwen3vl-8b",
+            "--gpus",
+            "64",
+            "--seq-length",
+            "32768",
+            "--tp",
+            "2",
+            "--pp",
+            "2",
+            "--cp",
+            "4",
+            "--global-batch-size",
+            "64",
+            "--recompute",
+            "full",
+        ]
+    )
     out = capsys.readouterr().out
     assert rc == 0
     assert "layout tp2 pp2 cp4: dp 4" in out and "recompute full" in out
