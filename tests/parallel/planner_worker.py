@@ -26,7 +26,6 @@ import megavlm.training.loop as loop
 from megavlm.config import load_config
 from megavlm.training.loop import Trainer
 
-WORLD = 4
 BASE = [
     "data.seq_length=64",
     "train.micro_batch_size=2",
