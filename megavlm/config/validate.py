@@ -84,6 +84,11 @@ def _collect_errors(cfg: Config, world_size: int) -> list[str]:
             f"model.language.num_attention_heads ({lm.num_attention_heads}) must be a multiple "
             f"of model.language.num_query_groups ({lm.num_query_groups})"
         )
+    if lm.vocab_size % p.tp:
+        errors.append(
+            f"model.language.vocab_size ({lm.vocab_size}) must be a multiple of parallel.tp ({p.tp}) "
+            "(the embedding and output layer are split by vocabulary rows)"
+        )
     vpp = p.vpp or 1
     if p.vpp is not None and p.vpp > 1 and p.pp < 2:
         errors.append(f"parallel.vpp={p.vpp} needs parallel.pp >= 2, got {p.pp}")
@@ -139,6 +144,12 @@ def _collect_errors(cfg: Config, world_size: int) -> list[str]:
             f"train.global_batch_size ({t.global_batch_size}) must be a multiple of "
             f"train.micro_batch_size x DP ({t.micro_batch_size} x {dp}); DP = world size "
             f"{world_size} / (tp*pp*cp)"
+        )
+    num_microbatches = t.global_batch_size // (t.micro_batch_size * dp)
+    if not errors and p.vpp and p.vpp > 1 and num_microbatches % p.pp:
+        errors.append(
+            f"parallel.vpp={p.vpp} (interleaved pipeline) needs the number of micro-batches "
+            f"({num_microbatches} = global / (micro x DP)) to be a multiple of parallel.pp ({p.pp})"
         )
     if t.lr_phases and sum(ph.iters for ph in t.lr_phases) + t.warmup_iters > t.iters:
         errors.append(

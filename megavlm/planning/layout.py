@@ -13,9 +13,6 @@ re-implements none of those rules. Two things are added, each documented below:
   and, with sequence parallelism, of ``2 * cp * tp``. One megavlm rule gets stricter
   this way: MoE's "world size is a multiple of etp x ep x pp" is checked on world/cp.
   Layouts with cp > 1 are marked "needs TE".
-* megatron-core's interleaved schedule (vpp > 1) needs the number of micro-batches to
-  be a multiple of pp (``microbatch_group_size_per_vp_stage`` defaults to pp and the
-  schedule raises otherwise); ``validate`` does not check that yet, so the planner does.
 """
 
 from __future__ import annotations
@@ -174,13 +171,6 @@ def check_layout(model: PlanModel, layout: Layout, *, gpus: int, seq_length: int
             what = "2 x cp x tp (sequence parallel)" if layout.sp else "2 x cp"
             errors.append(
                 f"data.seq_length ({seq_length}) must be a multiple of {what} = {need} with context parallelism"
-            )
-    if layout.vpp > 1:
-        m = layout.num_microbatches(gpus, global_batch_size)
-        if m % layout.pp:
-            errors.append(
-                f"interleaved pipeline (vpp={layout.vpp}) needs the number of micro-batches ({m}) "
-                f"to be a multiple of pp ({layout.pp}) (megatron-core schedule)"
             )
     if model.vision is not None and model.vision.num_heads % layout.tp:
         errors.append(f"vision num_heads ({model.vision.num_heads}) must be a multiple of tp ({layout.tp})")

@@ -44,6 +44,7 @@ PATCHED_SYMBOLS = (
     ("torch.cuda", "synchronize"),
     ("torch.cuda", "empty_cache"),
     ("torch.distributed", "all_to_all_single"),
+    ("torch.distributed", "all_gather"),
     ("megatron.core.tensor_parallel.random", "_get_cuda_rng_state"),
     ("megatron.core.tensor_parallel.random", "_set_cuda_rng_state"),
     ("megatron.core.transformer.moe.moe_utils", "te_general_gemm"),
@@ -187,6 +188,26 @@ def _all_to_all_single_with_list_splits(original):
     return wrapper
 
 
+def _all_gather_uneven_first_dim(original):
+    """gloo's all_gather needs equal shapes; megatron's MoE dispatcher (EP with expert TP)
+    gathers token blocks of different lengths. Pad along dim 0, gather, then trim."""
+
+    @functools.wraps(original)
+    def wrapper(tensor_list, tensor, group=None, async_op=False):
+        if len({t.shape for t in tensor_list}) <= 1:
+            return original(tensor_list, tensor, group=group, async_op=async_op)
+        longest = max(t.shape[0] for t in tensor_list)
+        padded = tensor.new_zeros((longest, *tensor.shape[1:]))
+        padded[: tensor.shape[0]] = tensor
+        gathered = [torch.empty_like(padded) for _ in tensor_list]
+        original(gathered, padded, group=group)
+        for out, full in zip(tensor_list, gathered):
+            out.copy_(full[: out.shape[0]])
+        return None
+
+    return wrapper
+
+
 def _keep_torch_adam_step(original):
     """Without TE/apex the inner optimizer is torch's Adam, whose per-parameter state has a
     ``step`` tensor that megatron's layout-independent checkpoint does not carry (it
@@ -242,6 +263,7 @@ def _replacements():
         ("torch.distributed", "all_to_all_single"): _all_to_all_single_with_list_splits(
             torch.distributed.all_to_all_single
         ),
+        ("torch.distributed", "all_gather"): _all_gather_uneven_first_dim(torch.distributed.all_gather),
         ("megatron.core.tensor_parallel.random", "_get_cuda_rng_state"): _cpu_get_rng_state,
         ("megatron.core.tensor_parallel.random", "_set_cuda_rng_state"): _cpu_set_rng_state,
         ("megatron.core.transformer.moe.moe_utils", "te_general_gemm"): None,

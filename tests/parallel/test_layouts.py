@@ -18,10 +18,17 @@ import torch
 
 WORKER = Path(__file__).with_name("worker.py")
 LAUNCHES = {
-    1: ["ref", "ref_moe", "ref_packed"],
+    1: ["ref", "ref_moe", "ref_packed", "ref_moe_no_aux"],
     2: ["tp2", "pp2", "pp2_vpp2", "dp2", "dp2_distopt", "ep2_moe", "ep2_moe_allgather", "tp2_packed", "resume_dp2", "resume_pp2",
         "reshard_tp2_to_pp2", "nan_skip"],
-    4: ["tp2_pp2"],
+    4: ["tp2_pp2", "tp2_ep2_moe_no_aux"],
+}
+# the single-rank run each layout is compared with (default "ref")
+REFERENCE_OF = {
+    "ep2_moe": "ref_moe",
+    "ep2_moe_allgather": "ref_moe",
+    "tp2_packed": "ref_packed",
+    "tp2_ep2_moe_no_aux": "ref_moe_no_aux",
 }
 LOSS_TOL = GRAD_TOL = 1e-5
 PARAM_TOL = 1e-3
@@ -55,11 +62,12 @@ def _max_diff(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> float:
 
 @pytest.mark.parametrize(
     "layout",
-    ["tp2", "pp2", "pp2_vpp2", "dp2", "dp2_distopt", "ep2_moe", "ep2_moe_allgather", "tp2_packed", "tp2_pp2"],
+    ["tp2", "pp2", "pp2_vpp2", "dp2", "dp2_distopt", "ep2_moe", "ep2_moe_allgather", "tp2_packed",
+     "tp2_pp2", "tp2_ep2_moe_no_aux"],
 )
 def test_layout_matches_single_rank(results, layout):
     """Losses of 3 steps, step-1 gradients and final parameters equal the 1-rank run."""
-    ref = _load(results, "ref_moe" if "moe" in layout else "ref_packed" if "packed" in layout else "ref")
+    ref = _load(results, REFERENCE_OF.get(layout, "ref"))
     got = _load(results, layout)
     loss_diff = max(abs(a - b) for a, b in zip(got["losses"], ref["losses"]))
     assert loss_diff <= LOSS_TOL, (layout, got["losses"], ref["losses"])

@@ -37,6 +37,9 @@ BASE = [
     "parallel.distributed_optimizer=false",
 ]
 MOE = ["model.preset=qwen3-moe-tiny"]
+# megatron-core computes the load-balancing loss per sequence-parallel shard, so with TP+SP
+# its gradient (router only) differs from the unsharded run; compare the rest without it.
+MOE_NO_AUX = MOE + ["model.language.moe.aux_loss_coeff=0.0"]
 PACKED = ["data.pack=true", "data.min_sample_length=6", "train.micro_batch_size=1"]
 
 # scenario -> overrides (on top of BASE)
@@ -44,6 +47,7 @@ LAYOUTS = {
     "ref": [],
     "ref_moe": MOE,
     "ref_packed": PACKED,
+    "ref_moe_no_aux": MOE_NO_AUX,
     "tp2": ["parallel.tp=2", "parallel.sequence_parallel=true"],
     "pp2": ["parallel.pp=2"],
     "pp2_vpp2": ["parallel.pp=2", "parallel.vpp=2"],
@@ -52,6 +56,7 @@ LAYOUTS = {
     "ep2_moe": MOE + ["parallel.ep=2"],
     "ep2_moe_allgather": MOE + ["parallel.ep=2", "model.language.moe.dispatcher=allgather"],
     "tp2_packed": PACKED + ["parallel.tp=2", "parallel.sequence_parallel=true"],
+    "tp2_ep2_moe_no_aux": MOE_NO_AUX + ["parallel.tp=2", "parallel.ep=2", "parallel.sequence_parallel=true"],
     "tp2_pp2": ["parallel.tp=2", "parallel.pp=2", "parallel.sequence_parallel=true"],
 }
 

@@ -294,9 +294,9 @@ def test_validity_is_megavlms_own():
     assert any(
         "multiple of 2 x cp" in e for e in check_layout(tiny, Layout(cp=4), gpus=8, seq_length=4, global_batch_size=8)
     )
-    # megatron's interleaved schedule: micro-batches a multiple of pp
+    # megatron's interleaved schedule: micro-batches a multiple of pp (a megavlm rule)
     assert any(
-        "multiple of pp" in e
+        "multiple of parallel.pp" in e
         for e in check_layout(tiny, Layout(pp=2, vpp=2), gpus=2, seq_length=128, global_batch_size=3)
     )
 
