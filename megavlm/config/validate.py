@@ -156,6 +156,7 @@ def _collect_errors(cfg: Config, world_size: int) -> list[str]:
             f"train.warmup_iters + sum(train.lr_phases[*].iters) exceeds train.iters ({t.iters})"
         )
     if cfg.model.fp8.format is not None:
+        errors += _fp8_shape_errors(cfg)
         from megavlm.platform.device import fp8_support
 
         supported, why = fp8_support(cfg.model.fp8.recipe)
@@ -175,3 +176,18 @@ def _collect_errors(cfg: Config, world_size: int) -> list[str]:
             f"({lm.max_position_embeddings})"
         )
     return errors
+
+
+def _fp8_shape_errors(cfg: Config) -> list[str]:
+    """TE's FP8 GEMMs need every per-rank GEMM dimension to be a multiple of 16."""
+    lm, p = cfg.model.language, cfg.parallel
+    etp = p.etp if p.etp is not None else p.tp
+    dims = {
+        "model.language.hidden_size": lm.hidden_size,
+        "model.language.ffn_hidden_size / parallel.tp": lm.ffn_hidden_size // p.tp,
+        "model.language.num_attention_heads x head_dim / parallel.tp": lm.num_attention_heads * lm.head_dim // p.tp,
+    }
+    if lm.moe is not None:
+        dims["model.language.moe.ffn_hidden_size / parallel.etp"] = lm.moe.ffn_hidden_size // etp
+    return [f"model.fp8: {name} = {value} must be a multiple of 16 for FP8 GEMMs"
+            for name, value in dims.items() if value % 16]

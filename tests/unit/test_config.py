@@ -56,6 +56,8 @@ def test_bad_keys_and_types(override, message):
         (["parallel.ep=2"], 2, r"parallel.ep=2 needs a MoE model"),
         (["model.init=random"], 1, r"model.init: 'random' is not one of layout_invariant, megatron"),
         (["model.fp8.format=hybrid"], 1, r"model.fp8.format='hybrid': FP8 needs a CUDA GPU"),
+        (["model.fp8.format=e4m3", "model.language.ffn_hidden_size=120"], 1,
+         r"model.language.ffn_hidden_size / parallel.tp = 120 must be a multiple of 16 for FP8 GEMMs"),
         (["data.seq_length=8192"], 1, r"data.seq_length \(8192\) exceeds model.language.max_position_embeddings"),
     ],
 )
