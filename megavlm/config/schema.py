@@ -26,6 +26,15 @@ class MoEConfig:
     layer_freq: int | list[int] = 1
 
 
+def moe_layer_pattern(num_layers: int, layer_freq: int | list[int] | None) -> list[int]:
+    """1 for a MoE layer, 0 for a dense one; ``layer_freq`` None means a dense model."""
+    if layer_freq is None:
+        return [0] * num_layers
+    if isinstance(layer_freq, int):
+        return [1 if i % layer_freq == 0 else 0 for i in range(num_layers)]
+    return list(layer_freq)
+
+
 @dataclass(kw_only=True)
 class LanguageModelConfig:
     """A Qwen3 decoder: RMSNorm, QK-norm, GQA, SwiGLU, RoPE."""

@@ -108,17 +108,6 @@ def vision_forward_flops(vision: VisionSpec, seq_length: int) -> LayerFlops:
     return LayerFlops(linear=linear, core=core)
 
 
-def model_forward_flops(lm: LanguageModelConfig, seq_length: int, vision: VisionSpec | None = None) -> float:
-    """Forward FLOPs of one sequence through the whole model."""
-    pattern = moe_layer_pattern(lm)
-    total = sum((f.linear + f.core) for f in (layer_forward_flops(lm, seq_length, moe=bool(p)) for p in pattern))
-    total += logits_forward_flops(lm, seq_length)
-    if vision is not None:
-        v = vision_forward_flops(vision, seq_length)
-        total += v.linear + v.core
-    return total
-
-
 def training_flops_per_sequence(
     lm: LanguageModelConfig, seq_length: int, vision: VisionSpec | None = None, recompute: str = "none"
 ) -> tuple[float, float]:

@@ -177,5 +177,3 @@ def check_layout(model: PlanModel, layout: Layout, *, gpus: int, seq_length: int
     return errors
 
 
-def is_valid(model: PlanModel, layout: Layout, **kw) -> bool:
-    return not check_layout(model, layout, **kw)

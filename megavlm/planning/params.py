@@ -37,6 +37,8 @@ decoder, with the placement documented there (an estimate: no VLM exists yet).
 
 from __future__ import annotations
 
+from megavlm.config import schema
+
 import bisect
 import math
 from dataclasses import dataclass, field
@@ -64,13 +66,8 @@ def padded_vocab(vocab_size: int, tp: int, divisible_by: int = 1) -> int:
 
 
 def moe_layer_pattern(lm: LanguageModelConfig) -> list[int]:
-    """1 for a MoE layer, 0 for a dense one (as ``megavlm.models.language.specs``)."""
-    if lm.moe is None:
-        return [0] * lm.num_layers
-    freq = lm.moe.layer_freq
-    if isinstance(freq, int):
-        return [1 if i % freq == 0 else 0 for i in range(lm.num_layers)]
-    return list(freq)
+    """1 for a MoE layer, 0 for a dense one."""
+    return schema.moe_layer_pattern(lm.num_layers, lm.moe.layer_freq if lm.moe else None)
 
 
 def chunk_layer_range(num_layers: int, layout: Layout, pp_rank: int, vp_stage: int) -> range:

@@ -304,7 +304,3 @@ def install() -> None:
     _function_mode = _CudaToCpuMode()
     _function_mode.__enter__()
     _installed = True
-
-
-def is_installed() -> bool:
-    return _installed

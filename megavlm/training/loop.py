@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import signal
 import time
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -25,14 +24,6 @@ from megavlm.training.metrics import MetricsLogger
 from megavlm.training.model_setup import build_model_chunks, wrap_data_parallel
 from megavlm.training.optimizer import build_lr_schedule, build_optimizer
 from megavlm.training.step import forward_step
-
-
-@dataclass
-class TrainResult:
-    state: TrainState
-    losses: dict[int, float] = field(default_factory=dict)  # iteration -> loss (all ranks)
-    grad_norms: dict[int, float] = field(default_factory=dict)
-    checkpoint: Path | None = None
 
 
 class _StopRequest:
@@ -165,32 +156,29 @@ class Trainer:
             print(f"megavlm: saved checkpoint {path}", flush=True)
         return path
 
-    def run(self) -> TrainResult:
-        """Train to ``train.iters``: log, checkpoint on interval, at the end and on signals."""
+    def run(self) -> dict[int, float]:
+        """Train to ``train.iters``: log, checkpoint on interval, at the end and on signals.
+
+        Returns the loss of every iteration run (the same on all ranks)."""
         cfg = self.cfg
         is_logger = dist.get_rank() == dist.get_world_size() - 1
         logger = MetricsLogger(cfg.logging.dir, total_iters=cfg.train.iters, enabled=is_logger,
                                tensorboard=cfg.logging.tensorboard)
-        result = TrainResult(state=self.state)
+        losses: dict[int, float] = {}
         while self.state.iteration < cfg.train.iters:
             metrics = self.step()
             it = self.state.iteration
-            result.losses[it] = metrics["loss"]
-            result.grad_norms[it] = metrics["grad_norm"]
+            losses[it] = metrics["loss"]
             if it % cfg.logging.interval == 0 or it == cfg.train.iters:
                 logger.log(it, metrics)
             stopping = self.stop.agreed()
             interval_hit = cfg.checkpoint.interval and it % cfg.checkpoint.interval == 0
             if cfg.checkpoint.save and (interval_hit or stopping or it == cfg.train.iters):
-                result.checkpoint = self.save()
+                self.save()
             if stopping:
                 if dist.get_rank() == 0:
                     print(f"megavlm: stop signal received, stopped at iteration {it}", flush=True)
                 break
         logger.close()
-        return result
+        return losses
 
-
-def train(cfg: Config) -> TrainResult:
-    """Validate, start the process groups, build, then train for ``cfg.train.iters``."""
-    return Trainer(cfg).run()

@@ -68,16 +68,15 @@ def _teardown() -> None:
 def run_layout(name: str, out: Path, log_dir: Path) -> None:
     cfg = load_config(None, BASE + LAYOUTS[name] + [f"logging.dir={log_dir / name}"])
     trainer = Trainer(cfg)
-    losses, grad_norms, grads = [], [], None
+    losses, grads = [], None
     for step in range(STEPS):
         metrics = trainer.step()
         losses.append(metrics["loss"])
-        grad_norms.append(metrics["grad_norm"])
         if step == 0 and not cfg.parallel.distributed_optimizer:
             grads = gather_full_tensors(trainer.model, grads=True)
     params = gather_full_tensors(trainer.model)
     if dist.get_rank() == 0:
-        torch.save({"losses": losses, "grad_norms": grad_norms, "grads": grads, "params": params}, out / f"{name}.pt")
+        torch.save({"losses": losses, "grads": grads, "params": params}, out / f"{name}.pt")
     _teardown()
 
 
@@ -97,7 +96,7 @@ def run_resume(name: str, out: Path, log_dir: Path) -> None:
     resumed = Trainer(load_config(None, common + [f"logging.dir={log_dir / name}_b", f"checkpoint.load={ckpt}"])).run()
     _teardown()
     if dist.get_rank() == 0:
-        torch.save({"full": full.losses, "resumed": resumed.losses}, out / f"{name}.pt")
+        torch.save({"full": full, "resumed": resumed}, out / f"{name}.pt")
 
 
 def run_reshard(name: str, out: Path, log_dir: Path) -> None:

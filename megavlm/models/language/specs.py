@@ -27,6 +27,7 @@ from megatron.core.transformer.transformer_layer import (
 )
 from megatron.core.fusions.fused_bias_dropout import get_bias_dropout_add
 
+from megavlm.config import schema
 from megavlm.models.language.core_attention import SDPAAttention
 from megavlm.models.norms import Norm
 
@@ -110,12 +111,7 @@ def qwen3_layer_spec(
 
 def moe_layer_pattern(config: TransformerConfig) -> list[int]:
     """1 for a MoE layer, 0 for a dense one, for every layer of the whole model."""
-    if not config.num_moe_experts:
-        return [0] * config.num_layers
-    freq = config.moe_layer_freq
-    if isinstance(freq, int):
-        return [1 if i % freq == 0 else 0 for i in range(config.num_layers)]
-    return list(freq)
+    return schema.moe_layer_pattern(config.num_layers, config.moe_layer_freq if config.num_moe_experts else None)
 
 
 def qwen3_block_spec(
