@@ -9,13 +9,32 @@ import dataclasses
 from typing import Callable
 
 from megavlm.config.schema import LanguageModelConfig, ModelConfig, MoEConfig
+from megavlm.config.vision import ProjectorConfig, RopeConfig, TokenIdsConfig, VisionConfig
 
 _QWEN3_VOCAB = 151936
+# The synthetic tokenizer's vocabulary and special-token ids (megavlm.data.tokenizer).
+TINY_VLM_VOCAB = 512
+TINY_VLM_TOKEN_IDS = TokenIdsConfig(image_token_id=4, video_token_id=5, vision_start_token_id=2, vision_end_token_id=3)
 
 
 def _qwen3(**kw) -> ModelConfig:
     base = dict(head_dim=128, vocab_size=_QWEN3_VOCAB, rope_theta=1_000_000.0, norm_eps=1e-6)
     return ModelConfig(language=LanguageModelConfig(**{**base, **kw}))
+
+
+def _qwen3vl_vit(**kw) -> VisionConfig:
+    base = dict(kind="qwen3vl", patch_size=16, temporal_patch_size=2, position_embedding_size=48,
+                activation="gelu_tanh", norm_eps=1e-6, num_attention_heads=16)
+    return VisionConfig(**{**base, **kw})
+
+
+def _qwen3vl(language: ModelConfig, vision: VisionConfig) -> ModelConfig:
+    """Qwen3-VL: Qwen3 decoder with interleaved MRoPE (theta 5e6, 256K positions) + ViT."""
+    lm = dataclasses.replace(language.language, rope_theta=5_000_000.0, max_position_embeddings=262144)
+    return dataclasses.replace(
+        language, language=lm, vision=vision, projector=ProjectorConfig(kind="patch_merger"),
+        rope=RopeConfig(kind="mrope_interleaved", mrope_section=[24, 20, 20]),
+    )
 
 
 _PRESETS: dict[str, Callable[[], ModelConfig]] = {
@@ -56,7 +75,37 @@ _PRESETS: dict[str, Callable[[], ModelConfig]] = {
             moe=MoEConfig(num_experts=4, topk=2, ffn_hidden_size=32, aux_loss_coeff=1e-3),
         )
     ),
+    # Qwen3-VL (REFERENCE 3): ViT 24 x 1024 with DeepStack [5, 11, 17] for 2B/4B; 27 x 1152
+    # with [8, 16, 24] for 8B/30B-A3B.
+    "qwen3vl-2b": lambda: _qwen3vl(
+        get("qwen3-1.7b"),
+        _qwen3vl_vit(num_layers=24, hidden_size=1024, ffn_hidden_size=4096, deepstack_layers=[5, 11, 17]),
+    ),
+    "qwen3vl-8b": lambda: _qwen3vl(
+        get("qwen3-8b"),
+        _qwen3vl_vit(num_layers=27, hidden_size=1152, ffn_hidden_size=4304, deepstack_layers=[8, 16, 24]),
+    ),
+    "qwen3vl-30b-a3b": lambda: _qwen3vl(
+        get("qwen3-30b-a3b"),
+        _qwen3vl_vit(num_layers=27, hidden_size=1152, ffn_hidden_size=4304, deepstack_layers=[8, 16, 24]),
+    ),
+    # Tiny VLMs for tests and the CPU demo; the vocabulary and special-token ids are those of
+    # the synthetic tokenizer (megavlm.data.tokenizer.synthetic_tokenizer).
+    "qwen3vl-tiny": lambda: _tiny_vlm(get("qwen3-tiny")),
+    "qwen3vl-moe-tiny": lambda: _tiny_vlm(get("qwen3-moe-tiny")),
 }
+
+
+def _tiny_vlm(language: ModelConfig) -> ModelConfig:
+    vision = VisionConfig(
+        kind="qwen3vl", num_layers=4, hidden_size=64, ffn_hidden_size=128, num_attention_heads=4,
+        position_embedding_size=16, deepstack_layers=[1, 2, 3],
+    )
+    lm = dataclasses.replace(language.language, vocab_size=TINY_VLM_VOCAB)
+    return dataclasses.replace(
+        language, language=lm, vision=vision, projector=ProjectorConfig(kind="patch_merger"),
+        rope=RopeConfig(kind="mrope_interleaved", mrope_section=[4, 2, 2]), token_ids=TINY_VLM_TOKEN_IDS,
+    )
 
 
 def names() -> list[str]:

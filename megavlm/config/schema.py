@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from megavlm.config.vision import ProjectorConfig, RopeConfig, TokenIdsConfig, VisionConfig
 from megavlm.training.lr_schedule import LRPhase
 
 
@@ -75,6 +76,14 @@ class ModelConfig:
     # "megatron": megatron-core's own per-rank initialization (faster for huge models).
     init: str = "layout_invariant"
     fp8: FP8Config = field(default_factory=FP8Config)
+    # A VLM when set: vision encoder -> projector -> placeholders in the decoder's input.
+    vision: VisionConfig | None = None
+    projector: ProjectorConfig | None = None
+    rope: RopeConfig = field(default_factory=lambda: RopeConfig(kind="rope"))
+    token_ids: TokenIdsConfig = field(default_factory=TokenIdsConfig)
+    # Parts whose parameters do not train: any of "vision", "projector", "language"
+    # (Qwen3-VL stage 0 freezes vision and language and trains the projector only).
+    freeze: list[str] = field(default_factory=list)
 
 
 @dataclass(kw_only=True)
@@ -122,6 +131,9 @@ class TrainConfig:
     clip_grad: float = 1.0
     # "auto": bf16 on GPU, fp32 on CPU.
     precision: str = "auto"
+    # Weight of each supervised token, normalized over the global batch: "per_token" (1),
+    # "per_sample" (1/N_i) or "sqrt" (1/sqrt(N_i)), N_i the supervised tokens of sample i.
+    loss_normalization: str = "per_token"
 
 
 @dataclass(kw_only=True)

@@ -15,8 +15,15 @@ _CHOICES = {
     "model.fp8.recipe": ("delayed", "tensorwise", "mxfp8"),
     "train.lr_decay": ("cosine", "linear", "constant"),
     "train.precision": ("auto", "fp32", "bf16"),
-    "data.dataset": ("synthetic_text",),
+    "data.dataset": ("synthetic_text", "synthetic_multimodal"),
+    "model.rope.kind": ("rope", "mrope_interleaved", "mrope_chunked"),
+    "train.loss_normalization": ("per_token", "per_sample", "sqrt"),
 }
+_VISION_CHOICES = {
+    "kind": ("qwen3vl", "pe"),
+    "activation": ("gelu_tanh", "gelu", "quick_gelu"),
+}
+_FREEZABLE = ("vision", "projector", "language")
 
 
 def _get(cfg: Config, key: str):
@@ -136,6 +143,7 @@ def _collect_errors(cfg: Config, world_size: int) -> list[str]:
         if p.tp > 1 and p.ep > 1 and not p.sequence_parallel:
             errors.append("parallel.ep > 1 with parallel.tp > 1 needs parallel.sequence_parallel=true")
 
+    errors += _vlm_errors(cfg)
     if errors:
         return errors
     dp = data_parallel_size(cfg, world_size)
@@ -175,6 +183,50 @@ def _collect_errors(cfg: Config, world_size: int) -> list[str]:
             f"data.seq_length ({cfg.data.seq_length}) exceeds model.language.max_position_embeddings "
             f"({lm.max_position_embeddings})"
         )
+    return errors
+
+
+def _vlm_errors(cfg: Config) -> list[str]:
+    """Vision encoder, projector, DeepStack, MRoPE and freezing rules."""
+    m, p = cfg.model, cfg.parallel
+    lm, v = m.language, m.vision
+    errors = []
+    if m.rope.kind.startswith("mrope") and sum(m.rope.mrope_section) != lm.head_dim // 2:
+        errors.append(
+            f"model.rope.mrope_section {m.rope.mrope_section} must sum to model.language.head_dim / 2 "
+            f"({lm.head_dim // 2}): one entry per rotary frequency"
+        )
+    for part in m.freeze:
+        if part not in _FREEZABLE:
+            errors.append(f"model.freeze: {part!r} is not one of {', '.join(_FREEZABLE)}")
+    if v is None:
+        if cfg.data.dataset == "synthetic_multimodal":
+            errors.append("data.dataset=synthetic_multimodal needs a VLM: set model.preset (e.g. qwen3vl-tiny) or model.vision")
+        return errors
+    for key, choices in _VISION_CHOICES.items():
+        if getattr(v, key) not in choices:
+            errors.append(f"model.vision.{key}: {getattr(v, key)!r} is not one of {', '.join(choices)}")
+    if m.projector is None or m.projector.kind not in ("patch_merger", "conv_downsample"):
+        errors.append("model.projector.kind must be patch_merger (Qwen3-VL) or conv_downsample (STEP3-VL)")
+    if v.num_attention_heads % p.tp:
+        errors.append(
+            f"model.vision.num_attention_heads ({v.num_attention_heads}) must be a multiple of parallel.tp ({p.tp})"
+        )
+    if v.hidden_size % v.num_attention_heads or (v.hidden_size // v.num_attention_heads) % 4:
+        errors.append(
+            f"model.vision.hidden_size ({v.hidden_size}) / num_attention_heads ({v.num_attention_heads}) "
+            "must be a multiple of 4 (2D RoPE splits each head between rows and columns)"
+        )
+    bad = [i for i in v.deepstack_layers if not 0 <= i < v.num_layers]
+    if bad:
+        errors.append(f"model.vision.deepstack_layers {bad} are not ViT blocks 0..{v.num_layers - 1}")
+    if len(v.deepstack_layers) > lm.num_layers:
+        errors.append(
+            f"model.vision.deepstack_layers has {len(v.deepstack_layers)} levels but the decoder has only "
+            f"{lm.num_layers} layers (level i is added after decoder layer i)"
+        )
+    if set(m.freeze) >= set(_FREEZABLE):
+        errors.append(f"model.freeze={m.freeze} freezes every parameter; nothing would train")
     return errors
 
 

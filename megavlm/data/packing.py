@@ -13,7 +13,7 @@ from typing import Sequence
 import torch
 import torch.nn.functional as F
 
-from megavlm.data.batch import Batch
+from megavlm.data.batch import Batch, concat_media
 
 
 def first_fit_decreasing(lengths: Sequence[int], capacity: int) -> list[list[int]]:
@@ -36,7 +36,7 @@ def first_fit_decreasing(lengths: Sequence[int], capacity: int) -> list[list[int
 
 
 def pack(samples: Sequence[Batch], seq_length: int) -> Batch:
-    """One packed row [1, seq_length] from single-row samples."""
+    """One packed row [1, seq_length] from single-row samples (their media concatenated)."""
     names = ("tokens", "labels", "loss_mask", "position_ids")
     parts = {name: torch.cat([getattr(s, name) for s in samples], dim=-1) for name in names}
     lengths = [s.tokens.shape[-1] for s in samples]
@@ -44,9 +44,12 @@ def pack(samples: Sequence[Batch], seq_length: int) -> Batch:
     if pad < 0:
         raise ValueError(f"{sum(lengths)} tokens do not fit data.seq_length={seq_length}")
     boundaries = [0, *torch.tensor(lengths).cumsum(0).tolist()] + ([seq_length] if pad else [])
+    sample_ids = torch.cat([torch.full((1, n), i) for i, n in enumerate(lengths)], dim=-1)
     return Batch(
         **{name: F.pad(t, (0, pad)) for name, t in parts.items()},
         cu_seqlens=torch.tensor(boundaries, dtype=torch.int32),
+        sample_ids=F.pad(sample_ids, (0, pad), value=-1),
+        **concat_media(samples),
     )
 
 

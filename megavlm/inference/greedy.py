@@ -29,7 +29,7 @@ def greedy_generate(model_chunks, prompt: torch.Tensor, *, max_new_tokens: int, 
         # multiple of TP; causal attention keeps the padding out of the logits we read.
         padded = F.pad(tokens, (0, -length % tp))
         positions = torch.arange(padded.shape[1], device=tokens.device).expand_as(padded)
-        logits = model(padded, positions, None)  # [b, s, vocab / tp]
+        logits = model(padded, positions)  # [b, s, vocab / tp]
         logits = gather_from_tensor_model_parallel_region(logits)[:, length - 1, :vocab_size]
         tokens = torch.cat([tokens, logits.argmax(-1, keepdim=True)], dim=1)
     model.train(was_training)

@@ -66,10 +66,13 @@ def initialize_layout_invariant(
 
     Each rank draws the full tensor and keeps its slice, so TP/PP/VPP/EP layouts and the
     vocabulary padding (which depends on TP) never change the model. Output projections get
-    megatron's scaled init, std / sqrt(2 * num_layers); vectors (norms) stay as built.
+    megatron's scaled init, std / sqrt(2 * num_layers); biases are zero; other vectors
+    (norm weights) stay as built.
     """
     for shard in iter_shards(model_chunks):
         if len(shard.global_shape) - shard.prepend_axis_num < 2:
+            if shard.key.endswith("bias"):
+                shard.data.zero_()
             continue
         shape = list(shard.global_shape)
         if shard.key.endswith(_VOCAB_KEYS):
@@ -117,3 +120,21 @@ def gather_full_tensors(
             target = full.setdefault(key, torch.zeros(shape))
             target[slices] = tensor.reshape(target[slices].shape)
     return full
+
+
+@torch.no_grad()
+def load_full_tensors(model_chunks: list[torch.nn.Module], full: dict[str, torch.Tensor]) -> None:
+    """Copy this rank's slices of full tensors (sharded key space) into the model.
+
+    A full tensor smaller than the global shape (the vocabulary before megatron pads it for
+    TP) fills the leading part; the padding stays zero. Every shard must be covered.
+    """
+    for shard in iter_shards(model_chunks):
+        if shard.key not in full:
+            raise KeyError(f"no weights for {shard.key!r} (shape {shard.global_shape})")
+        source = full[shard.key].to(shard.data.dtype)
+        if tuple(source.shape) != shard.global_shape:
+            padded = torch.zeros(shard.global_shape, dtype=source.dtype)
+            padded[tuple(slice(0, n) for n in source.shape)] = source
+            source = padded
+        shard.data.copy_(source[shard.slices()].reshape(shard.data.shape))

@@ -154,9 +154,7 @@ def load_checkpoint(path: str | Path, cfg: Config, model, optimizer) -> TrainSta
     meta = torch.load(path / "train_state.pt", weights_only=False)
     if optimizer is not None:
         _materialize_optimizer_state(optimizer)
-    loaded = dist_checkpointing.load(_sharded_state_dict(model, optimizer, is_loading=True), str(path))
-    for i, chunk in enumerate(unwrap_model(model)):
-        chunk.load_state_dict(loaded[f"model{i}"])
+    loaded = _load_into(path, model, optimizer)
     if optimizer is not None:
         optimizer.load_state_dict(loaded["optimizer"])
         _unshare_adam_steps(optimizer)
@@ -168,3 +166,18 @@ def load_checkpoint(path: str | Path, cfg: Config, model, optimizer) -> TrainSta
         consumed_samples=meta["consumed_samples"],
         skipped_steps=meta["skipped_steps"],
     )
+
+
+def _load_into(path: Path, model, optimizer) -> dict:
+    loaded = dist_checkpointing.load(_sharded_state_dict(model, optimizer, is_loading=True), str(path))
+    for i, chunk in enumerate(unwrap_model(model)):
+        chunk.load_state_dict(loaded[f"model{i}"])
+    return loaded
+
+
+def load_model_weights(path: str | Path, model) -> None:
+    """Only the model weights of a complete checkpoint, into any layout (inference, RL init)."""
+    path = Path(path)
+    if not (path / COMPLETE_MARKER).is_file():
+        raise FileNotFoundError(f"{path} is not a complete megavlm checkpoint (no '{COMPLETE_MARKER}' marker)")
+    _load_into(path, model, None)

@@ -19,7 +19,9 @@ from megavlm.data.synthetic_text import SyntheticTextDataset
 from megavlm.platform import device
 from megavlm.platform.distributed import initialize
 from megavlm.platform.launch import detect_dist_env
+from megavlm.models.vlm import pipeline_seq_multiplier
 from megavlm.training.checkpoint import TrainState, latest_complete, load_checkpoint, save_checkpoint
+from megavlm.training.losses import weight_micro_batches
 from megavlm.training.metrics import MetricsLogger
 from megavlm.training.model_setup import build_model_chunks, wrap_data_parallel
 from megavlm.training.optimizer import build_lr_schedule, build_optimizer
@@ -44,7 +46,7 @@ class _StopRequest:
         return bool(flag.item())
 
 
-def _data_iterators(cfg: Config, consumed_samples: int, num_chunks: int):
+def _micro_batches(cfg: Config, consumed_samples: int):
     lm = cfg.model.language
     dataset = SyntheticTextDataset(
         vocab_size=lm.vocab_size, seq_length=cfg.data.seq_length, seed=cfg.data.seed,
@@ -52,15 +54,13 @@ def _data_iterators(cfg: Config, consumed_samples: int, num_chunks: int):
     )
     if cfg.data.pack:
         dataset = PackedDataset(dataset, seq_length=cfg.data.seq_length)
-    make = lambda: micro_batches(  # noqa: E731
+    return micro_batches(
         dataset,
         consumed_samples=consumed_samples,
         micro_batch_size=cfg.train.micro_batch_size,
         dp_rank=parallel_state.get_data_parallel_rank(),
         dp_size=parallel_state.get_data_parallel_world_size(),
     )
-    # Each virtual pipeline chunk consumes the micro-batches independently.
-    return [make() for _ in range(num_chunks)] if num_chunks > 1 else make()
 
 
 def _step_stats(losses_reduced: list[dict], model) -> tuple[float, float, bool]:
@@ -115,8 +115,18 @@ class Trainer:
         t = cfg.train
         dp = data_parallel_size(cfg, env.world_size)
         self.num_microbatches = t.global_batch_size // (t.micro_batch_size * dp)
-        self.data = _data_iterators(cfg, self.state.consumed_samples, len(self.model))
+        self.data = _micro_batches(cfg, self.state.consumed_samples)
         self.forward_backward = get_forward_backward_func()
+        self.pipeline_seq_length = cfg.data.seq_length * pipeline_seq_multiplier(cfg.model, cfg.parallel)
+
+    def _step_data(self):
+        """This step's micro-batches with loss weights; one iterator per model chunk."""
+        batches = [next(self.data) for _ in range(self.num_microbatches)]
+        batches = weight_micro_batches(
+            batches, self.cfg.train.loss_normalization, parallel_state.get_data_parallel_group()
+        )
+        # Each virtual pipeline chunk consumes the micro-batches independently.
+        return [iter(batches) for _ in self.model] if len(self.model) > 1 else iter(batches)
 
     def step(self) -> dict[str, float]:
         """One optimizer step over a global batch; returns its metrics (same on all ranks)."""
@@ -128,10 +138,10 @@ class Trainer:
         self.optimizer.zero_grad()
         losses_reduced = self.forward_backward(
             forward_step_func=forward_step,
-            data_iterator=self.data,
+            data_iterator=self._step_data(),
             model=self.model,
             num_microbatches=self.num_microbatches,
-            seq_length=self.cfg.data.seq_length,
+            seq_length=self.pipeline_seq_length,
             micro_batch_size=t.micro_batch_size,
         )
         loss_sum, num_tokens, grads_finite = _step_stats(losses_reduced, self.model)

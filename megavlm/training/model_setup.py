@@ -12,7 +12,8 @@ from megatron.core.transformer.transformer_config import TransformerConfig
 
 from megavlm.config.schema import Config
 from megavlm.models.full_tensors import initialize_layout_invariant
-from megavlm.models.language.model import build_language_model, transformer_config
+from megavlm.models.language.model import transformer_config
+from megavlm.models.vlm import VLMModel
 from megavlm.platform import device
 
 
@@ -28,7 +29,7 @@ def build_model_chunks(cfg: Config) -> tuple[list[torch.nn.Module], TransformerC
     )
     vpp = num_model_chunks(cfg)
     chunks = [
-        build_language_model(cfg.model, tconfig, use_te=use_te, vp_stage=i if vpp > 1 else None)
+        VLMModel(cfg.model, cfg.parallel, tconfig, use_te=use_te, vp_stage=i if vpp > 1 else None)
         for i in range(vpp)
     ]
     if cfg.model.init == "layout_invariant":

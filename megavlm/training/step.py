@@ -12,15 +12,17 @@ from megavlm.data.batch import Batch
 from megavlm.platform import device
 
 
-def token_loss_sum(loss_mask: torch.Tensor, output_tensor: torch.Tensor):
-    """Sum of supervised token losses and their count (megatron's per-token-loss contract).
+def token_loss_sum(loss_mask: torch.Tensor, loss_weights: torch.Tensor | None, output_tensor: torch.Tensor):
+    """Weighted sum of token losses and the supervised-token count (megatron's per-token contract).
 
     megatron adds the counts over micro-batches and DP ranks and divides the gradients by
-    the total, so the loss is normalized over the whole global batch whatever the layout.
+    the total, so the loss is normalized over the whole global batch whatever the layout;
+    ``loss_weights`` (training.losses) are already scaled for that division.
     """
     losses = output_tensor.float()  # [b, s] per-token cross entropy
     mask = loss_mask.float()
-    loss_sum = (losses * mask).sum()
+    weights = mask if loss_weights is None else loss_weights.float()
+    loss_sum = (losses * weights).sum()
     num_tokens = mask.sum().to(torch.int)
     report = torch.stack([loss_sum.detach(), mask.sum().detach()])
     return loss_sum, num_tokens, {"lm loss": report}
@@ -37,5 +39,7 @@ def packed_seq_params(cu_seqlens: torch.Tensor) -> PackedSeqParams:
 def forward_step(data_iterator: Iterator[Batch], model: torch.nn.Module):
     batch = next(data_iterator).to(device.device())
     packed = None if batch.cu_seqlens is None else packed_seq_params(batch.cu_seqlens)
-    output = model(batch.tokens, batch.position_ids, None, labels=batch.labels, packed_seq_params=packed)
-    return output, partial(token_loss_sum, batch.loss_mask)
+    output = model(
+        batch.tokens, batch.position_ids, labels=batch.labels, packed_seq_params=packed, **batch.media()
+    )
+    return output, partial(token_loss_sum, batch.loss_mask, batch.loss_weights)

@@ -20,7 +20,7 @@ WORKER = Path(__file__).with_name("worker.py")
 LAUNCHES = {
     1: ["ref", "ref_moe", "ref_packed", "ref_moe_no_aux"],
     2: ["tp2", "pp2", "pp2_vpp2", "dp2", "dp2_distopt", "ep2_moe", "ep2_moe_allgather", "tp2_packed", "resume_dp2", "resume_pp2",
-        "reshard_tp2_to_pp2", "nan_skip"],
+        "reshard_tp2_to_pp2", "nan_skip", "vlm_logits_tp2", "vlm_logits_pp2", "vlm_moe_logits_ep2"],
     4: ["tp2_pp2", "tp2_ep2_moe_no_aux"],
 }
 # the single-rank run each layout is compared with (default "ref")
@@ -100,3 +100,12 @@ def test_nan_step_is_skipped_on_every_rank(results):
     assert r["skipped_steps"] == 1 and r["recovered_skipped"] == 1
     assert r["params_unchanged"]
     assert r["iteration"] == 3 and r["recovered_loss"] == r["recovered_loss"]  # finite, not NaN
+
+
+@pytest.mark.parametrize("name", ["vlm_logits_tp2", "vlm_logits_pp2", "vlm_moe_logits_ep2"])
+def test_vlm_logits_match_hf_in_parallel_layouts(results, name):
+    """HF Qwen3-VL weights in TP=2+SP, PP=2 (DeepStack level 2 crosses the stage boundary)
+    and MoE EP=2: logits of every parity case equal HF's within 1e-4."""
+    diffs = _load(results, name)
+    assert len(diffs) == 6, diffs
+    assert max(diffs.values()) <= 1e-4, diffs

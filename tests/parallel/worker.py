@@ -146,6 +146,76 @@ def run_nan_skip(name: str, out: Path, log_dir: Path) -> None:
     _teardown()
 
 
+def run_vlm_logits(name: str, out: Path, log_dir: Path) -> None:
+    """HF Qwen3-VL weights loaded into a TP=2 or PP=2 layout: logits of every parity case."""
+    sys.path.insert(0, str(Path(__file__).parents[1] / "parity"))
+    from megatron.core.pipeline_parallel import get_forward_backward_func
+    from qwen3vl_case import CASES, hf_logits, hf_model, processor_inputs, tiny_config
+
+    from megavlm.conversion.engine import hf_to_megavlm
+    from megavlm.conversion.qwen3vl import qwen3vl_rules
+    from megavlm.inference.hf_inputs import forward_logits
+    from megavlm.models.full_tensors import load_full_tensors
+    from megavlm.models.rope import batched_mrope_position_ids
+    from megavlm.models.vlm import pipeline_seq_multiplier
+    from megavlm.platform.distributed import initialize
+    from megavlm.training.model_setup import build_model_chunks
+
+    preset, layout = {
+        "vlm_logits_tp2": ("qwen3vl-tiny", ["parallel.tp=2", "parallel.sequence_parallel=true"]),
+        "vlm_logits_pp2": ("qwen3vl-tiny", ["parallel.pp=2"]),
+        "vlm_moe_logits_ep2": ("qwen3vl-moe-tiny", ["parallel.ep=2"]),
+    }[name]
+    cfg = tiny_config(preset, layout)
+    initialize(cfg.parallel, 0)
+    hf = hf_model(cfg)
+    chunks, _ = build_model_chunks(cfg)
+    load_full_tensors(chunks, hf_to_megavlm(hf.state_dict(), qwen3vl_rules(cfg.model), num_layers=cfg.model.language.num_layers))
+    diffs = {}
+    for case, rows in CASES.items():
+        inputs = processor_inputs(cfg, rows)
+        keep = inputs["attention_mask"].bool()
+        ref = hf_logits(hf, inputs)
+        if cfg.parallel.pp == 1:
+            ours = forward_logits(chunks, inputs, cfg.model)
+        else:
+            ours = _pipeline_logits(chunks, inputs, cfg, get_forward_backward_func(), batched_mrope_position_ids,
+                                    pipeline_seq_multiplier(cfg.model, cfg.parallel))
+        if ours is not None:
+            diffs[case] = (ours[keep] - ref[keep]).abs().max().item()
+    gathered = [None] * dist.get_world_size()
+    dist.all_gather_object(gathered, diffs)
+    if dist.get_rank() == 0:
+        merged = {k: v for d in gathered for k, v in d.items()}
+        torch.save(merged, out / f"{name}.pt")
+    _teardown()
+
+
+def _pipeline_logits(chunks, inputs, cfg, forward_backward, positions_fn, multiplier):
+    """Forward-only pipeline run returning the last stage's logits (None on other stages)."""
+    tokens = inputs["input_ids"]
+    attention = inputs["attention_mask"].bool()
+    positions, _ = positions_fn(tokens, inputs.get("image_grid_thw"), inputs.get("video_grid_thw"),
+                                attention_mask=attention, token_ids=cfg.model.token_ids)
+    s = tokens.shape[1]
+    mask = (~attention)[:, None, None, :].expand(-1, 1, s, s).clone()
+    mask[:, 0, torch.arange(s), torch.arange(s)] = False
+    media = {k: inputs[k] for k in ("pixel_values", "image_grid_thw", "pixel_values_videos", "video_grid_thw") if k in inputs}
+
+    def step(data_iterator, model):
+        next(data_iterator)
+        output = model(tokens, positions, attention_mask=mask, runtime_gather_output=True, **media)
+        return output, lambda out, non_loss_data=False: out
+
+    stored = forward_backward(
+        forward_step_func=step, data_iterator=iter([None]), model=chunks, num_microbatches=1,
+        seq_length=s * multiplier, micro_batch_size=tokens.shape[0], forward_only=True, collect_non_loss_data=True,
+    )
+    if not parallel_state.is_pipeline_last_stage():
+        return None
+    return stored[0][..., : cfg.model.language.vocab_size].float()
+
+
 def main() -> None:
     out = Path(sys.argv[1])
     log_dir = out / "logs"
@@ -158,6 +228,8 @@ def main() -> None:
             run_nan_skip(name, out, log_dir)
         elif name == "reshard_tp2_to_pp2":
             run_reshard(name, out, log_dir)
+        elif name.startswith("vlm_") and "_logits_" in name:
+            run_vlm_logits(name, out, log_dir)
         else:
             raise SystemExit(f"unknown scenario {name!r}")
     dist.barrier()

@@ -63,18 +63,25 @@ def _mlp_spec(backend: BackendSpecProvider, *, num_experts: int | None, grouped_
     )
 
 
-def qwen3_layer_spec(
-    backend: BackendSpecProvider, *, num_experts: int | None = None, grouped_gemm: bool = False
+def prenorm_layer_spec(
+    backend: BackendSpecProvider,
+    *,
+    rms_norm: bool,
+    qk_norm: bool,
+    attn_mask_type: AttnMaskType,
+    num_experts: int | None = None,
+    grouped_gemm: bool = False,
 ) -> ModuleSpec:
-    """One Qwen3 decoder layer: pre-norm GQA attention with QK-norm, then SwiGLU or MoE.
+    """One pre-norm transformer layer: attention, then an MLP or MoE (activation, gating and
+    biases come from the TransformerConfig).
 
     With TE the input norm (and the dense MLP's norm) are fused into the following linear;
     the local spec maps its separate norm keys onto those fused names so checkpoints move
     between CPU and GPU runs unchanged.
     """
     fused = backend.fuse_layernorm_and_linear()
-    norm = backend.layer_norm(rms_norm=True, for_qk=False)
-    qk_norm = backend.layer_norm(rms_norm=True, for_qk=True)
+    norm = backend.layer_norm(rms_norm=rms_norm, for_qk=False)
+    qk = backend.layer_norm(rms_norm=True, for_qk=True) if qk_norm else IdentityOp
     moe = bool(num_experts)
     keys_map = {}
     if not fused:
@@ -87,7 +94,7 @@ def qwen3_layer_spec(
             input_layernorm=IdentityOp if fused else norm,
             self_attention=ModuleSpec(
                 module=SelfAttention,
-                params={"attn_mask_type": AttnMaskType.causal},
+                params={"attn_mask_type": attn_mask_type},
                 submodules=SelfAttentionSubmodules(
                     linear_qkv=(
                         backend.column_parallel_layer_norm_linear()
@@ -96,8 +103,8 @@ def qwen3_layer_spec(
                     ),
                     core_attention=backend.core_attention(),
                     linear_proj=backend.row_parallel_linear(),
-                    q_layernorm=qk_norm,
-                    k_layernorm=qk_norm,
+                    q_layernorm=qk,
+                    k_layernorm=qk,
                 ),
             ),
             self_attn_bda=get_bias_dropout_add,
@@ -106,6 +113,16 @@ def qwen3_layer_spec(
             mlp_bda=get_bias_dropout_add,
             sharded_state_dict_keys_map=keys_map,
         ),
+    )
+
+
+def qwen3_layer_spec(
+    backend: BackendSpecProvider, *, num_experts: int | None = None, grouped_gemm: bool = False
+) -> ModuleSpec:
+    """One Qwen3 decoder layer: RMSNorm, causal GQA attention with QK-norm, SwiGLU or MoE."""
+    return prenorm_layer_spec(
+        backend, rms_norm=True, qk_norm=True, attn_mask_type=AttnMaskType.causal,
+        num_experts=num_experts, grouped_gemm=grouped_gemm,
     )
 
 

@@ -1,0 +1,70 @@
+"""One generic engine for HF <-> megavlm weights, driven by declarative key maps.
+
+The megavlm side is megatron-core's *sharded* key space (what ``dist_checkpointing`` writes
+and ``full_tensors.iter_shards`` yields): full, unsharded tensors whose transformer layers
+(and MoE experts) are stacked along prepended axes, e.g.
+``language.decoder.layers.self_attention.linear_qkv.weight [L, (q+2kv)*d, h]``. Any TP / PP /
+EP layout loads from and gathers to this space, so a map is written once, for no layout.
+
+A ``KeyRule`` pairs HF key patterns (``{i}`` a layer) with one megavlm key and a pair of
+functions: ``join`` (HF tensors of one layer -> the megavlm tensor of that layer) and
+``split`` (its inverse). Both are pure reshapes/concatenations, so a round trip is bit-exact.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable, Mapping
+
+import torch
+from torch import Tensor
+
+
+def _identity_join(tensors: list[Tensor]) -> Tensor:
+    return tensors[0]
+
+
+def _identity_split(tensor: Tensor) -> list[Tensor]:
+    return [tensor]
+
+
+@dataclass(frozen=True)
+class KeyRule:
+    hf: tuple[str, ...]  # HF key patterns, ``{i}`` for the layer index
+    mv: str  # megavlm sharded key; stacked over layers when the patterns contain {i}
+    join: Callable[[list[Tensor]], Tensor] = _identity_join
+    split: Callable[[Tensor], list[Tensor]] = _identity_split
+
+    @property
+    def per_layer(self) -> bool:
+        return "{i}" in self.hf[0]
+
+
+def hf_to_megavlm(hf: Mapping[str, Tensor], rules: list[KeyRule], *, num_layers: int) -> dict[str, Tensor]:
+    """Full megavlm tensors (sharded key space) from an HF state dict."""
+    out: dict[str, Tensor] = {}
+    for rule in rules:
+        layers = range(num_layers) if rule.per_layer else [None]
+        parts = []
+        for i in layers:
+            keys = [pattern.format(i=i) for pattern in rule.hf]
+            missing = [k for k in keys if k not in hf]
+            if missing:
+                raise KeyError(f"HF checkpoint lacks {missing[0]!r} (needed for megavlm {rule.mv!r})")
+            parts.append(rule.join([hf[k] for k in keys]))
+        out[rule.mv] = torch.stack(parts) if rule.per_layer else parts[0]
+    return out
+
+
+def megavlm_to_hf(full: Mapping[str, Tensor], rules: list[KeyRule], *, num_layers: int) -> dict[str, Tensor]:
+    """The inverse of ``hf_to_megavlm``."""
+    out: dict[str, Tensor] = {}
+    for rule in rules:
+        if rule.mv not in full:
+            raise KeyError(f"megavlm weights lack {rule.mv!r}")
+        tensor = full[rule.mv]
+        for i in range(num_layers) if rule.per_layer else [None]:
+            pieces = rule.split(tensor[i] if rule.per_layer else tensor)
+            for pattern, piece in zip(rule.hf, pieces):
+                out[pattern.format(i=i)] = piece.contiguous()
+    return out

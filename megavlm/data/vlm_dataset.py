@@ -1,0 +1,85 @@
+"""Samples -> single-row training Batches for a VLM: encode, position ids, pad or pack.
+
+``EncodedDataset`` turns sample ``i`` of any random-access source (the synthetic set, a
+prepared shard set) into one unpadded row with its media and MRoPE (or 1D) position ids;
+``PaddedDataset`` pads rows to ``data.seq_length``, or ``packing.PackedDataset`` packs them.
+The row for an index never changes, so a run's data position stays one integer.
+"""
+
+from __future__ import annotations
+
+from functools import lru_cache
+from typing import Callable, Sequence
+
+import torch
+import torch.nn.functional as F
+
+from megavlm.config.schema import ModelConfig
+from megavlm.data.batch import Batch
+from megavlm.models.rope import mrope_position_ids
+
+
+def position_ids_for(tokens: torch.Tensor, image_grid_thw, video_grid_thw, model: ModelConfig) -> torch.Tensor:
+    """``[3, 1, n]`` MRoPE ids, or ``[1, n]`` 1D positions, of one sample."""
+    if model.rope.kind.startswith("mrope"):
+        ids, _ = mrope_position_ids(
+            tokens, image_grid_thw, video_grid_thw, token_ids=model.token_ids,
+            spatial_merge_size=model.projector.spatial_merge_size if model.projector else 2,
+        )
+        return ids[:, None, :]
+    return torch.arange(tokens.numel())[None, :]
+
+
+class EncodedDataset:
+    """Index ``i`` -> the encoded, unpadded single-row Batch of ``source[i]``."""
+
+    def __init__(self, source: Sequence, encode: Callable, model: ModelConfig, *, cache_size: int = 256):
+        self.source = source
+        self.encode = encode
+        self.model = model
+        self._row = lru_cache(maxsize=cache_size)(self._build)  # packing reads lengths first
+
+    def __len__(self) -> int:
+        return len(self.source)
+
+    def _build(self, i: int) -> Batch:
+        enc = self.encode(self.source[i])
+        tokens = enc.tokens[None, :]
+        return Batch(
+            tokens=tokens,
+            labels=enc.labels.clamp(min=0)[None, :],
+            loss_mask=enc.loss_mask.float()[None, :],
+            position_ids=position_ids_for(enc.tokens, enc.image_grid_thw, enc.video_grid_thw, self.model),
+            pixel_values=enc.pixel_values,
+            image_grid_thw=enc.image_grid_thw,
+            pixel_values_videos=enc.pixel_values_videos,
+            video_grid_thw=enc.video_grid_thw,
+        )
+
+    def __getitem__(self, i: int) -> Batch:
+        return self._row(i)
+
+
+class PaddedDataset:
+    """Rows padded on the right to ``seq_length`` (no loss on padding)."""
+
+    def __init__(self, source: EncodedDataset, *, seq_length: int, pad_token_id: int):
+        self.source = source
+        self.seq_length = seq_length
+        self.pad_token_id = pad_token_id
+
+    def __getitem__(self, i: int) -> Batch:
+        row = self.source[i]
+        n = row.tokens.shape[-1]
+        pad = self.seq_length - n
+        if pad < 0:
+            raise ValueError(f"sample {i}: {n} tokens exceed data.seq_length={self.seq_length}")
+        last = row.position_ids[..., -1:]
+        positions = torch.cat([row.position_ids, last + 1 + torch.arange(pad).expand(*last.shape[:-1], pad)], dim=-1)
+        return Batch(
+            tokens=F.pad(row.tokens, (0, pad), value=self.pad_token_id),
+            labels=F.pad(row.labels, (0, pad)),
+            loss_mask=F.pad(row.loss_mask, (0, pad)),
+            position_ids=positions,
+            **row.media(),
+        )

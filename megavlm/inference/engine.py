@@ -1,0 +1,163 @@
+"""KV-cache generation over VLMModel in its training layout (TP, DP; one pipeline stage).
+
+megatron-core's ``StaticInferenceContext`` keeps the keys and values of every layer; each
+step feeds only the new tokens. Prompts of different lengths are left-padded to a common
+end, and a boolean mask keeps every query off the padding keys, so all rows decode in
+lockstep at one cache offset. MRoPE positions are explicit: each row's prompt gets its
+``mrope_position_ids``, and generated token k of a row sits at ``prompt_len + k +
+rope_delta`` on all three axes (REFERENCE 1). megatron slices the rotary table by cache
+offset, so each step passes the positions of the whole sequence so far.
+
+Sampling is identical on every TP rank: the logits are gathered over the vocabulary and
+the random draws come from one generator seeded the same everywhere.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass, field
+
+import torch
+from megatron.core import parallel_state
+from megatron.core.inference.contexts import StaticInferenceContext
+from megatron.core.utils import unwrap_model
+from torch import Tensor
+
+from megavlm.data.batch import concat_media
+from megavlm.models.rope import mrope_position_ids
+
+
+@dataclass
+class Prompt:
+    """One prompt: token ids and its media (flattened patches + grids, as in a Batch)."""
+
+    tokens: Tensor  # [s] int64
+    pixel_values: Tensor | None = None
+    image_grid_thw: Tensor | None = None
+    pixel_values_videos: Tensor | None = None
+    video_grid_thw: Tensor | None = None
+
+
+@dataclass(kw_only=True)
+class SamplingParams:
+    max_new_tokens: int = 32
+    temperature: float = 0.0  # 0: greedy
+    top_p: float = 1.0
+    stop_token_ids: list[int] = field(default_factory=list)
+    seed: int = 0
+
+
+@contextlib.contextmanager
+def sequence_parallel_off(model: torch.nn.Module):
+    """Decoding feeds one token per row, which sequence parallelism cannot split across TP
+    ranks; every module reads the flag it copied at construction, so flip them all."""
+    saved = [(m, m.sequence_parallel) for m in model.modules() if isinstance(getattr(m, "sequence_parallel", None), bool)]
+    config = model.config
+    was = config.sequence_parallel
+    for m, _ in saved:
+        m.sequence_parallel = False
+    config.sequence_parallel = False
+    try:
+        yield
+    finally:
+        config.sequence_parallel = was
+        for m, flag in saved:
+            m.sequence_parallel = flag
+
+
+def _sample(logits: Tensor, params: SamplingParams, generator: torch.Generator) -> Tensor:
+    """Next token per row from ``[b, vocab]`` float logits."""
+    if params.temperature <= 0:
+        return logits.argmax(-1)
+    probs = torch.softmax(logits / params.temperature, dim=-1)
+    if params.top_p < 1.0:
+        sorted_probs, order = probs.sort(dim=-1, descending=True)
+        outside = sorted_probs.cumsum(-1) - sorted_probs > params.top_p  # keep the smallest nucleus
+        sorted_probs = sorted_probs.masked_fill(outside, 0.0)
+        probs = torch.zeros_like(probs).scatter(-1, order, sorted_probs)
+    return torch.multinomial(probs.cpu(), 1, generator=generator).squeeze(-1).to(logits.device)
+
+
+class GenerationEngine:
+    """Batched generation for one VLMModel chunk (``parallel.pp == 1``)."""
+
+    def __init__(self, model_chunks, *, pad_token_id: int = 0):
+        if parallel_state.get_pipeline_model_parallel_world_size() > 1:
+            raise ValueError(
+                "GenerationEngine runs with parallel.pp=1; reload the checkpoint with pp=1 "
+                "(checkpoints reshard on load)"
+            )
+        self.model = unwrap_model(model_chunks)[0] if isinstance(model_chunks, list) else unwrap_model(model_chunks)
+        self.pad_token_id = pad_token_id
+        cfg = self.model.model_cfg
+        self.vocab_size = cfg.language.vocab_size
+        self.mrope = cfg.rope.kind.startswith("mrope")
+
+    def _positions(self, prompts: list[Prompt], pad: list[int], total: int) -> Tensor:
+        """``[3, b, total]`` (MRoPE) or ``[b, total]`` positions of every slot."""
+        cfg = self.model.model_cfg
+        rows = []
+        for prompt, p in zip(prompts, pad):
+            n = prompt.tokens.numel()
+            if self.mrope:
+                ids, delta = mrope_position_ids(
+                    prompt.tokens, prompt.image_grid_thw, prompt.video_grid_thw, token_ids=cfg.token_ids,
+                    spatial_merge_size=cfg.projector.spatial_merge_size if cfg.projector else 2,
+                )
+                after = torch.arange(n, total - p) + delta
+                row = torch.cat([torch.zeros(3, p, dtype=torch.long), ids, after.expand(3, -1)], dim=1)
+            else:
+                row = torch.cat([torch.zeros(p, dtype=torch.long), torch.arange(total - p)])
+            rows.append(row)
+        return torch.stack(rows, dim=-2)
+
+    @torch.no_grad()
+    def generate(self, prompts: list[Prompt], params: SamplingParams) -> list[Tensor]:
+        """The generated tokens of each prompt (stop token included, if one was produced)."""
+        model = self.model
+        was_training = model.training
+        model.eval()
+        dev = next(model.parameters()).device
+        lengths = [p.tokens.numel() for p in prompts]
+        longest = max(lengths)
+        pad = [longest - n for n in lengths]
+        total = longest + params.max_new_tokens
+        b = len(prompts)
+
+        tokens = torch.full((b, total), self.pad_token_id, dtype=torch.long)
+        for i, prompt in enumerate(prompts):
+            tokens[i, pad[i]:longest] = prompt.tokens
+        positions = self._positions(prompts, pad, total).to(dev)
+        tokens = tokens.to(dev)
+        # True = masked out: padding keys, except each slot to itself (no empty softmax rows).
+        pad_key = torch.arange(total, device=dev)[None, :] < torch.tensor(pad, device=dev)[:, None]  # [b, total]
+        media = {k: None if v is None else v.to(dev) for k, v in concat_media(prompts).items()}
+
+        context = StaticInferenceContext(max_batch_size=b, max_sequence_length=total)
+        generator = torch.Generator().manual_seed(params.seed)
+        done = torch.zeros(b, dtype=torch.bool, device=dev)
+        out: list[list[int]] = [[] for _ in range(b)]
+        start = 0
+        with sequence_parallel_off(model):
+            for end in range(longest, total):
+                step_tokens = tokens[:, start:end]
+                mask = pad_key[:, None, None, :end].expand(b, 1, end - start, end).clone()
+                diag = torch.arange(start, end, device=dev)
+                mask[:, 0, torch.arange(end - start, device=dev), diag] = False
+                logits = model(
+                    step_tokens, positions[..., :end], attention_mask=mask, runtime_gather_output=True,
+                    inference_context=context, **(media if start == 0 else {}),
+                )  # [b, 1, vocab (padded)]
+                context.sequence_len_offset += end - start
+                start = end
+                next_tokens = _sample(logits[:, -1, : self.vocab_size].float(), params, generator)
+                next_tokens = torch.where(done, torch.full_like(next_tokens, self.pad_token_id), next_tokens)
+                tokens[:, end] = next_tokens
+                for i in range(b):
+                    if not done[i]:
+                        out[i].append(int(next_tokens[i]))
+                done |= torch.isin(next_tokens, torch.tensor(params.stop_token_ids or [-1], device=dev))
+                if bool(done.all()):
+                    break
+        model.train(was_training)
+        return [torch.tensor(t, dtype=torch.long) for t in out]

@@ -1,0 +1,55 @@
+"""Build a VLMModel for inference from a megavlm checkpoint or a Hugging Face model directory.
+
+The directory kind is detected: ``config.json`` + ``*.safetensors`` is Hugging Face
+(Qwen3-VL / Qwen3-VL-MoE); a folder with ``iter_*`` checkpoints (or one ``iter_*`` folder)
+is megavlm's. Either way the weights are resharded into the layout the overrides ask for
+(``parallel.tp=2`` ...), under torchrun or as one process.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+from typing import Sequence
+
+import torch
+
+from megavlm.config import Config, ConfigError, load_config, validate
+from megavlm.conversion.hf_checkpoint import is_hf_model_dir, load_hf_model_dir
+from megavlm.models.full_tensors import load_full_tensors
+from megavlm.platform.distributed import initialize
+from megavlm.platform.launch import detect_dist_env
+from megavlm.training.checkpoint import latest_complete, load_model_weights
+from megavlm.training.model_setup import build_model_chunks
+
+
+def load_for_inference(path: str | Path, overrides: Sequence[str] = ()) -> tuple[Config, list[torch.nn.Module]]:
+    """Config and this rank's model chunks, weights loaded, in eval mode."""
+    path = Path(path)
+    env = detect_dist_env()
+    if is_hf_model_dir(path):
+        if any(o.split("=", 1)[0].startswith("model.") for o in overrides):
+            raise ConfigError(f"{path} is a Hugging Face model: its config.json defines the model; drop the model.* overrides")
+        model_cfg, full = load_hf_model_dir(path)
+        # The weights come from the file: skip the (slow, pointless) random initialization.
+        cfg = dataclasses.replace(load_config(None, overrides), model=dataclasses.replace(model_cfg, init="megatron"))
+        validate(cfg, env.world_size)
+        initialize(cfg.parallel, cfg.train.seed, env)
+        chunks, _ = build_model_chunks(cfg)
+        load_full_tensors(chunks, full)
+    else:
+        checkpoint = latest_complete(path)
+        if checkpoint is None:
+            raise FileNotFoundError(
+                f"{path}: neither a Hugging Face model directory (config.json + *.safetensors) nor a "
+                "megavlm checkpoint (iter_* folders with a 'complete' marker)"
+            )
+        cfg = load_config(checkpoint / "config.yaml", [*overrides, "checkpoint.load=null", "checkpoint.save=null"])
+        cfg = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, init="megatron"))
+        validate(cfg, env.world_size)
+        initialize(cfg.parallel, cfg.train.seed, env)
+        chunks, _ = build_model_chunks(cfg)
+        load_model_weights(checkpoint, chunks)
+    for chunk in chunks:
+        chunk.eval()
+    return cfg, chunks

@@ -1,0 +1,180 @@
+"""VLMModel: encode media -> project -> scatter into the token embeddings -> Qwen3 decoder.
+
+One pipeline chunk of the model. The first stage owns the vision encoder and projector
+(and the token embedding); every stage owns its decoder layers; the last owns the output
+layer and the loss. The decoder is megatron-core's ``GPTModel`` with our layer specs, fed
+``decoder_input`` (embeddings with media features in place) instead of token ids. Layout
+(TP/SP/PP/EP) comes from the TransformerConfig; nothing here branches on it except the
+sequence-parallel scatter of the merged embeddings and DeepStack's pipeline transport.
+"""
+
+from __future__ import annotations
+
+import torch
+from megatron.core import parallel_state, tensor_parallel
+from megatron.core.models.gpt import GPTModel
+from megatron.core.packed_seq_params import PackedSeqParams
+from megatron.core.transformer.module import MegatronModule
+from megatron.core.transformer.transformer_config import TransformerConfig
+from torch import Tensor
+
+from megavlm.config.schema import ModelConfig, ParallelConfig
+from megavlm.models.deepstack import DeepStackInjector, late_levels
+from megavlm.models.language.specs import qwen3_block_spec
+from megavlm.models.rope import multimodal_rotary_embedding
+from megavlm.models.vision.qwen3vl import VisionModel, build_vision_model
+
+
+class VLMModel(MegatronModule):
+    """A Qwen3-VL-style model chunk for one (virtual) pipeline stage."""
+
+    def __init__(
+        self,
+        model: ModelConfig,
+        parallel: ParallelConfig,
+        config: TransformerConfig,
+        *,
+        use_te: bool,
+        vp_stage: int | None = None,
+    ):
+        super().__init__(config=config)
+        lm = model.language
+        self.model_cfg = model
+        self.pre_process = parallel_state.is_pipeline_first_stage(ignore_virtual=False, vp_stage=vp_stage)
+        self.post_process = parallel_state.is_pipeline_last_stage(ignore_virtual=False, vp_stage=vp_stage)
+        mrope = model.rope.kind.startswith("mrope")
+        if mrope:
+            config.mrope_section = list(model.rope.mrope_section)
+        self.language = GPTModel(
+            config=config,
+            transformer_layer_spec=qwen3_block_spec(config, use_te=use_te, vp_stage=vp_stage),
+            vocab_size=lm.vocab_size,
+            max_sequence_length=lm.max_position_embeddings,
+            pre_process=self.pre_process,
+            post_process=self.post_process,
+            share_embeddings_and_output_weights=lm.tie_embeddings,
+            position_embedding_type="mrope" if mrope else "rope",
+            rotary_base=int(lm.rope_theta),
+            # The media features go into the full-length embeddings first; we scatter after.
+            scatter_embedding_sequence_parallel=False,
+            vp_stage=vp_stage,
+        )
+        if mrope:
+            self.language.rotary_pos_emb = multimodal_rotary_embedding(
+                model.rope.kind, kv_channels=lm.head_dim, rotary_base=lm.rope_theta,
+            )
+        self.vision: VisionModel | None = None
+        if self.pre_process and model.vision is not None:
+            self.vision = build_vision_model(
+                model.vision, model.projector, lm.hidden_size, parallel,
+                dtype=config.params_dtype, use_te=use_te,
+            )
+        levels = len(model.vision.deepstack_layers) if model.vision else 0
+        self.deepstack = DeepStackInjector(
+            self.language.decoder.layers, levels=levels,
+            late=late_levels(levels=levels, num_layers=lm.num_layers, pp=parallel.pp, vpp=parallel.vpp),
+        )
+        self._freeze(model.freeze)
+
+    def _freeze(self, parts: list[str]) -> None:
+        groups = {"language": [self.language]}
+        if self.vision is not None:
+            groups["vision"] = [self.vision.encoder]
+            groups["projector"] = self.vision.projectors()
+        for part in parts:
+            for module in groups.get(part, []):
+                module.requires_grad_(False)
+
+    def set_input_tensor(self, input_tensor) -> None:
+        tensor = input_tensor[0] if isinstance(input_tensor, list) else input_tensor
+        if tensor is not None:
+            tensor = self.deepstack.split_received(tensor)
+        self.language.set_input_tensor(tensor)
+
+    def forward(
+        self,
+        tokens: Tensor,
+        position_ids: Tensor,
+        *,
+        labels: Tensor | None = None,
+        pixel_values: Tensor | None = None,
+        image_grid_thw: Tensor | None = None,
+        pixel_values_videos: Tensor | None = None,
+        video_grid_thw: Tensor | None = None,
+        packed_seq_params: PackedSeqParams | None = None,
+        attention_mask: Tensor | None = None,
+        runtime_gather_output: bool | None = None,
+        inference_context=None,
+    ) -> Tensor:
+        """Per-token loss ``[b, s]`` with labels on the last stage, logits without, else hidden states.
+
+        ``tokens [b, s]``; ``position_ids [3, b, s]`` (MRoPE) or ``[b, s]``; media as flattened
+        patches ``[N, C*T*P*P]`` with one ``grid_thw`` row per image / video block;
+        ``attention_mask`` (bool, True = masked out) only for padded inference batches.
+        """
+        decoder_input = None
+        if self.pre_process:
+            decoder_input = self._embed(tokens, pixel_values, image_grid_thw, pixel_values_videos, video_grid_thw)
+        output = self.language(
+            tokens, position_ids, attention_mask, decoder_input=decoder_input, labels=labels,
+            packed_seq_params=packed_seq_params, runtime_gather_output=runtime_gather_output,
+            inference_context=inference_context,
+        )
+        if not self.post_process:
+            output = self.deepstack.attach_to_output(output)
+        return output
+
+    def _embed(self, tokens, pixel_values, image_grid_thw, pixel_values_videos, video_grid_thw) -> Tensor:
+        """Token embeddings with media features at their placeholders; DeepStack addends set."""
+        ids = self.model_cfg.token_ids
+        embeds = self.language.embedding(input_ids=tokens, position_ids=None)  # [s, b, h]
+        embeds = embeds.transpose(0, 1)  # [b, s, h]
+        media = [
+            (tokens == ids.image_token_id, pixel_values, image_grid_thw, "image", "<image_pad>"),
+            (tokens == ids.video_token_id, pixel_values_videos, video_grid_thw, "video", "<video_pad>"),
+        ]
+        addends = None
+        for mask, pixels, grid_thw, kind, token in media:
+            n_placeholders = int(mask.sum())
+            if pixels is None:
+                if n_placeholders:
+                    raise ValueError(
+                        f"{n_placeholders} {kind} placeholder tokens ({token}, id "
+                        f"{ids.image_token_id if kind == 'image' else ids.video_token_id}) but no "
+                        f"{kind} pixels in the batch; rows {_rows_with(mask)}"
+                    )
+                continue
+            if self.vision is None:
+                raise ValueError(f"the batch has {kind} pixels but model.vision is not configured")
+            features, deepstack = self.vision(pixels, grid_thw)  # [n, h], levels x [n, h]
+            if features.shape[0] != n_placeholders:
+                raise ValueError(
+                    f"{kind} features and placeholders differ: {features.shape[0]} features from "
+                    f"grid_thw {grid_thw.tolist()} but {n_placeholders} placeholder tokens ({token}) "
+                    f"in rows {_rows_with(mask)}; the sample's text and its media do not match"
+                )
+            mask3 = mask.unsqueeze(-1)
+            embeds = embeds.masked_scatter(mask3, features.to(embeds.dtype))
+            if deepstack:
+                if addends is None:
+                    addends = [embeds.new_zeros(embeds.shape) for _ in deepstack]
+                addends = [a.masked_scatter(mask3, f.to(a.dtype)) for a, f in zip(addends, deepstack)]
+        embeds = embeds.transpose(0, 1).contiguous()  # [s, b, h]
+        addends = [] if addends is None else [a.transpose(0, 1).contiguous() for a in addends]
+        if self.config.sequence_parallel:
+            embeds = tensor_parallel.scatter_to_sequence_parallel_region(embeds)
+            addends = [tensor_parallel.scatter_to_sequence_parallel_region(a) for a in addends]
+        self.deepstack.set_from_vision(addends)
+        return embeds
+
+
+def _rows_with(mask: Tensor) -> list[int]:
+    return mask.any(dim=-1).nonzero().flatten().tolist()
+
+
+def pipeline_seq_multiplier(model: ModelConfig, parallel: ParallelConfig) -> int:
+    """Factor on seq_length of the tensor sent between pipeline stages (DeepStack transport)."""
+    if model.vision is None:
+        return 1
+    levels = len(model.vision.deepstack_layers)
+    return 1 + late_levels(levels=levels, num_layers=model.language.num_layers, pp=parallel.pp, vpp=parallel.vpp)
