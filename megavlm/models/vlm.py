@@ -14,6 +14,7 @@ import torch
 from megatron.core import parallel_state, tensor_parallel
 from megatron.core.models.gpt import GPTModel
 from megatron.core.packed_seq_params import PackedSeqParams
+from megatron.core.transformer.enums import ModelType
 from megatron.core.transformer.module import MegatronModule
 from megatron.core.transformer.transformer_config import TransformerConfig
 from torch import Tensor
@@ -38,6 +39,7 @@ class VLMModel(MegatronModule):
         vp_stage: int | None = None,
     ):
         super().__init__(config=config)
+        self.model_type = ModelType.encoder_or_decoder  # read by megatron's pipeline schedules
         lm = model.language
         self.model_cfg = model
         self.pre_process = parallel_state.is_pipeline_first_stage(ignore_virtual=False, vp_stage=vp_stage)
@@ -84,6 +86,15 @@ class VLMModel(MegatronModule):
         for part in parts:
             for module in groups.get(part, []):
                 module.requires_grad_(False)
+
+    # megatron's finalize_model_grads all-reduces a tied embedding across the first and last
+    # pipeline stages through these two names.
+    @property
+    def share_embeddings_and_output_weights(self) -> bool:
+        return self.language.share_embeddings_and_output_weights
+
+    def shared_embedding_or_output_weight(self) -> torch.Tensor:
+        return self.language.shared_embedding_or_output_weight()
 
     def set_input_tensor(self, input_tensor) -> None:
         tensor = input_tensor[0] if isinstance(input_tensor, list) else input_tensor

@@ -311,18 +311,20 @@ class PEVisionModel(MegatronModule):
         x = self.conv1(images.to(self.conv1.weight.dtype))  # [n, h, gh, gw]
         x = x.flatten(2).transpose(1, 2)  # [n, s, h], s = gh * gw row-major
         x = x + self._position_embeddings(gh, gw)
-        if self.ln_pre is not None:
-            x = self.ln_pre(x)
         x = x.transpose(0, 1).contiguous()  # [s, n, h]
-        rope = pe_rope_angles(gh, gw, self.config.kv_channels, theta=self.rope_theta)
-        rope = rope.to(x.device)[:, None, None, :]  # [s, 1, 1, head_dim], shared by the n images
         if self.config.sequence_parallel:
             if (gh * gw) % self.config.tensor_model_parallel_size:
                 raise ValueError(
                     f"sequence parallelism splits the {gh}x{gw} patches of an image over "
                     f"tp={self.config.tensor_model_parallel_size} ranks: the patch count must divide evenly"
                 )
+            # Before ln_pre: its parameters carry the sequence-parallel mark (models/norms.py),
+            # so it must see only this rank's slice, like every norm inside the blocks.
             x = tensor_parallel.scatter_to_sequence_parallel_region(x)  # [s/tp, n, h]
+        if self.ln_pre is not None:
+            x = self.ln_pre(x)
+        rope = pe_rope_angles(gh, gw, self.config.kv_channels, theta=self.rope_theta)
+        rope = rope.to(x.device)[:, None, None, :]  # [s, 1, 1, head_dim], shared by the n images
         x = self.decoder(x, attention_mask=None, rotary_pos_emb=rope)  # [s(/tp), n, h]
         if self.config.sequence_parallel:
             # Whatever consumes the features (projector, decoder input) runs replicated on

@@ -102,6 +102,14 @@ class VisionModel(MegatronModule):
 
         return hook
 
+    def sharded_state_dict(self, prefix: str = "", sharded_offsets: tuple = (), metadata: dict | None = None):
+        # megatron's default recursion treats a plain ModuleList as replicated, which would
+        # lose the TP split of the DeepStack mergers' linears; describe each merger itself.
+        sd = super().sharded_state_dict(prefix, sharded_offsets, metadata)
+        for k, merger in enumerate(self.deepstack_mergers):
+            sd.update(merger.sharded_state_dict(f"{prefix}deepstack_mergers.{k}.", sharded_offsets, metadata))
+        return sd
+
     def projectors(self) -> list[torch.nn.Module]:
         return [self.merger, self.deepstack_mergers]
 
