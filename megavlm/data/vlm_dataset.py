@@ -63,7 +63,7 @@ class EncodedDataset:
 class PaddedDataset:
     """Rows padded on the right to ``seq_length`` (no loss on padding)."""
 
-    def __init__(self, source: EncodedDataset, *, seq_length: int, pad_token_id: int):
+    def __init__(self, source: Sequence[Batch], *, seq_length: int, pad_token_id: int):
         self.source = source
         self.seq_length = seq_length
         self.pad_token_id = pad_token_id

@@ -16,6 +16,7 @@ from megavlm.config import Config, data_parallel_size, dump_yaml, validate
 from megavlm.data.packing import PackedDataset
 from megavlm.data.sampler import micro_batches
 from megavlm.data.synthetic_text import SyntheticTextDataset
+from megavlm.data.vlm_dataset import PaddedDataset
 from megavlm.platform import device
 from megavlm.platform.distributed import initialize
 from megavlm.platform.launch import detect_dist_env
@@ -54,6 +55,8 @@ def _micro_batches(cfg: Config, consumed_samples: int):
     )
     if cfg.data.pack:
         dataset = PackedDataset(dataset, seq_length=cfg.data.seq_length)
+    else:
+        dataset = PaddedDataset(dataset, seq_length=cfg.data.seq_length, pad_token_id=0)
     return micro_batches(
         dataset,
         consumed_samples=consumed_samples,

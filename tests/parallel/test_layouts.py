@@ -18,9 +18,10 @@ import torch
 
 WORKER = Path(__file__).with_name("worker.py")
 LAUNCHES = {
-    1: ["ref", "ref_moe", "ref_packed", "ref_moe_no_aux"],
+    1: ["ref", "ref_moe", "ref_packed", "ref_moe_no_aux", "ref_sqrt_mb1", "ref_sqrt_mb2", "ref_sqrt_mb4",
+        "ref_per_token_mb1"],
     2: ["tp2", "pp2", "pp2_vpp2", "dp2", "dp2_distopt", "ep2_moe", "ep2_moe_allgather", "tp2_packed", "resume_dp2", "resume_pp2",
-        "reshard_tp2_to_pp2", "nan_skip", "vlm_logits_tp2", "vlm_logits_pp2", "vlm_moe_logits_ep2"],
+        "reshard_tp2_to_pp2", "nan_skip", "dp2_sqrt", "vlm_logits_tp2", "vlm_logits_pp2", "vlm_moe_logits_ep2"],
     4: ["tp2_pp2", "tp2_ep2_moe_no_aux"],
 }
 # the single-rank run each layout is compared with (default "ref")
@@ -29,6 +30,9 @@ REFERENCE_OF = {
     "ep2_moe_allgather": "ref_moe",
     "tp2_packed": "ref_packed",
     "tp2_ep2_moe_no_aux": "ref_moe_no_aux",
+    "ref_sqrt_mb2": "ref_sqrt_mb1",
+    "ref_sqrt_mb4": "ref_sqrt_mb1",
+    "dp2_sqrt": "ref_sqrt_mb1",
 }
 LOSS_TOL = GRAD_TOL = 1e-5
 PARAM_TOL = 1e-3
@@ -63,7 +67,7 @@ def _max_diff(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> float:
 @pytest.mark.parametrize(
     "layout",
     ["tp2", "pp2", "pp2_vpp2", "dp2", "dp2_distopt", "ep2_moe", "ep2_moe_allgather", "tp2_packed",
-     "tp2_pp2", "tp2_ep2_moe_no_aux"],
+     "tp2_pp2", "tp2_ep2_moe_no_aux", "ref_sqrt_mb2", "ref_sqrt_mb4", "dp2_sqrt"],
 )
 def test_layout_matches_single_rank(results, layout):
     """Losses of 3 steps, step-1 gradients and final parameters equal the 1-rank run."""
@@ -109,3 +113,9 @@ def test_vlm_logits_match_hf_in_parallel_layouts(results, name):
     diffs = _load(results, name)
     assert len(diffs) == 6, diffs
     assert max(diffs.values()) <= 1e-4, diffs
+
+
+def test_sqrt_normalization_weights_samples(results):
+    """The sqrt mode really reweights (its loss differs from per-token on the same data)."""
+    sqrt, per_token = _load(results, "ref_sqrt_mb1"), _load(results, "ref_per_token_mb1")
+    assert abs(sqrt["losses"][0] - per_token["losses"][0]) > 1e-4

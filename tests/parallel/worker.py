@@ -42,12 +42,21 @@ MOE = ["model.preset=qwen3-moe-tiny"]
 MOE_NO_AUX = MOE + ["model.language.moe.aux_loss_coeff=0.0"]
 PACKED = ["data.pack=true", "data.min_sample_length=6", "train.micro_batch_size=1"]
 
+# Square-root loss normalization over samples of different lengths (padded rows): the same
+# global batch as 1, 2 or 4 micro-batches, or over DP=2, must give one loss and one gradient.
+SQRT = ["train.loss_normalization=sqrt", "data.min_sample_length=6", "train.global_batch_size=4"]
+
 # scenario -> overrides (on top of BASE)
 LAYOUTS = {
     "ref": [],
     "ref_moe": MOE,
     "ref_packed": PACKED,
     "ref_moe_no_aux": MOE_NO_AUX,
+    "ref_sqrt_mb1": SQRT + ["train.micro_batch_size=4"],
+    "ref_sqrt_mb2": SQRT + ["train.micro_batch_size=2"],
+    "ref_sqrt_mb4": SQRT + ["train.micro_batch_size=1"],
+    "ref_per_token_mb1": SQRT[1:] + ["train.micro_batch_size=4"],
+    "dp2_sqrt": SQRT + ["train.micro_batch_size=1"],
     "tp2": ["parallel.tp=2", "parallel.sequence_parallel=true"],
     "pp2": ["parallel.pp=2"],
     "pp2_vpp2": ["parallel.pp=2", "parallel.vpp=2"],
