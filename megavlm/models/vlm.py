@@ -81,8 +81,8 @@ class VLMModel(MegatronModule):
     def _freeze(self, parts: list[str]) -> None:
         groups = {"language": [self.language]}
         if self.vision is not None:
-            groups["vision"] = [self.vision.encoder]
-            groups["projector"] = self.vision.projectors()
+            groups["vision"] = self.vision.encoder_parts()
+            groups["projector"] = self.vision.projector_parts()
         for part in parts:
             for module in groups.get(part, []):
                 module.requires_grad_(False)

@@ -5,8 +5,8 @@ from __future__ import annotations
 import torch.distributed as dist
 
 from megavlm.data.synthetic_text import SyntheticTextDataset
+from megavlm.inference.engine import Prompt
 from megavlm.inference.greedy import greedy_generate
-from megavlm.platform import device
 
 
 def print_synthetic_sample(trainer, *, prompt_length: int = 8, new_tokens: int = 8) -> None:
@@ -15,12 +15,11 @@ def print_synthetic_sample(trainer, *, prompt_length: int = 8, new_tokens: int =
     dataset = SyntheticTextDataset(
         vocab_size=cfg.model.language.vocab_size, seq_length=prompt_length + new_tokens, seed=cfg.data.seed + 1
     )
-    truth = dataset[0].tokens.to(device.device())
-    out = greedy_generate(trainer.model, truth[:, :prompt_length], max_new_tokens=new_tokens,
-                          vocab_size=cfg.model.language.vocab_size)
+    truth = dataset[0].tokens[0]
+    out = greedy_generate(trainer.model, Prompt(tokens=truth[:prompt_length]), max_new_tokens=new_tokens)
     if dist.get_rank() == 0:
-        generated, expected = out[0, prompt_length:].tolist(), truth[0, prompt_length:].tolist()
+        generated, expected = out.tolist(), truth[prompt_length:].tolist()
         correct = sum(g == e for g, e in zip(generated, expected))
-        print(f"sample: prompt   {truth[0, :prompt_length].tolist()}", flush=True)
+        print(f"sample: prompt   {truth[:prompt_length].tolist()}", flush=True)
         print(f"sample: model    {generated}", flush=True)
         print(f"sample: expected {expected}  ({correct}/{new_tokens} tokens right)", flush=True)

@@ -110,7 +110,10 @@ class VisionModel(MegatronModule):
             sd.update(merger.sharded_state_dict(f"{prefix}deepstack_mergers.{k}.", sharded_offsets, metadata))
         return sd
 
-    def projectors(self) -> list[torch.nn.Module]:
+    def encoder_parts(self) -> list[torch.nn.Module]:
+        return [self.patch_embed, self.pos_embed, self.encoder]
+
+    def projector_parts(self) -> list[torch.nn.Module]:
         return [self.merger, self.deepstack_mergers]
 
     def forward(self, pixel_values: Tensor, grid_thw: Tensor) -> tuple[Tensor, list[Tensor]]:

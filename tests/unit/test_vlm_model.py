@@ -1,0 +1,42 @@
+"""VLMModel building blocks that need no HF reference: freezing, validation, DeepStack layout."""
+
+from __future__ import annotations
+
+import pytest
+from megatron.core.utils import unwrap_model
+
+from megavlm.config import ConfigError, load_config, validate
+from megavlm.models.deepstack import late_levels
+from megavlm.models.vlm import pipeline_seq_multiplier
+from megavlm.training.model_setup import build_model_chunks
+
+
+@pytest.mark.usefixtures("single_rank_megatron")
+def test_stage0_freezing_trains_only_the_projector():
+    """Qwen3-VL stage 0: ViT and decoder frozen, the mergers (main and DeepStack) train."""
+    cfg = load_config(None, ["model.preset=qwen3vl-tiny", "model.freeze=[vision, language]"])
+    (chunk,), _ = build_model_chunks(cfg)
+    model = unwrap_model(chunk)
+    trainable = {n.split(".")[1] for n, p in model.named_parameters() if p.requires_grad}
+    assert trainable == {"merger", "deepstack_mergers"}
+    assert all(not p.requires_grad for p in model.language.parameters())
+
+
+@pytest.mark.parametrize("override, message", [
+    ("model.rope.mrope_section=[4,2,1]", "must sum to model.language.head_dim / 2 (8)"),
+    ("model.vision.deepstack_layers=[1,2,9]", "deepstack_layers [9] are not ViT blocks 0..3"),
+    ("model.freeze=[vision, decoder]", "model.freeze: 'decoder' is not one of vision, projector, language"),
+    ("model.vision.num_attention_heads=3", "model.vision.num_attention_heads (3) must be a multiple of parallel.tp (2)"),
+])
+def test_vlm_config_errors_name_the_key(override, message):
+    cfg = load_config(None, ["model.preset=qwen3vl-tiny", "parallel.tp=2", override])
+    with pytest.raises(ConfigError, match=message.replace("[", r"\[").replace("]", r"\]").replace("(", r"\(").replace(")", r"\)")):
+        validate(cfg, world_size=2)
+
+
+def test_deepstack_levels_travel_only_when_a_target_layer_is_past_the_first_stage():
+    assert late_levels(levels=3, num_layers=36, pp=4, vpp=None) == 0  # 9 layers on stage 0
+    assert late_levels(levels=3, num_layers=4, pp=2, vpp=None) == 1  # layer 2 is on stage 1
+    assert late_levels(levels=3, num_layers=8, pp=2, vpp=4) == 2  # one layer per virtual chunk
+    cfg = load_config(None, ["model.preset=qwen3vl-tiny", "parallel.pp=2"])
+    assert pipeline_seq_multiplier(cfg.model, cfg.parallel) == 2
