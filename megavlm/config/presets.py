@@ -37,6 +37,34 @@ def _qwen3vl(language: ModelConfig, vision: VisionConfig) -> ModelConfig:
     )
 
 
+def pe_lang_g14() -> VisionConfig:
+    """PE-lang G/14 as used by STEP3-VL-10B: 1.74B parameters, 52 x 52 patches at 728 px.
+
+    Shapes from REFERENCE 5 and perception_models' ``PE-Lang-G14-448`` (width 1536, 47 layers,
+    16 heads, MLP 8960 = mlp_ratio 8960/1536, LayerScale 0.1, ln_pre on, ln_post off, no CLS).
+    STEP3-VL runs it at image_size 728, so its position table is 728/14 = 52 per side (the
+    448-px PE release has 32); activation quick_gelu and image_size 728 are the defaults of
+    StepFun's PE vision-encoder configs (``Step3p6VisionEncoderConfig``), not read from the
+    STEP3-VL-10B checkpoint itself: the importer should check both against its config.json.
+    """
+    return VisionConfig(
+        kind="pe",
+        num_layers=47,
+        hidden_size=1536,
+        ffn_hidden_size=8960,
+        num_attention_heads=16,
+        patch_size=14,
+        temporal_patch_size=1,
+        in_channels=3,
+        position_embedding_size=52,
+        activation="quick_gelu",
+        norm_eps=1e-5,
+        rope_theta=10000.0,
+        layerscale_init=0.1,
+        ln_pre=True,
+    )
+
+
 _PRESETS: dict[str, Callable[[], ModelConfig]] = {
     "qwen3-0.6b": lambda: _qwen3(
         num_layers=28, hidden_size=1024, ffn_hidden_size=3072,
@@ -89,10 +117,24 @@ _PRESETS: dict[str, Callable[[], ModelConfig]] = {
         get("qwen3-30b-a3b"),
         _qwen3vl_vit(num_layers=27, hidden_size=1152, ffn_hidden_size=4304, deepstack_layers=[8, 16, 24]),
     ),
+    # STEP3-VL-10B (REFERENCE 5): PE-lang G/14 at 728 px, two stride-2 convs, Qwen3-8B decoder
+    # with plain 1D RoPE. The special-token ids (<im_patch> ...) come from its tokenizer.
+    "step3vl-10b": lambda: dataclasses.replace(
+        get("qwen3-8b"), vision=pe_lang_g14(), projector=ProjectorConfig(kind="conv_downsample"),
+        rope=RopeConfig(kind="rope"),
+    ),
     # Tiny VLMs for tests and the CPU demo; the vocabulary and special-token ids are those of
     # the synthetic tokenizer (megavlm.data.tokenizer.synthetic_tokenizer).
     "qwen3vl-tiny": lambda: _tiny_vlm(get("qwen3-tiny")),
     "qwen3vl-moe-tiny": lambda: _tiny_vlm(get("qwen3-moe-tiny")),
+    "step3vl-tiny": lambda: dataclasses.replace(
+        _tiny_vlm(get("qwen3-tiny")),
+        vision=dataclasses.replace(
+            pe_lang_g14(), num_layers=2, hidden_size=64, ffn_hidden_size=128, num_attention_heads=4,
+            position_embedding_size=8,
+        ),
+        projector=ProjectorConfig(kind="conv_downsample"), rope=RopeConfig(kind="rope"),
+    ),
 }
 
 

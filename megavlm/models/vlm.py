@@ -24,6 +24,7 @@ from megavlm.models.deepstack import DeepStackInjector, late_levels
 from megavlm.models.language.specs import qwen3_block_spec
 from megavlm.models.rope import multimodal_rotary_embedding
 from megavlm.models.vision.qwen3vl import VisionModel, build_vision_model
+from megavlm.models.vision.step3 import Step3VisionModel, build_step3_vision_model
 
 
 class VLMModel(MegatronModule):
@@ -65,12 +66,17 @@ class VLMModel(MegatronModule):
             self.language.rotary_pos_emb = multimodal_rotary_embedding(
                 model.rope.kind, kv_channels=lm.head_dim, rotary_base=lm.rope_theta,
             )
-        self.vision: VisionModel | None = None
+        self.vision: VisionModel | Step3VisionModel | None = None
         if self.pre_process and model.vision is not None:
-            self.vision = build_vision_model(
-                model.vision, model.projector, lm.hidden_size, parallel,
-                dtype=config.params_dtype, use_te=use_te,
-            )
+            if model.vision.kind == "pe":
+                self.vision = build_step3_vision_model(
+                    model.vision, lm.hidden_size, parallel, dtype=config.params_dtype, use_te=use_te,
+                )
+            else:
+                self.vision = build_vision_model(
+                    model.vision, model.projector, lm.hidden_size, parallel,
+                    dtype=config.params_dtype, use_te=use_te,
+                )
         levels = len(model.vision.deepstack_layers) if model.vision else 0
         self.deepstack = DeepStackInjector(
             self.language.decoder.layers, levels=levels,

@@ -80,7 +80,7 @@ def reference_rope(q: torch.Tensor, gh: int, gw: int, theta: float) -> torch.Ten
     hd = q.shape[-1]
     inv = 1.0 / theta ** (torch.arange(hd // 4, dtype=torch.float32) * 2 / (hd // 2))
     rows, cols = torch.meshgrid(torch.arange(gh), torch.arange(gw), indexing="ij")
-    angle = torch.cat([cols.reshape(-1, 1) * inv, rows.reshape(-1, 1) * inv], dim=-1)  # [s, hd/2]
+    angle = torch.cat([cols.reshape(-1, 1) * inv, rows.reshape(-1, 1) * inv], dim=-1).to(q.device)  # [s, hd/2]
     pairs = torch.view_as_complex(q.float().reshape(*q.shape[:-1], hd // 2, 2).contiguous())
     return torch.view_as_real(pairs * torch.polar(torch.ones_like(angle), angle)).flatten(-2)
 

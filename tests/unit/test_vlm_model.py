@@ -40,3 +40,28 @@ def test_deepstack_levels_travel_only_when_a_target_layer_is_past_the_first_stag
     assert late_levels(levels=3, num_layers=8, pp=2, vpp=4) == 2  # one layer per virtual chunk
     cfg = load_config(None, ["model.preset=qwen3vl-tiny", "parallel.pp=2"])
     assert pipeline_seq_multiplier(cfg.model, cfg.parallel) == 2
+
+
+@pytest.mark.usefixtures("single_rank_megatron")
+def test_step3vl_views_reach_their_placeholders():
+    """STEP3-VL: PE + conv downsampler, 1D RoPE. Two views (8x8 and 4x4 patches) give 4 + 1
+    tokens in placeholder order; each view's pixels change only the logits after its tokens."""
+    import torch
+
+    cfg = load_config(None, ["model.preset=step3vl-tiny"])
+    (chunk,), _ = build_model_chunks(cfg)
+    model = unwrap_model(chunk).eval()
+    img = cfg.model.token_ids.image_token_id
+    tokens = torch.tensor([[7, 8] + [img] * 4 + [9, 10] + [img] + [11, 12]])
+    positions = torch.arange(tokens.shape[1])[None]
+    grid = torch.tensor([[1, 8, 8], [1, 4, 4]])
+    pixels = torch.randn(64 + 16, 3 * 14 * 14, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        base = model(tokens, positions, pixel_values=pixels, image_grid_thw=grid)
+        changed = pixels.clone()
+        changed[64:] += 1.0  # the second view only
+        other = model(tokens, positions, pixel_values=changed, image_grid_thw=grid)
+    diff = (base - other).abs().amax(dim=-1)[0]
+    assert diff[:8].max() == 0 and diff[8:].min() > 0
+    with pytest.raises(ValueError, match="image features and placeholders differ: 5 features"):
+        model(tokens[:, :-3], positions[:, :-3], pixel_values=pixels, image_grid_thw=grid)

@@ -15,28 +15,27 @@ The one addition is LayerScale, see :class:`LayerScaleBiasDropoutAdd`.
 
 from __future__ import annotations
 
-from typing import Callable
+import dataclasses
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
 from megatron.core import tensor_parallel
 from megatron.core.fusions.fused_bias_dropout import get_bias_dropout_add
-from megatron.core.transformer.attention import SelfAttention, SelfAttentionSubmodules
 from megatron.core.transformer.enums import AttnMaskType
-from megatron.core.transformer.identity_op import IdentityOp
-from megatron.core.transformer.mlp import MLP, MLPSubmodules
 from megatron.core.transformer.module import MegatronModule
 from megatron.core.transformer.spec_utils import ModuleSpec
 from megatron.core.transformer.transformer_block import TransformerBlock, TransformerBlockSubmodules
 from megatron.core.transformer.transformer_config import TransformerConfig
-from megatron.core.transformer.transformer_layer import TransformerLayer, TransformerLayerSubmodules
 from torch import Tensor
 
 from megavlm.config.schema import ParallelConfig
+from megavlm.config.presets import pe_lang_g14
 from megavlm.config.vision import VisionConfig
-from megavlm.models.language.specs import backend_provider
+from megavlm.models.language.specs import backend_provider, prenorm_layer_spec
 from megavlm.models.norms import Norm
 from megavlm.models.vision.pe_rope import pe_rope_angles
+from megavlm.models.vision.qwen3vl import ACTIVATIONS, vision_transformer_config
 
 __all__ = [
     "LayerScaleBiasDropoutAdd",
@@ -46,34 +45,6 @@ __all__ = [
     "pe_num_parameters",
     "pe_transformer_config",
 ]
-
-
-def pe_lang_g14() -> VisionConfig:
-    """PE-lang G/14 as used by STEP3-VL-10B: 1.74B parameters, 52 x 52 patches at 728 px.
-
-    Shapes from REFERENCE 5 and perception_models' ``PE-Lang-G14-448`` (width 1536, 47 layers,
-    16 heads, MLP 8960 = mlp_ratio 8960/1536, LayerScale 0.1, ln_pre on, ln_post off, no CLS).
-    STEP3-VL runs it at image_size 728, so its position table is 728/14 = 52 per side (the
-    448-px PE release has 32); activation quick_gelu and image_size 728 are the defaults of
-    StepFun's PE vision-encoder configs (``Step3p6VisionEncoderConfig``), not read from the
-    STEP3-VL-10B checkpoint itself: the importer should check both against its config.json.
-    """
-    return VisionConfig(
-        kind="pe",
-        num_layers=47,
-        hidden_size=1536,
-        ffn_hidden_size=8960,
-        num_attention_heads=16,
-        patch_size=14,
-        temporal_patch_size=1,
-        in_channels=3,
-        position_embedding_size=52,
-        activation="quick_gelu",
-        norm_eps=1e-5,
-        rope_theta=10000.0,
-        layerscale_init=0.1,
-        ln_pre=True,
-    )
 
 
 def pe_num_parameters(vision: VisionConfig) -> int:
@@ -91,23 +62,6 @@ def pe_num_parameters(vision: VisionConfig) -> int:
     return vision.num_layers * per_layer + embed + (2 * h if vision.ln_pre else 0)
 
 
-def quick_gelu(x: Tensor) -> Tensor:
-    """``x * sigmoid(1.702 x)`` (CLIP). megatron's own is wrapped in ``torch.compile``, which
-    on CPU means compiling C++ at first use; this is the same formula, eager."""
-    return x * torch.sigmoid(1.702 * x)
-
-
-def _gelu_tanh(x: Tensor) -> Tensor:
-    return F.gelu(x, approximate="tanh")
-
-
-_ACTIVATIONS: dict[str, Callable[[Tensor], Tensor]] = {
-    "gelu": F.gelu,  # exact (erf) GELU, as nn.GELU() in the PE reference
-    "quick_gelu": quick_gelu,
-    "gelu_tanh": _gelu_tanh,
-}
-
-
 def pe_transformer_config(
     vision: VisionConfig,
     parallel: ParallelConfig | None = None,
@@ -116,51 +70,21 @@ def pe_transformer_config(
     use_te: bool = False,
     init_std: float = 0.02,
 ) -> TransformerConfig:
-    """megatron-core's TransformerConfig for the PE blocks under the given TP / SP layout.
+    """The ViT TransformerConfig shared with Qwen3-VL, with the three settings PE depends on.
 
-    The encoder is never split by pipeline or context parallelism (it lives whole on the first
-    pipeline stage, and one image is far shorter than a CP shard), so those degrees are 1.
+    - ``rotary_interleaved=True``: PE's GPT-J rotary pairs (see ``pe_rope``).
+    - ``bias_activation_fusion=False``: megatron's fused bias+GELU is the tanh approximation
+      whatever ``activation_func`` says (``fusions/fused_bias_gelu.py``), which would silently
+      replace PE's exact GELU; it also refuses quick_gelu without GLU.
+    - ``sequence_parallel`` follows ``parallel``: one image is a full ``[s, n, h]`` sequence, so
+      the blocks can split it like the decoder does (see ``PEVisionModel.forward``).
     """
-    if vision.activation not in _ACTIVATIONS:
-        raise ValueError(
-            f"model.vision.activation={vision.activation!r} is not one of {sorted(_ACTIVATIONS)}"
-        )
+    if vision.activation not in ACTIVATIONS:
+        raise ValueError(f"model.vision.activation={vision.activation!r} is not one of {sorted(ACTIVATIONS)}")
     parallel = parallel or ParallelConfig()
-    return TransformerConfig(
-        num_layers=vision.num_layers,
-        hidden_size=vision.hidden_size,
-        ffn_hidden_size=vision.ffn_hidden_size,
-        num_attention_heads=vision.num_attention_heads,
-        num_query_groups=vision.num_attention_heads,
-        kv_channels=vision.hidden_size // vision.num_attention_heads,
-        normalization="LayerNorm",
-        layernorm_epsilon=vision.norm_eps,
-        add_bias_linear=True,
-        add_qkv_bias=True,
-        gated_linear_unit=False,
-        activation_func=_ACTIVATIONS[vision.activation],
-        # PE's GPT-J rotary pairs (see pe_rope); angles are passed in, one table per grid.
-        rotary_interleaved=True,
-        apply_rope_fusion=False,
-        hidden_dropout=0.0,
-        attention_dropout=0.0,
-        init_method_std=init_std,
-        tensor_model_parallel_size=parallel.tp,
-        sequence_parallel=parallel.sequence_parallel,
-        pipeline_model_parallel_size=1,
-        context_parallel_size=1,
-        params_dtype=dtype,
-        pipeline_dtype=dtype,
-        bf16=dtype == torch.bfloat16,
-        use_cpu_initialization=not torch.cuda.is_available(),
-        # megatron's fused bias+GELU is the tanh approximation whatever activation_func says
-        # (fusions/fused_bias_gelu.py), which would silently change PE's exact GELU; and it
-        # refuses quick_gelu without GLU. Keep the plain activation.
-        bias_activation_fusion=False,
-        bias_dropout_fusion=use_te,
-        masked_softmax_fusion=use_te,
-        gradient_accumulation_fusion=use_te,
-        persist_layer_norm=use_te,
+    base = vision_transformer_config(vision, parallel, dtype=dtype, use_te=use_te, init_std=init_std)
+    return dataclasses.replace(
+        base, rotary_interleaved=True, bias_activation_fusion=False, sequence_parallel=parallel.sequence_parallel
     )
 
 
@@ -186,7 +110,7 @@ class LayerScaleBiasDropoutAdd(torch.nn.Module):
         self.layer_scale = torch.nn.Parameter(
             torch.full((config.hidden_size,), float(init_value), dtype=config.params_dtype)
         )
-        setattr(self.layer_scale, "sequence_parallel", config.sequence_parallel)
+        self.layer_scale.sequence_parallel = config.sequence_parallel
 
     def forward(self, training: bool, fused: bool) -> Callable:
         bda = get_bias_dropout_add(training, fused)
@@ -200,51 +124,15 @@ class LayerScaleBiasDropoutAdd(torch.nn.Module):
 
 
 def pe_layer_spec(config: TransformerConfig, *, layerscale_init: float | None, use_te: bool) -> ModuleSpec:
-    """One PE block: pre-LayerNorm, biased QKV with 2D RoPE, full attention, biased MLP.
-
-    With TE the norms are fused into the following linears; the local spec maps its separate
-    norm keys onto those fused names (as the decoder spec does), so checkpoints move between
-    CPU and GPU runs unchanged.
-    """
-    backend = backend_provider(use_te=use_te)
-    fused = backend.fuse_layernorm_and_linear()
-    norm = backend.layer_norm(rms_norm=False, for_qk=False)
-    if layerscale_init is None:
-        bda = get_bias_dropout_add
-    else:
-        bda = ModuleSpec(module=LayerScaleBiasDropoutAdd, params={"config": config, "init_value": layerscale_init})
-    keys_map = {}
-    if not fused:
-        keys_map = {
-            "input_layernorm.": "self_attention.linear_qkv.layer_norm_",
-            "pre_mlp_layernorm.": "mlp.linear_fc1.layer_norm_",
-        }
-    linear_in = backend.column_parallel_layer_norm_linear() if fused else backend.column_parallel_linear()
-    return ModuleSpec(
-        module=TransformerLayer,
-        submodules=TransformerLayerSubmodules(
-            input_layernorm=IdentityOp if fused else norm,
-            self_attention=ModuleSpec(
-                module=SelfAttention,
-                params={"attn_mask_type": AttnMaskType.no_mask},  # every patch sees its whole image
-                submodules=SelfAttentionSubmodules(
-                    linear_qkv=linear_in,
-                    core_attention=backend.core_attention(),
-                    linear_proj=backend.row_parallel_linear(),
-                    q_layernorm=IdentityOp,
-                    k_layernorm=IdentityOp,
-                ),
-            ),
-            self_attn_bda=bda,
-            pre_mlp_layernorm=IdentityOp if fused else norm,
-            mlp=ModuleSpec(
-                module=MLP,
-                submodules=MLPSubmodules(linear_fc1=linear_in, linear_fc2=backend.row_parallel_linear()),
-            ),
-            mlp_bda=bda,
-            sharded_state_dict_keys_map=keys_map,
-        ),
+    """One PE block: the shared pre-LayerNorm layer (biased QKV and MLP, TE-compatible keys)
+    with full attention (every patch sees its whole image) and LayerScale in the bda slots."""
+    spec = prenorm_layer_spec(
+        backend_provider(use_te=use_te), rms_norm=False, qk_norm=False, attn_mask_type=AttnMaskType.no_mask
     )
+    if layerscale_init is None:
+        return spec
+    bda = ModuleSpec(module=LayerScaleBiasDropoutAdd, params={"config": config, "init_value": layerscale_init})
+    return dataclasses.replace(spec, submodules=dataclasses.replace(spec.submodules, self_attn_bda=bda, mlp_bda=bda))
 
 
 class PEVisionModel(MegatronModule):
@@ -297,7 +185,7 @@ class PEVisionModel(MegatronModule):
         """``[grid_h * grid_w, hidden]``: the table, bilinearly resampled (half-pixel centers)."""
         if (grid_h, grid_w) == (self.grid, self.grid):
             return self.position_embeddings
-        table = self.position_embeddings.view(1, self.grid, self.grid, -1).permute(0, 3, 1, 2)  # [1, h, P, P]
+        table = self.position_embeddings.view(1, self.grid, self.grid, -1).permute(0, 3, 1, 2)  # [1, hidden, P, P]
         table = F.interpolate(table, size=(grid_h, grid_w), mode="bilinear", align_corners=False)
         return table[0].permute(1, 2, 0).reshape(grid_h * grid_w, -1)
 
@@ -308,27 +196,28 @@ class PEVisionModel(MegatronModule):
         if height % p or width % p:
             raise ValueError(f"PE needs image sides that are multiples of patch_size={p}, got {height}x{width}")
         gh, gw = height // p, width // p
-        x = self.conv1(images.to(self.conv1.weight.dtype))  # [n, h, gh, gw]
-        x = x.flatten(2).transpose(1, 2)  # [n, s, h], s = gh * gw row-major
+        x = self.conv1(images.to(self.conv1.weight.dtype))  # [n, hidden, gh, gw]
+        x = x.flatten(2).transpose(1, 2)  # [n, s, hidden], s = gh * gw row-major
         x = x + self._position_embeddings(gh, gw)
-        x = x.transpose(0, 1).contiguous()  # [s, n, h]
+        x = x.transpose(0, 1).contiguous()  # [s, n, hidden]
         if self.config.sequence_parallel:
             if (gh * gw) % self.config.tensor_model_parallel_size:
                 raise ValueError(
                     f"sequence parallelism splits the {gh}x{gw} patches of an image over "
-                    f"tp={self.config.tensor_model_parallel_size} ranks: the patch count must divide evenly"
+                    f"parallel.tp={self.config.tensor_model_parallel_size} ranks: use image sizes whose "
+                    "patch count is a multiple of parallel.tp, or set parallel.sequence_parallel=false"
                 )
             # Before ln_pre: its parameters carry the sequence-parallel mark (models/norms.py),
             # so it must see only this rank's slice, like every norm inside the blocks.
-            x = tensor_parallel.scatter_to_sequence_parallel_region(x)  # [s/tp, n, h]
+            x = tensor_parallel.scatter_to_sequence_parallel_region(x)  # [s/tp, n, hidden]
         if self.ln_pre is not None:
             x = self.ln_pre(x)
-        rope = pe_rope_angles(gh, gw, self.config.kv_channels, theta=self.rope_theta)
-        rope = rope.to(x.device)[:, None, None, :]  # [s, 1, 1, head_dim], shared by the n images
-        x = self.decoder(x, attention_mask=None, rotary_pos_emb=rope)  # [s(/tp), n, h]
+        rope = pe_rope_angles(gh, gw, self.config.kv_channels, theta=self.rope_theta, device=x.device)
+        rope = rope[:, None, None, :]  # [s, 1, 1, head_dim], shared by the n images
+        x = self.decoder(x, attention_mask=None, rotary_pos_emb=rope)  # [s(/tp), n, hidden]
         if self.config.sequence_parallel:
             # Whatever consumes the features (projector, decoder input) runs replicated on
             # every TP rank and sends back identical gradients: backward keeps this rank's
             # slice rather than summing the TP copies.
             x = tensor_parallel.gather_from_sequence_parallel_region(x, tensor_parallel_output_grad=False)
-        return x.transpose(0, 1).reshape(n, gh, gw, -1)  # [n, gh, gw, h]
+        return x.transpose(0, 1).reshape(n, gh, gw, -1)  # [n, gh, gw, hidden]

@@ -20,7 +20,7 @@ import torch
 from torch import Tensor
 
 
-def pe_inv_freq(head_dim: int, theta: float = 10000.0) -> Tensor:
+def pe_inv_freq(head_dim: int, theta: float = 10000.0, device: torch.device | None = None) -> Tensor:
     """``[head_dim / 4]`` inverse frequencies of one axis (PE's ``RotaryEmbedding(head_dim // 2)``)."""
     if head_dim % 4:
         raise ValueError(
@@ -28,19 +28,21 @@ def pe_inv_freq(head_dim: int, theta: float = 10000.0) -> Tensor:
             "change model.vision.hidden_size or num_attention_heads"
         )
     d = head_dim // 2
-    return 1.0 / theta ** (torch.arange(0, d, 2, dtype=torch.float32) / d)
+    return 1.0 / theta ** (torch.arange(0, d, 2, dtype=torch.float32, device=device) / d)
 
 
-def pe_rope_angles(grid_h: int, grid_w: int, head_dim: int, *, theta: float = 10000.0) -> Tensor:
+def pe_rope_angles(
+    grid_h: int, grid_w: int, head_dim: int, *, theta: float = 10000.0, device: torch.device | None = None
+) -> Tensor:
     """Rotary angles ``[grid_h * grid_w, head_dim]`` (fp32) for patches in row-major order.
 
     Channel ``c < head_dim/2`` of patch ``(r, col)`` rotates by ``col * inv[c // 2]``; channel
-    ``head_dim/2 + c`` by ``r * inv[c // 2]``. fp32 arithmetic in PE's order, so the angles
-    are bitwise those the checkpoints were trained with.
+    ``head_dim/2 + c`` by ``r * inv[c // 2]``. The same fp32 operations as PE's ``rope.py``,
+    so the angles are those its checkpoints were trained with.
     """
-    inv = pe_inv_freq(head_dim, theta)  # [hd/4]
-    x = torch.arange(grid_w, dtype=torch.float32)[:, None] * inv  # [w, hd/4]
-    y = torch.arange(grid_h, dtype=torch.float32)[:, None] * inv  # [h, hd/4]
+    inv = pe_inv_freq(head_dim, theta, device)  # [hd/4]
+    x = torch.arange(grid_w, dtype=torch.float32, device=device)[:, None] * inv  # [w, hd/4]
+    y = torch.arange(grid_h, dtype=torch.float32, device=device)[:, None] * inv  # [h, hd/4]
     x = x.repeat_interleave(2, dim=-1)  # [w, hd/2]: GPT-J pairs share one angle
     y = y.repeat_interleave(2, dim=-1)  # [h, hd/2]
     angles = torch.cat(

@@ -1,0 +1,328 @@
+"""Video decoding (DALI CPU + PyAV fallback), HF-exact frame sampling/timestamps/resize rule,
+and per-video error isolation.
+
+Test videos are made here with PyAV: 64 x 48, 3 s at 10 fps (30 frames), a 6 x 6 white square
+on grey moving 2 px right per frame, so a decoded frame's square position names its index.
+VP9/WebM goes through DALI's CPU decoder, H.264/MP4 through PyAV (DALI's CPU decoder takes
+only VP8, VP9 and MJPEG).
+
+Tolerances, measured here (DALI 2.4, PyAV 18.1 with its bundled FFmpeg):
+* square centroid vs 2 * index + 2.5: exact (0.0 px) for both codecs; asserted <= 1 px.
+* DALI vs PyAV decoding the same VP9 stream (their YUV -> RGB conversions round differently):
+  mean |d| 0.99, max 1 uint8 step; asserted mean < 2, max <= 8.
+* Qwen3-VL patches vs an HF-equivalent reference on the same uint8 frames (torch bicubic
+  antialias, clamp, round: what torchvision's tensor resize does inside HF's video processor;
+  then image_rules.patchify): max |d| 6e-8 (float rounding only) for the 48 -> 64 upscale, a
+  2x downscale and a 2x upscale; asserted mean < 0.002, max < 0.008 (one uint8 step is
+  0.0078), since other content may round one step apart.
+"""
+
+from __future__ import annotations
+
+import io
+import os
+
+import numpy as np
+import pytest
+import torch
+
+pytest.importorskip("nvidia.dali")
+av = pytest.importorskip("av")
+
+from megavlm.data import image_rules as R
+from megavlm.data.dali_images import DecodeError
+from megavlm.data.video import (
+    DecodedVideo,
+    VideoDecodeError,
+    VideoDecoder,
+    build_pipeline,
+    decode_frames_pyav,
+    format_timestamp,
+    pair_timestamps,
+    probe_video,
+    sample_frame_indices,
+    select_backend,
+    video_max_pixels,
+    video_smart_resize,
+)
+
+W, H, FPS, N = 64, 48, 10, 30
+SQ = 6  # square side; x = 2 * i, so its centroid column is 2 * i + 2.5
+EXPECTED_INDICES = [0, 6, 12, 17, 23, 29]  # HF: int(30 / 10 * 2) = 6 frames
+EXPECTED_TIMESTAMPS = [0.3, 1.45, 2.5999999999999996]  # HF's float arithmetic, bit for bit
+
+
+def _frame(i: int) -> np.ndarray:
+    a = np.full((H, W, 3), 60, np.uint8)
+    a[20 : 20 + SQ, 2 * i : 2 * i + SQ] = 230
+    return a
+
+
+def _encode(codec: str, fmt: str, options: dict | None = None) -> bytes:
+    buf = io.BytesIO()
+    with av.open(buf, "w", format=fmt) as c:
+        s = c.add_stream(codec, rate=FPS)
+        s.width, s.height, s.pix_fmt = W, H, "yuv420p"
+        s.options = options or {}
+        for i in range(N):
+            for p in s.encode(av.VideoFrame.from_ndarray(_frame(i), format="rgb24")):
+                c.mux(p)
+        for p in s.encode():
+            c.mux(p)
+    return buf.getvalue()
+
+
+@pytest.fixture(scope="module")
+def vp9():
+    return _encode("libvpx-vp9", "webm", {"crf": "20", "b:v": "0"})
+
+
+@pytest.fixture(scope="module")
+def h264():
+    return _encode("libx264", "mp4", {"crf": "18"})
+
+
+@pytest.fixture(scope="module")
+def raw():
+    return VideoDecoder(mode="frames", device="cpu", batch_size=4)
+
+
+@pytest.fixture(scope="module")
+def qwen():
+    return VideoDecoder(mode="qwen3vl", device="cpu", batch_size=4)
+
+
+def _square_x(frame: np.ndarray) -> float:
+    cols = frame[20 : 20 + SQ].astype(np.float32).mean(axis=(0, 2))  # [W]
+    bright = np.nonzero(cols > 145)[0]
+    return float(bright.mean())
+
+
+# --- pure rules vs HF ---------------------------------------------------------------------------
+
+# (total frames, video fps): short clips below min_frames, 1 frame, NTSC rates, the 768 cap,
+# sub-1 fps, and a high-fps clip
+SAMPLING_CASES = [(30, 10), (1, 30), (3, 10), (4, 25), (5, 24), (59, 29.97), (100, 23.976), (301, 30),
+                  (7200, 30), (100000, 60), (12, 0.5), (2000, 1000 / 33), (17, 2), (9, 120)]
+
+
+@pytest.mark.parametrize("total,fps", SAMPLING_CASES)
+def test_sampling_and_timestamps_match_hf(total, fps):
+    """Indices equal HF's sample_frames; pair timestamps and their text equal HF's processor's."""
+    from transformers.models.qwen3_vl.processing_qwen3_vl import Qwen3VLProcessor
+    from transformers.models.qwen3_vl.video_processing_qwen3_vl import (
+        Qwen3VLVideoProcessor,
+    )
+    from transformers.video_utils import VideoMetadata
+
+    hf = Qwen3VLVideoProcessor().sample_frames(VideoMetadata(total_num_frames=total, fps=fps))
+    ours = sample_frame_indices(total, fps)
+    np.testing.assert_array_equal(ours, hf)
+    hf_ts = Qwen3VLProcessor._calculate_timestamps(None, hf, fps, 2)
+    assert pair_timestamps(ours, fps) == hf_ts  # exact floats
+    assert [format_timestamp(t) for t in pair_timestamps(ours, fps)] == [f"<{t:.1f} seconds>" for t in hf_ts]
+
+
+def test_sampling_num_frames_matches_hf():
+    """A fixed frame count (fps=None) is HF's path too, duplicates for short clips included."""
+    from transformers.models.qwen3_vl.video_processing_qwen3_vl import (
+        Qwen3VLVideoProcessor,
+    )
+    from transformers.video_utils import VideoMetadata
+
+    for total, n in [(10, 16), (100, 16), (7, 4)]:
+        meta = VideoMetadata(total_num_frames=total, fps=30)
+        hf = Qwen3VLVideoProcessor().sample_frames(meta, num_frames=n, fps=None)
+        np.testing.assert_array_equal(sample_frame_indices(total, 30, fps=None, num_frames=n), hf)
+
+
+def test_format_timestamp_styles():
+    assert format_timestamp(0.25) == "<0.2 seconds>"  # Python's round-half-even on the float, as HF
+    assert format_timestamp(1.45) == "<1.4 seconds>"  # 1.45 is 1.4499999... in binary
+    assert format_timestamp(3725.9, "hms") == "<1h:2m:5s>"
+    assert format_timestamp(42.0, style="hms") == "<0h:0m:42s>"
+    assert format_timestamp(2.75, "hms") == "<0h:0m:2s>"
+    with pytest.raises(ValueError, match="style"):
+        format_timestamp(1.0, "frames")
+    assert pair_timestamps([0, 5, 10], 10) == [0.25, 1.0]  # odd count: last frame repeated, as HF
+
+
+# (num_frames, h, w, min_pixels, max_pixels): released config, HF class defaults, tiny / thin /
+# huge frames, one frame short of the temporal factor's rounding
+RESIZE_CASES = [(6, 48, 64, 4096, 25165824), (6, 48, 64, 131072, 786432), (768, 1080, 1920, 4096, 25165824),
+                (4, 1080, 1920, 131072, 786432), (5, 20, 500, 4096, 25165824), (3, 720, 1280, 4096, 25165824),
+                (120, 2160, 3840, 4096, 25165824), (2, 31, 31, 4096, 25165824), (9, 100, 3000, 131072, 786432)]
+
+
+@pytest.mark.parametrize("n,h,w,lo,hi", RESIZE_CASES)
+def test_video_smart_resize_matches_hf(n, h, w, lo, hi):
+    from transformers.models.qwen3_vl.video_processing_qwen3_vl import smart_resize
+
+    assert video_smart_resize(n, h, w, min_pixels=lo, max_pixels=hi) == smart_resize(
+        n, h, w, temporal_factor=2, factor=32, min_pixels=lo, max_pixels=hi
+    )
+
+
+@pytest.mark.parametrize("cap", [False, True])
+def test_video_patch_count_matches_hf(cap):
+    """Patch counts with and without HF's per-frame pixel cap equal get_num_of_video_patches."""
+    from transformers.models.qwen3_vl.video_processing_qwen3_vl import (
+        Qwen3VLVideoProcessor,
+    )
+
+    size = {"shortest_edge": 4096, "longest_edge": 25165824}
+    hf = Qwen3VLVideoProcessor(size=size, cap_pixels_per_frame=cap)
+    for n, h, w in [(6, 1080, 1920), (40, 720, 1280), (768, 360, 640), (3, 2160, 3840)]:
+        hi = video_max_pixels(n, min_pixels=4096, max_pixels=25165824, cap_pixels_per_frame=cap)
+        rh, rw = video_smart_resize(n, h, w, min_pixels=4096, max_pixels=hi)
+        ours = -(-n // 2) * (rh // 16) * (rw // 16)
+        assert ours == hf.get_num_of_video_patches(n, h, w), (n, h, w)
+
+
+def test_video_smart_resize_errors_name_the_video():
+    with pytest.raises(ValueError, match="clip.mp4.*temporal_factor"):
+        video_smart_resize(1, 48, 64, name="clip.mp4")
+    with pytest.raises(R.AspectRatioError, match="thin.webm"):
+        video_smart_resize(4, 32, 32 * 201, name="thin.webm")
+
+
+def test_backend_selection():
+    """Routing by probed codec: VP8/VP9/MJPEG in DALI on both machines, the NVDEC codecs in
+    DALI only on a GPU, everything else in PyAV; an override table replaces the default."""
+    for codec in ("vp8", "vp9", "mjpeg"):
+        assert select_backend(codec, gpu=False) == "dali"
+        assert select_backend(codec, gpu=True) == "dali"
+    for codec in ("h264", "hevc", "av1", "mpeg4"):
+        assert select_backend(codec, gpu=False) == "pyav"
+        assert select_backend(codec, gpu=True) == "dali"
+    for codec in ("prores", "theora", "mpeg2video"):
+        assert select_backend(codec, gpu=True) == "pyav"
+    assert select_backend("vp9", gpu=False, dali_codecs=frozenset()) == "pyav"
+
+
+@pytest.mark.parametrize("source", ["encoded", "frames"])
+def test_gpu_graph_placement(source):
+    """The GPU pipeline (not runnable here) defines: NVDEC ("mixed") decoding or PyAV frames
+    copied to the GPU, then resize and normalize on the GPU. Checked on the unbuilt graph via
+    DALI internals; skipped if those change."""
+    p = build_pipeline(source, "qwen3vl", batch_size=2, num_threads=1, device_id=0, build=False)
+    try:
+        p._build_graph()
+        ops = {o.name: (o._op.device, [i.device for i in o.inputs]) for o in p._ops}
+    except AttributeError as e:
+        pytest.skip(f"DALI graph internals changed: {e}")
+    kinds = {name.strip("_").rsplit("_", 1)[0]: v for name, v in ops.items()}
+    if source == "encoded":
+        assert kinds["Video"][0] == "mixed"
+    assert kinds["Resize"] == ("gpu", ["gpu", "cpu"])  # frames on the GPU, size a CPU argument
+    assert kinds["CropMirrorNormalize"][0] == "gpu"
+
+
+# --- decoding -----------------------------------------------------------------------------------
+
+
+def test_probe_reads_codec_not_extension(vp9, h264):
+    """The codec comes from the container: WebM has no frame count in its header, so the
+    count is the stream's packets."""
+    p, q = probe_video(vp9, "a.mp4"), probe_video(h264, "b.webm")
+    assert (p.codec, p.num_frames, p.fps, p.hw) == ("vp9", N, FPS, (H, W))
+    assert (q.codec, q.num_frames, q.fps, q.hw) == ("h264", N, FPS, (H, W))
+
+
+@pytest.mark.parametrize("which,backend", [("vp9", "dali-cpu"), ("h264", "pyav")])
+def test_decode_frames(raw, vp9, h264, which, backend):
+    """Both routes decode exactly the sampled frames: indices, timestamps and square positions."""
+    (v,) = raw.decode([{"vp9": vp9, "h264": h264}[which]], [f"clip.{which}"])
+    assert isinstance(v, DecodedVideo) and v.ok, v
+    assert v.backend == backend and v.name == f"clip.{which}"
+    assert v.frame_indices.tolist() == EXPECTED_INDICES
+    assert v.timestamps == EXPECTED_TIMESTAMPS
+    assert v.timestamp_texts() == ["<0.3 seconds>", "<1.4 seconds>", "<2.6 seconds>"]
+    assert v.frames.dtype == torch.uint8 and tuple(v.frames.shape) == (6, H, W, 3)
+    for frame, i in zip(v.frames.numpy(), EXPECTED_INDICES):
+        assert abs(_square_x(frame) - (2 * i + SQ / 2 - 0.5)) <= 1.0, (which, i, _square_x(frame))
+
+
+def test_dali_and_pyav_agree_on_vp9(raw, vp9):
+    """The same VP9 stream through DALI and through PyAV gives nearly the same pixels."""
+    (a,) = raw.decode([vp9])
+    b = decode_frames_pyav(vp9, np.asarray(EXPECTED_INDICES))
+    d = np.abs(a.frames.numpy().astype(np.int16) - b.astype(np.int16))
+    assert d.mean() < 2 and d.max() <= 8, (d.mean(), d.max())
+
+
+def _hf_reference_patches(frames_u8: torch.Tensor, size) -> torch.Tensor:
+    x = frames_u8.permute(0, 3, 1, 2).float()  # [T, 3, H, W]
+    x = torch.nn.functional.interpolate(x, size=size, mode="bicubic", antialias=True, align_corners=False)
+    x = x.clamp(0, 255).round() / 255.0
+    return R.patchify((x - 0.5) / 0.5)[0]
+
+
+# (min_pixels, max_pixels) -> per-frame target: released config (48 rows up to 64), a budget
+# forcing a 2x antialiased downscale, and one forcing an upscale
+RESIZE_BUDGETS = [((4096, 25165824), (64, 64)), ((1024, 6144), (32, 32)), ((6 * 96 * 128, 25165824), (96, 128))]
+
+
+@pytest.mark.parametrize("budget,target", RESIZE_BUDGETS)
+def test_qwen3vl_patches_both_routes(raw, vp9, h264, budget, target):
+    """Qwen3-VL mode: HF's video resize target and grid, pixel values equal to an HF-equivalent
+    resize of the same frames, for the DALI route and the PyAV -> DALI resize route."""
+    qwen = VideoDecoder(mode="qwen3vl", device="cpu", batch_size=4, min_pixels=budget[0], max_pixels=budget[1])
+    frames = raw.decode([vp9, h264])
+    out = qwen.decode([vp9, h264])
+    gh, gw = target[0] // 16, target[1] // 16
+    for f, q, backend in zip(frames, out, ("dali-cpu", "pyav")):
+        assert q.ok and q.backend == backend and q.frames is None
+        assert q.resized_size == target
+        assert q.grid_thw.tolist() == [3, gh, gw] and q.num_tokens == 3 * gh * gw // 4
+        assert q.tokens_per_pair == gh * gw // 4
+        ref = _hf_reference_patches(f.frames, q.resized_size)
+        assert q.pixel_values.shape == ref.shape == (3 * gh * gw, 1536)
+        d = (q.pixel_values - ref).abs()
+        assert d.mean() < 0.002 and d.max() < 0.008, (backend, d.mean().item(), d.max().item())
+
+
+def _corrupt_mdat(mp4: bytes) -> bytes:
+    """Garbage in place of the coded frames; the container index stays intact."""
+    start = mp4.index(b"mdat") + 4
+    end = mp4.index(b"moov") - 4 if mp4.index(b"moov") > start else len(mp4)
+    rng = np.random.default_rng(0)
+    return mp4[:start] + rng.integers(0, 256, end - start, dtype=np.uint8).tobytes() + mp4[end:]
+
+
+def test_bad_videos_become_errors(tmp_path, qwen, vp9, h264):
+    """Truncated, random, missing: an error entry naming the file and reason, in its slot; the
+    good videos of the same call decode."""
+    path = tmp_path / "good.webm"
+    path.write_bytes(vp9)
+    missing = tmp_path / "missing.mp4"
+    sources = [vp9[: len(vp9) // 2], h264, os.urandom(5000), str(path), missing, h264[: len(h264) // 2], vp9]
+    names = ["half.webm", "ok.mp4", "random.bin", None, None, "half.mp4", "ok.webm"]
+    names = [n or str(s) for n, s in zip(names, sources)]
+    res = qwen.decode(sources, names)
+    assert [r.ok for r in res] == [False, True, False, True, False, False, True]
+    for r, n in zip(res, names):
+        assert r.name == n
+    assert isinstance(res[0], VideoDecodeError) and isinstance(res[0], DecodeError)
+    assert "truncated" in res[0].reason and "30 frames" in res[0].reason
+    assert "unreadable container" in res[2].reason
+    assert "file not found" in res[4].reason and str(missing) in res[4].reason
+    assert "unreadable container" in res[5].reason  # MP4 with its index (moov) at the cut-off end
+    assert res[3].frame_indices.tolist() == EXPECTED_INDICES
+
+
+def test_dali_failure_is_isolated_and_falls_back(vp9, h264):
+    """H.264 forced into DALI's CPU decoder fails there: the batch is split, the good VP9s keep
+    their DALI result, the H.264 is retried with PyAV; a stream neither can decode gets both
+    reasons."""
+    dec = VideoDecoder(mode="frames", device="cpu", batch_size=4, dali_codecs=frozenset({"vp9", "h264"}))
+    garbage = _corrupt_mdat(h264)
+    assert probe_video(garbage, "g").num_frames == N  # the index is intact: only decoding fails
+    res = dec.decode([vp9, h264, garbage, vp9], ["a", "b", "garbage.mp4", "d"])
+    assert [r.ok for r in res] == [True, True, False, True]
+    assert [r.backend for r in res if r.ok] == ["dali-cpu", "pyav", "dali-cpu"]
+    assert res[1].frame_indices.tolist() == EXPECTED_INDICES
+    assert res[2].name == "garbage.mp4"
+    assert res[2].reason.startswith("DALI: DALI decode failed") and "; PyAV: " in res[2].reason
+    assert dec.rebuilds >= 2
+    assert all(r.ok for r in dec.decode([vp9, vp9]))  # the rebuilt pipeline still works
