@@ -175,6 +175,35 @@ def step_times(step, n: int) -> tuple[list[float], float]:
     return times, loss
 
 
+def compare(steps: dict, *, tokens: int, warmup: int, rounds: int, steps_per_block: int) -> float:
+    """Interleaved timing of ``steps`` ({"megavlm": fn, "hf": fn}); prints the table, returns the ratio."""
+    for step in steps.values():
+        for _ in range(warmup):
+            step()
+    times: dict[str, list[list[float]]] = {name: [] for name in steps}
+    losses: dict[str, float] = {}
+    for r in range(rounds):
+        for name in steps if r % 2 == 0 else reversed(steps):
+            block, losses[name] = step_times(steps[name], steps_per_block)
+            times[name].append(block)
+
+    def rate(ts: list[float]) -> float:  # tokens/s of the median step
+        return tokens / statistics.median(ts)
+
+    header = "".join(f"{f'round {i + 1}':>9}" for i in range(rounds))
+    print(f"\ntokens/s  {header}{'median':>9}{'best':>9}{'last loss':>11}")
+    summary = {}
+    for name, per_round in times.items():
+        flat = [t for ts in per_round for t in ts]
+        summary[name] = rate(flat), tokens / min(flat)
+        print(f"{name:10}" + "".join(f"{rate(ts):9.0f}" for ts in per_round)
+              + f"{summary[name][0]:9.0f}{summary[name][1]:9.0f}{losses[name]:11.3f}")
+    print(f"(best-step ratio {summary['megavlm'][1] / summary['hf'][1]:.2f}x)")
+    ratio = summary["megavlm"][0] / summary["hf"][0]
+    print(f"ratio megavlm/hf: {ratio:.2f}x")
+    return ratio
+
+
 def main() -> None:
     a = parse_args()
     warnings.filterwarnings("ignore")  # one-off library notices (TE/apex absent, deprecations)
@@ -198,30 +227,7 @@ def main() -> None:
     steps = {"megavlm": mega_step, "hf": hf_step}
     tokens = a.mbs * a.seq
 
-    for step in steps.values():
-        for _ in range(a.warmup):
-            step()
-    times: dict[str, list[list[float]]] = {name: [] for name in steps}
-    losses: dict[str, float] = {}
-    for r in range(a.rounds):
-        for name in steps if r % 2 == 0 else reversed(steps):
-            block, losses[name] = step_times(steps[name], a.steps)
-            times[name].append(block)
-
-    def rate(ts: list[float]) -> float:  # tokens/s of the median step
-        return tokens / statistics.median(ts)
-
-    header = "".join(f"{f'round {i + 1}':>9}" for i in range(a.rounds))
-    print(f"\ntokens/s  {header}{'median':>9}{'best':>9}{'last loss':>11}")
-    summary = {}
-    for name, rounds in times.items():
-        flat = [t for ts in rounds for t in ts]
-        summary[name] = rate(flat), tokens / min(flat)
-        print(f"{name:10}" + "".join(f"{rate(ts):9.0f}" for ts in rounds)
-              + f"{summary[name][0]:9.0f}{summary[name][1]:9.0f}{losses[name]:11.3f}")
-    best_ratio = summary["megavlm"][1] / summary["hf"][1]
-    print(f"(best-step ratio {best_ratio:.2f}x)")
-    print(f"ratio megavlm/hf: {summary['megavlm'][0] / summary['hf'][0]:.2f}x")
+    compare(steps, tokens=tokens, warmup=a.warmup, rounds=a.rounds, steps_per_block=a.steps)
 
 
 if __name__ == "__main__":

@@ -1,10 +1,14 @@
 """Decoder position encodings: MRoPE (interleaved and chunked) and 1D RoPE (REFERENCE 1).
 
-Position ids: text tokens count up on all three axes; a vision block (one image, or one
-temporal pair of video frames) with merged grid (gh, gw) gets T = start, H = start + row,
-W = start + col, and the text after it continues from max + 1. This equals HF's
-``Qwen3VLModel.get_rope_index`` (transformers 5.23), which also splits each video's
-``[t, h, w]`` grid into t blocks of one frame pair, each preceded by its timestamp text.
+Position ids equal HF's ``Qwen3VLModel.get_rope_index`` (transformers 5.23). A sequence is
+cut into runs of one modality (text / image placeholders / video placeholders). Text runs
+count up on all three axes; a vision run with merged grid (t, gh, gw) starting at position
+p gets T = p + frame, H = p + row, W = p + col, and the next run starts at p + max(gh, gw).
+Each video's ``[t, h, w]`` grid is split into t blocks ``[1, h, w]``, one per temporal pair
+of frames, because the processor puts timestamp text before each pair (REFERENCE 4).
+
+HF takes the runs from ``mm_token_type_ids``; we derive them from the placeholder token ids,
+which is what the processor does to build ``mm_token_type_ids``.
 
 Rotary frequencies: megatron-core's ``MultimodalRotaryEmbedding`` implements only the
 chunked (Qwen2-VL) section layout; Qwen3-VL interleaves the axes over the frequencies.
@@ -21,23 +25,63 @@ from torch import Tensor
 
 from megavlm.config.vision import TokenIdsConfig
 
+TEXT, IMAGE, VIDEO = 0, 1, 2  # HF's mm_token_type_ids values
 
-def _vision_runs(tokens: Tensor, token_id: int) -> list[tuple[int, int]]:
-    """(start, end) of each maximal run of ``token_id`` in a 1-D token tensor."""
-    is_pad = (tokens == token_id).int()
-    edges = torch.diff(is_pad, prepend=is_pad.new_zeros(1), append=is_pad.new_zeros(1))
-    starts = (edges == 1).nonzero().flatten().tolist()
-    ends = (edges == -1).nonzero().flatten().tolist()
-    return list(zip(starts, ends))
+
+def rope_position_ids(length: int, *, device: torch.device | str | None = None) -> Tensor:
+    """``[S]`` plain 1D RoPE positions (STEP3-VL): media tokens count like text."""
+    return torch.arange(length, device=device)
+
+
+def mm_token_type_ids(input_ids: Tensor, token_ids: TokenIdsConfig) -> Tensor:
+    """Modality of each token (0 text, 1 image, 2 video), as the HF processor builds it."""
+    types = torch.zeros_like(input_ids, dtype=torch.int)
+    types[input_ids == token_ids.image_token_id] = IMAGE
+    types[input_ids == token_ids.video_token_id] = VIDEO
+    return types
 
 
 def split_video_grids(video_grid_thw: Tensor | None) -> Tensor | None:
-    """One ``[1, h, w]`` row per temporal pair: each pair is its own block (REFERENCE 4)."""
+    """``[sum t, 3]``: one ``[1, h, w]`` row per temporal pair, each its own block (REFERENCE 4)."""
     if video_grid_thw is None:
         return None
-    grids = torch.repeat_interleave(video_grid_thw, video_grid_thw[:, 0], dim=0).clone()
+    grids = torch.repeat_interleave(video_grid_thw, video_grid_thw[:, 0], dim=0)
     grids[:, 0] = 1
     return grids
+
+
+def _runs(types: Tensor) -> list[tuple[int, int, int]]:
+    """(modality, start, end) of each maximal run of equal values in a 1-D tensor."""
+    if types.numel() == 0:
+        return []
+    starts = torch.cat([types.new_zeros(1), (types[1:] != types[:-1]).nonzero().flatten() + 1])
+    ends = starts[1:].tolist() + [types.numel()]
+    return list(zip(types[starts].tolist(), starts.tolist(), ends))
+
+
+def _check_counts(
+    runs: list[tuple[int, int, int]], types: Tensor, grids: Tensor | None, modality: int, merge: int,
+) -> None:
+    """Placeholders must be exactly what the grids imply: per modality, in total and per block."""
+    name, key = ("image", "image_grid_thw") if modality == IMAGE else ("video", "video_grid_thw")
+    lengths = [e - s for m, s, e in runs if m == modality]
+    n_tokens = int((types == modality).sum())
+    grids = grids if grids is not None else torch.zeros(0, 3, dtype=torch.long)
+    implied = grids.prod(-1) // merge**2
+    if n_tokens != int(implied.sum()):
+        raise ValueError(
+            f"{n_tokens} {name} placeholder tokens but {key} {grids.tolist()} implies {int(implied.sum())} "
+            f"(t*h*w/{merge**2} per block)"
+        )
+    if len(lengths) != len(grids):
+        what = "temporal-pair blocks (each needs its own run, after its timestamp text)" if modality == VIDEO else "images"
+        raise ValueError(f"{len(lengths)} runs of {name} placeholder tokens but {key} gives {len(grids)} {what}")
+    for i, (length, grid, n) in enumerate(zip(lengths, grids.tolist(), implied.tolist())):
+        if length != n or grid[1] % merge or grid[2] % merge:
+            raise ValueError(
+                f"{name} block {i}: {length} placeholder tokens but grid {grid} implies {n}; h and w must be "
+                f"multiples of spatial_merge_size={merge}"
+            )
 
 
 def mrope_position_ids(
@@ -48,44 +92,36 @@ def mrope_position_ids(
     token_ids: TokenIdsConfig,
     spatial_merge_size: int = 2,
 ) -> tuple[Tensor, int]:
-    """``[3, S]`` MRoPE ids of one unpadded sample and its ``rope_delta`` for decoding."""
-    blocks = []  # (start, end, grid) in sequence order
-    for token_id, grids, kind in (
-        (token_ids.image_token_id, image_grid_thw, "image"),
-        (token_ids.video_token_id, split_video_grids(video_grid_thw), "video"),
-    ):
-        runs = _vision_runs(tokens, token_id)
-        n_grids = 0 if grids is None else len(grids)
-        if len(runs) != n_grids:
-            raise ValueError(
-                f"{len(runs)} {kind} placeholder runs (token id {token_id}) but {n_grids} {kind} "
-                f"blocks in the grids ({'video frame pairs' if kind == 'video' else 'images'})"
-            )
-        for (start, end), grid in zip(runs, grids if grids is not None else []):
-            t, h, w = (int(x) for x in grid)
-            expected = t * h * w // spatial_merge_size ** 2
-            if end - start != expected:
-                raise ValueError(
-                    f"{kind} block at token {start} has {end - start} placeholders but its grid "
-                    f"{[t, h, w]} gives {expected} tokens after the {spatial_merge_size}x{spatial_merge_size} merge"
-                )
-            blocks.append((start, end, (t, h // spatial_merge_size, w // spatial_merge_size)))
-    blocks.sort()
+    """``[3, S]`` MRoPE ids of one unpadded sample and its ``rope_delta`` (max + 1 - S) for decoding.
 
-    parts, pos, cursor = [], 0, 0
-    for start, end, (t, gh, gw) in blocks:
-        if start > cursor:  # text before the block
-            parts.append(torch.arange(start - cursor).expand(3, -1) + pos)
-            pos += start - cursor
+    Grids are in sequence order; videos are given per video (split into pairs here).
+    Raises ValueError naming the counts when placeholders and grids disagree.
+    """
+    device = tokens.device
+    tokens = tokens.cpu()
+    types = mm_token_type_ids(tokens, token_ids)  # [S]
+    runs = _runs(types)
+    grids = {IMAGE: image_grid_thw, VIDEO: split_video_grids(video_grid_thw)}
+    for modality in (IMAGE, VIDEO):
+        _check_counts(runs, types, grids[modality], modality, spatial_merge_size)
+    next_grid = {m: iter(g.tolist()) for m, g in grids.items() if g is not None}
+
+    parts, pos = [], 0
+    for modality, start, end in runs:
+        if modality == TEXT:
+            parts.append(torch.arange(end - start).expand(3, -1) + pos)  # [3, n]
+            pos += end - start
+            continue
+        t, h, w = next(next_grid[modality])
+        gh, gw = h // spatial_merge_size, w // spatial_merge_size
         tt, hh, ww = torch.meshgrid(torch.arange(t), torch.arange(gh), torch.arange(gw), indexing="ij")
-        parts.append(torch.stack([tt.flatten() + pos, hh.flatten() + pos, ww.flatten() + pos]))
+        parts.append(torch.stack([tt, hh, ww]).reshape(3, -1) + pos)  # [3, t*gh*gw]
+        # HF advances by the spatial extent only (t is 1 for every Qwen3-VL block).
         pos += max(gh, gw)
-        cursor = end
-    if cursor < tokens.numel():
-        parts.append(torch.arange(tokens.numel() - cursor).expand(3, -1) + pos)
-    ids = torch.cat(parts, dim=1) if parts else torch.zeros(3, 0, dtype=torch.long)
-    delta = int(ids.max()) + 1 - tokens.numel() if tokens.numel() else 0
-    return ids.long(), delta
+    if not parts:
+        return torch.zeros(3, 0, dtype=torch.long, device=device), 0
+    ids = torch.cat(parts, dim=1)  # [3, S]
+    return ids.to(device), int(ids.max()) + 1 - tokens.numel()
 
 
 def batched_mrope_position_ids(
@@ -97,75 +133,107 @@ def batched_mrope_position_ids(
     token_ids: TokenIdsConfig,
     spatial_merge_size: int = 2,
 ) -> tuple[Tensor, Tensor]:
-    """``[3, B, S]`` ids and ``[B, 1]`` rope deltas of a (left- or right-) padded batch.
+    """``[3, B, S]`` ids and ``[B, 1]`` rope deltas of a left- or right-padded batch (inference).
 
-    Grids are consumed in batch order, as the HF processor lays them out; padding slots
-    get position 0.
+    Grids are consumed in batch order, as the HF processor lays them out; padding slots get
+    position 0 (as in HF), and each row's delta counts only its real tokens.
     """
     b, s = input_ids.shape
     keep = torch.ones_like(input_ids, dtype=torch.bool) if attention_mask is None else attention_mask.bool()
-    videos_per_row = _count_blocks(input_ids, keep, token_ids.video_token_id)
-    images_per_row = _count_blocks(input_ids, keep, token_ids.image_token_id)
-    image_grids = _split_rows(image_grid_thw, images_per_row)
-    video_grids = _split_rows(split_video_grids(video_grid_thw), videos_per_row)
+    rows = [row[k].cpu() for row, k in zip(input_ids, keep)]
+    row_runs = [[m for m, _, _ in _runs(mm_token_type_ids(row, token_ids))] for row in rows]
+    images = _split_by_row(image_grid_thw, [r.count(IMAGE) for r in row_runs], "image_grid_thw", "images")
+    pairs = _split_by_row(split_video_grids(video_grid_thw), [r.count(VIDEO) for r in row_runs], "video_grid_thw",
+                          "temporal-pair blocks")
     out = torch.zeros(3, b, s, dtype=torch.long, device=input_ids.device)
     deltas = torch.zeros(b, 1, dtype=torch.long, device=input_ids.device)
-    for i in range(b):
-        ids, delta = mrope_position_ids(
-            input_ids[i][keep[i]].cpu(), image_grids[i], video_grids[i], token_ids=token_ids,
-            spatial_merge_size=spatial_merge_size,
-        )
+    for i, row in enumerate(rows):
+        # The row's pairs are re-joined as [1, h, w] videos; splitting them again is a no-op.
+        ids, delta = mrope_position_ids(row, images[i], pairs[i], token_ids=token_ids,
+                                        spatial_merge_size=spatial_merge_size)
         out[:, i, keep[i]] = ids.to(out.device)
         deltas[i] = delta
     return out, deltas
 
 
-def _count_blocks(input_ids: Tensor, keep: Tensor, token_id: int) -> list[int]:
-    return [len(_vision_runs(row[k].cpu(), token_id)) for row, k in zip(input_ids, keep)]
-
-
-def _split_rows(grids: Tensor | None, counts: list[int]) -> list[Tensor | None]:
+def _split_by_row(grids: Tensor | None, counts: list[int], key: str, what: str) -> list[Tensor | None]:
+    if sum(counts) != (0 if grids is None else len(grids)):
+        raise ValueError(
+            f"the batch has {sum(counts)} placeholder runs ({counts} per row) but {key} gives "
+            f"{0 if grids is None else len(grids)} {what}"
+        )
     if grids is None:
-        if any(counts):
-            raise ValueError(f"the batch has media placeholders ({counts} blocks per row) but no grid_thw")
         return [None] * len(counts)
-    if sum(counts) != len(grids):
-        raise ValueError(f"{sum(counts)} placeholder blocks in the batch but {len(grids)} grid rows")
-    parts = torch.split(grids, counts)
-    return [p if len(p) else None for p in parts]
+    return [g if len(g) else None for g in torch.split(grids, counts)]
 
 
 def decode_position_ids(cache_position: Tensor, rope_deltas: Tensor) -> Tensor:
-    """``[3, B, n]`` positions of generated tokens: ``cache_position + rope_delta`` on every axis."""
-    return (cache_position[None, None, :] + rope_deltas[None, :, :]).expand(3, -1, -1)
+    """``[3, B, n]`` positions of tokens after the prompt: ``cache_position + rope_delta`` on every axis.
+
+    ``cache_position``: ``[n]`` or ``[B, n]``; ``rope_deltas``: ``[B, 1]``.
+    """
+    return (cache_position + rope_deltas).expand(3, rope_deltas.shape[0], -1)
+
+
+def _axis_of_frequency(n_freq: int, mrope_section: list[int], device: torch.device) -> Tensor:
+    """``[n_freq]`` axis (0 T, 1 H, 2 W) of each rotary frequency, Qwen3-VL interleaved layout."""
+    if len(mrope_section) != 3 or sum(mrope_section) != n_freq:
+        raise ValueError(
+            f"model.rope.mrope_section {list(mrope_section)} must have 3 entries summing to the "
+            f"{n_freq} rotary frequencies (head_dim / 2)"
+        )
+    j = torch.arange(n_freq, device=device)
+    axis = torch.zeros(n_freq, dtype=torch.long, device=device)
+    axis[(j % 3 == 1) & (j < 3 * mrope_section[1])] = 1
+    axis[(j % 3 == 2) & (j < 3 * mrope_section[2])] = 2
+    return axis
 
 
 class InterleavedMRotaryEmbedding(MultimodalRotaryEmbedding):
-    """Qwen3-VL's MRoPE: frequency j uses H if j % 3 == 1, W if j % 3 == 2 (within 3 x the
-    section), else T; then ``cat(f, f)`` for megatron's rotate-half application."""
+    """Qwen3-VL MRoPE: frequency j takes its angle from H if j % 3 == 1 and j < 3 * section[1],
+    from W if j % 3 == 2 and j < 3 * section[2], else from T (HF ``apply_interleaved_mrope``).
+
+    Interleaving spreads every axis over low and high frequencies instead of giving T only the
+    fastest ones (the chunked layout). Same constructor and forward as megatron's class, so
+    GPTModel(position_embedding_type="mrope") can use it in place.
+    """
 
     def forward(self, position_ids: Tensor, mrope_section: list[int], cp_group=None) -> Tensor:
         seq = position_ids.to(device=self.inv_freq.device, dtype=self.inv_freq.dtype)  # [3, b, s]
         if self.seq_len_interpolation_factor is not None:
-            seq = seq / self.seq_len_interpolation_factor
-        freqs = seq[..., None] * self.inv_freq  # [3, b, s, d/2]
-        axis = torch.zeros(freqs.shape[-1], dtype=torch.long, device=freqs.device)
-        j = torch.arange(freqs.shape[-1], device=freqs.device)
-        axis[(j % 3 == 1) & (j < 3 * mrope_section[1])] = 1
-        axis[(j % 3 == 2) & (j < 3 * mrope_section[2])] = 2
-        freqs = freqs.gather(0, axis.expand(1, *freqs.shape[1:-1], -1)).squeeze(0)  # [b, s, d/2]
-        emb = torch.cat((freqs, freqs), dim=-1)
-        emb = emb[..., None, :].transpose(0, 1).contiguous()  # [s, b, 1, d]
-        if cp_group is None:
-            cp_group = self.cp_group
+            seq = seq * (1 / self.seq_len_interpolation_factor)
+        axis = _axis_of_frequency(self.inv_freq.numel(), mrope_section, seq.device)  # [d/2]
+        freqs = seq[axis].permute(2, 1, 0) * self.inv_freq  # [s, b, d/2]
+        if self.rotary_interleaved:  # GPT-J pairs: (f0, f0, f1, f1, ...)
+            emb = freqs.repeat_interleave(2, dim=-1)
+        else:  # NeoX rotate_half: (f, f)
+            emb = torch.cat((freqs, freqs), dim=-1)
+        emb = emb[:, :, None, :].contiguous()  # [s, b, 1, d]
+        cp_group = cp_group if cp_group is not None else self.cp_group
         if cp_group is not None and cp_group.size() > 1:
             emb = get_pos_emb_on_this_cp_rank(emb, 0, cp_group)
         return emb
 
 
-def multimodal_rotary_embedding(kind: str, *, kv_channels: int, rotary_base: float) -> MultimodalRotaryEmbedding:
-    """The rotary module for ``model.rope.kind`` (``mrope_interleaved`` or ``mrope_chunked``)."""
+def multimodal_rotary_embedding(
+    kind: str,
+    *,
+    kv_channels: int,
+    rotary_base: float,
+    rotary_percent: float = 1.0,
+    rotary_interleaved: bool = False,
+    seq_len_interpolation_factor: float | None = None,
+    cp_group: torch.distributed.ProcessGroup | None = None,
+) -> MultimodalRotaryEmbedding:
+    """The decoder's rotary module for ``model.rope.kind``: ``mrope_interleaved`` (Qwen3-VL) or
+    ``mrope_chunked`` (Qwen2-VL, megatron-core's own class)."""
     classes = {"mrope_interleaved": InterleavedMRotaryEmbedding, "mrope_chunked": MultimodalRotaryEmbedding}
     if kind not in classes:
-        raise ValueError(f"model.rope.kind: {kind!r} is not one of {', '.join(classes)}")
-    return classes[kind](kv_channels=kv_channels, rotary_percent=1.0, rotary_base=rotary_base)
+        raise ValueError(
+            f"model.rope.kind: {kind!r} has no multimodal rotary module; use one of {', '.join(classes)} "
+            f"(1D 'rope' is GPTModel's own RotaryEmbedding)"
+        )
+    return classes[kind](
+        kv_channels=kv_channels, rotary_percent=rotary_percent, rotary_interleaved=rotary_interleaved,
+        seq_len_interpolation_factor=seq_len_interpolation_factor, rotary_base=rotary_base, cp_group=cp_group,
+    )
