@@ -54,7 +54,7 @@ OVERRIDES = [
     "model.language.num_attention_heads=8", "model.language.num_query_groups=4", "model.language.head_dim=32",
     "model.language.vocab_size=4096", "model.rope.mrope_section=[6,5,5]",
     "checkpoint.save=null", "logging.interval=1000000", "parallel.distributed_optimizer=true",
-    "data.dataset=synthetic_text",
+    "data.dataset=synthetic_text", "train.lr_decay=constant", "train.lr=3e-4",
 ]
 
 

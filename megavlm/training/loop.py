@@ -70,7 +70,7 @@ def _step_stats(losses_reduced: list[dict], model) -> tuple[float, float, bool]:
     """(loss sum, token count, all gradients finite) over the global batch, on every rank.
 
     One all-reduce: the loss from the last pipeline stage (one TP rank per replica), and a
-    count of non-finite values from one pass over DDP's contiguous gradient buffers.
+    check for non-finite values: one sum over each of DDP's contiguous gradient buffers.
     """
     stats = torch.zeros(3, device=device.device())  # [loss sum, tokens, non-finite grads]
     if parallel_state.is_pipeline_last_stage() and parallel_state.get_tensor_model_parallel_rank() == 0:
@@ -78,7 +78,8 @@ def _step_stats(losses_reduced: list[dict], model) -> tuple[float, float, bool]:
             stats[:2] += report["lm loss"].to(stats.device)
     for chunk in model:
         for buffer in chunk.buffers + chunk.expert_parallel_buffers:
-            stats[2] += (~torch.isfinite(buffer.grad_data)).any()
+            # one reduction: a NaN or Inf anywhere makes the sum non-finite
+            stats[2] += (~torch.isfinite(buffer.grad_data.sum())).float()
     dist.all_reduce(stats)
     loss_sum, num_tokens, nonfinite = stats.tolist()
     return loss_sum, num_tokens, nonfinite == 0

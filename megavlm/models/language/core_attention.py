@@ -249,6 +249,27 @@ class SDPAAttention(MegatronModule):
             _and(~attention_mask.to(device=device, dtype=torch.bool))  # [b|1, np|1, sq, sk]
         return keep, False
 
+    def _segments(
+        self, params: Optional[PackedSeqParams], sq: int, sk: int, mask_type: AttnMaskType,
+        attention_mask: Optional[Tensor],
+    ) -> Optional[list[tuple[int, int]]]:
+        """(start, end) of each packed sample when per-sample SDPA calls are exact, else None."""
+        if (
+            params is None
+            or attention_mask is not None
+            or self.window_size is not None
+            or sq != sk
+            or mask_type not in (AttnMaskType.causal, AttnMaskType.no_mask, AttnMaskType.padding)
+            or params.cu_seqlens_q is None
+            or params.cu_seqlens_q_padded is not None
+            or (params.cu_seqlens_kv is not None and not torch.equal(params.cu_seqlens_q, params.cu_seqlens_kv))
+        ):
+            return None
+        bounds = params.cu_seqlens_q.tolist()
+        if bounds[0] != 0 or bounds[-1] != sq:
+            return None
+        return [(a, e) for a, e in zip(bounds[:-1], bounds[1:]) if e > a]
+
     @staticmethod
     def _packed_keep_mask(
         params: PackedSeqParams, sq: int, sk: int, device: torch.device
@@ -312,9 +333,16 @@ class SDPAAttention(MegatronModule):
             raise ValueError(f"query heads ({np_}) must be a multiple of key/value heads ({ng})")
 
         mask_type = attn_mask_type if attn_mask_type is not None else self.attn_mask_type
-        keep, is_causal = self._keep_mask(
-            sq, sk, query.device, mask_type, attention_mask, packed_seq_params
-        )
+        segments = self._segments(packed_seq_params, sq, sk, mask_type, attention_mask)
+        if segments is not None:
+            # Packed samples attend only within themselves: one SDPA call per sample (its
+            # own causal flag, no mask) does the work of the block-diagonal mask without the
+            # cross-sample FLOPs, which dominate for many short samples or images.
+            keep, is_causal = None, mask_type == AttnMaskType.causal
+        else:
+            keep, is_causal = self._keep_mask(
+                sq, sk, query.device, mask_type, attention_mask, packed_seq_params
+            )
 
         # SDPA layout: [sq, b, np, hn] -> [b, np, sq, hn]; [sk, b, ng, hn] -> [b, ng, sk, hn]
         q = query.permute(1, 2, 0, 3)
@@ -323,7 +351,7 @@ class SDPAAttention(MegatronModule):
 
         dropout_p = self.attention_dropout_p if self.training else 0.0
 
-        def _sdpa() -> Tensor:
+        def _attend(q, k, v) -> Tensor:
             return F.scaled_dot_product_attention(
                 q,
                 k,
@@ -334,6 +362,11 @@ class SDPAAttention(MegatronModule):
                 scale=self.softmax_scale,
                 enable_gqa=ng != np_,
             )  # [b, np, sq, hn]
+
+        def _sdpa() -> Tensor:
+            if segments is None:
+                return _attend(q, k, v)
+            return torch.cat([_attend(q[:, :, a:e], k[:, :, a:e], v[:, :, a:e]) for a, e in segments], dim=2)
 
         if dropout_p > 0.0 and not self.config.sequence_parallel:
             # Heads are TP-local, so the dropout pattern must differ across TP ranks: use the
