@@ -51,9 +51,9 @@ def test_packed_loss_equals_sum_of_unpacked_samples():
     samples = [source[i] for i in range(3)]
     row = pack(samples, seq_length=64)
     with torch.no_grad():
-        packed = model(row.tokens, row.position_ids, None, labels=row.labels,
+        packed = model(row.tokens, row.position_ids, labels=row.labels,
                        packed_seq_params=packed_seq_params(row.cu_seqlens))
-        packed_sum, packed_count, _ = token_loss_sum(row.loss_mask, packed)
-        separate = [token_loss_sum(s.loss_mask, model(s.tokens, s.position_ids, None, labels=s.labels)) for s in samples]
+        packed_sum, packed_count, _ = token_loss_sum(row.loss_mask, None, packed)
+        separate = [token_loss_sum(s.loss_mask, None, model(s.tokens, s.position_ids, labels=s.labels)) for s in samples]
     assert packed_count == sum(n for _, n, _ in separate)
     torch.testing.assert_close(packed_sum, sum(l for l, _, _ in separate), atol=1e-4, rtol=1e-5)
