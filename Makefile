@@ -19,16 +19,18 @@ setup: $(BIN)/activate
 demo: setup
 	PYTHONWARNINGS=ignore OMP_NUM_THREADS=1 $(BIN)/torchrun --nproc_per_node $(NPROC) \
 		--rdzv-backend=c10d --rdzv-endpoint=localhost:0 \
-		tools/pretrain_vlm.py --config examples/tiny/pretrain.yaml --sample parallel.tp=2 parallel.sequence_parallel=true
+		tools/pretrain_vlm.py --config examples/tiny/pretrain_vlm.yaml --sample parallel.tp=2 parallel.sequence_parallel=true
 	@echo
-	@echo "Logs: runs/tiny/metrics.jsonl, TensorBoard: $(BIN)/tensorboard --logdir runs/tiny/tensorboard"
-	@echo "Checkpoints: runs/tiny/checkpoints (continue with checkpoint.load=runs/tiny/checkpoints train.iters=120)"
+	@echo "Logs: runs/tiny_vlm/metrics.jsonl, TensorBoard: $(BIN)/tensorboard --logdir runs/tiny_vlm/tensorboard"
+	@echo "Checkpoints: runs/tiny_vlm/checkpoints (continue: checkpoint.load=runs/tiny_vlm/checkpoints train.iters=200)"
+	@echo "Generate: $(BIN)/python tools/generate.py --load runs/tiny_vlm/checkpoints --prompt 'What is 3 + 4?'"
 
 test: setup
 	PYTHONWARNINGS=ignore $(BIN)/python -m pytest -q tests
 
 bench: setup
 	$(BIN)/python bench/train_throughput.py
+	$(BIN)/python bench/vlm_throughput.py
 
 clean:
 	rm -rf runs .pytest_cache

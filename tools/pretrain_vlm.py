@@ -6,7 +6,7 @@ import argparse
 from megavlm.config import load_config
 from megavlm.platform.distributed import shutdown
 from megavlm.training.loop import Trainer
-from megavlm.training.samples import print_synthetic_sample
+from megavlm.training.samples import print_samples
 
 
 def main() -> None:
@@ -20,7 +20,7 @@ def main() -> None:
         trainer = Trainer(cfg)
         trainer.run()
         if args.sample:
-            print_synthetic_sample(trainer)
+            print_samples(trainer)
     finally:
         shutdown()
 

@@ -14,7 +14,9 @@ from megavlm.config.vision import ProjectorConfig, RopeConfig, TokenIdsConfig, V
 _QWEN3_VOCAB = 151936
 # The synthetic tokenizer's vocabulary and special-token ids (megavlm.data.tokenizer).
 TINY_VLM_VOCAB = 512
-TINY_VLM_TOKEN_IDS = TokenIdsConfig(image_token_id=4, video_token_id=5, vision_start_token_id=2, vision_end_token_id=3)
+TINY_VLM_TOKEN_IDS = TokenIdsConfig(image_token_id=5, video_token_id=6, vision_start_token_id=3, vision_end_token_id=4)
+# STEP3-VL's <im_patch> (images only), <im_start>, <im_end> in the same tokenizer.
+TINY_STEP3_TOKEN_IDS = TokenIdsConfig(image_token_id=9, video_token_id=9, vision_start_token_id=7, vision_end_token_id=8)
 
 
 def _qwen3(**kw) -> ModelConfig:
@@ -133,7 +135,7 @@ _PRESETS: dict[str, Callable[[], ModelConfig]] = {
             pe_lang_g14(), num_layers=2, hidden_size=64, ffn_hidden_size=128, num_attention_heads=4,
             position_embedding_size=8,
         ),
-        projector=ProjectorConfig(kind="conv_downsample"), rope=RopeConfig(kind="rope"),
+        projector=ProjectorConfig(kind="conv_downsample"), rope=RopeConfig(kind="rope"), token_ids=TINY_STEP3_TOKEN_IDS,
     ),
 }
 

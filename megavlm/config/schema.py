@@ -110,6 +110,10 @@ class DataConfig:
     pack: bool = False
     # Synthetic data only: draw sample lengths from [min_sample_length, seq_length]; 0: full.
     min_sample_length: int = 0
+    # Qwen3-VL dynamic resolution: images are resized into [min_pixels, max_pixels] (sides
+    # multiples of 32); defaults are the released preprocessor_config.json's.
+    min_pixels: int = 65536
+    max_pixels: int = 16777216
 
 
 @dataclass(kw_only=True)

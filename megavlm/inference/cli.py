@@ -18,3 +18,26 @@ def dump_logits(cfg: Config, model, inputs_path: str, out_path: str) -> None:
         Path(out_path).parent.mkdir(parents=True, exist_ok=True)
         torch.save(logits.cpu(), out_path)
         print(f"megavlm: logits {list(logits.shape)} written to {out_path}", flush=True)
+
+
+def generate_from_prompt(cfg: Config, model, args) -> None:
+    """Answer ``--prompt`` (with ``--image`` files) through the chat template and the KV engine."""
+    from megavlm.conversion.hf_checkpoint import is_hf_model_dir
+    from megavlm.data.chat_template import Qwen3VLChatTemplate
+    from megavlm.data.encode import SampleEncoder
+    from megavlm.data.sample import Media, Message, Sample
+    from megavlm.data.tokenizer import Tokenizer, synthetic_tokenizer
+    from megavlm.inference.engine import GenerationEngine, Prompt, SamplingParams
+
+    tokenizer = Tokenizer.from_file(args.load) if is_hf_model_dir(args.load) else synthetic_tokenizer()
+    encoder = SampleEncoder(Qwen3VLChatTemplate(tokenizer), min_pixels=cfg.data.min_pixels,
+                            max_pixels=cfg.data.max_pixels, max_length=cfg.model.language.max_position_embeddings)
+    media = [Media("image", path=path) for path in args.image]
+    parts = [{"type": "image", "index": i} for i in range(len(media))] + [{"type": "text", "text": args.prompt}]
+    tokens, pixels = encoder.prompt(Sample(id="prompt", messages=[Message("user", parts)], media=media))
+    stop = tokenizer.token_id("<|im_end|>")
+    params = SamplingParams(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p,
+                            seed=args.seed, stop_token_ids=[stop])
+    (answer,) = GenerationEngine(model).generate([Prompt(tokens=tokens, **pixels)], params)
+    if dist.get_rank() == 0:
+        print(tokenizer.decode([t for t in answer.tolist() if t != stop]), flush=True)

@@ -13,10 +13,8 @@ from megatron.core.distributed import finalize_model_grads
 from megatron.core.pipeline_parallel import get_forward_backward_func
 
 from megavlm.config import Config, data_parallel_size, dump_yaml, validate
-from megavlm.data.packing import PackedDataset
 from megavlm.data.sampler import micro_batches
-from megavlm.data.synthetic_text import SyntheticTextDataset
-from megavlm.data.vlm_dataset import PaddedDataset
+from megavlm.data.build import training_rows
 from megavlm.platform import device
 from megavlm.platform.distributed import initialize
 from megavlm.platform.launch import detect_dist_env
@@ -48,17 +46,8 @@ class _StopRequest:
 
 
 def _micro_batches(cfg: Config, consumed_samples: int):
-    lm = cfg.model.language
-    dataset = SyntheticTextDataset(
-        vocab_size=lm.vocab_size, seq_length=cfg.data.seq_length, seed=cfg.data.seed,
-        min_length=cfg.data.min_sample_length,
-    )
-    if cfg.data.pack:
-        dataset = PackedDataset(dataset, seq_length=cfg.data.seq_length)
-    else:
-        dataset = PaddedDataset(dataset, seq_length=cfg.data.seq_length, pad_token_id=0)
     return micro_batches(
-        dataset,
+        training_rows(cfg),
         consumed_samples=consumed_samples,
         micro_batch_size=cfg.train.micro_batch_size,
         dp_rank=parallel_state.get_data_parallel_rank(),

@@ -1,0 +1,37 @@
+"""tools/generate.py on a Hugging Face Qwen3-VL directory: --dump-logits equals transformers."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).parents[1] / "parity"))
+from qwen3vl_case import CASES, hf_logits, hf_model, processor_inputs, tiny_config  # noqa: E402
+
+ENV = {**os.environ, "PYTHONWARNINGS": "ignore"}
+
+
+def test_dump_logits_of_a_hf_directory_matches_transformers(tmp_path):
+    cfg = tiny_config()
+    hf = hf_model(cfg)
+    hf.save_pretrained(tmp_path / "hf")
+    inputs = processor_inputs(cfg, CASES["batch"])
+    torch.save(inputs, tmp_path / "inputs.pt")
+    cmd = [sys.executable, "tools/generate.py", "--load", str(tmp_path / "hf"), "--inputs", str(tmp_path / "inputs.pt"),
+           "--dump-logits", str(tmp_path / "logits.pt")]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=ENV)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    ours = torch.load(tmp_path / "logits.pt")
+    keep = inputs["attention_mask"].bool()
+    assert (ours[keep] - hf_logits(hf, inputs)[keep]).abs().max().item() <= 1e-4
+
+    inputs["pixel_values"] = inputs["pixel_values"][:-4]  # a truncated image
+    torch.save(inputs, tmp_path / "bad.pt")
+    proc = subprocess.run(cmd[:5] + [str(tmp_path / "bad.pt"), "--dump-logits", str(tmp_path / "x.pt")],
+                          capture_output=True, text=True, timeout=300, env=ENV)
+    assert proc.returncode != 0
+    assert "image_grid_thw implies 16 patches but pixel_values has 12" in proc.stderr
