@@ -69,7 +69,8 @@ mask when tp > 1); the last stage the final norm (as a layer's norm), the output
 input ``B*h*u``, the cross entropy's fp32 softmax ``4*V/tp`` plus 9 bytes of targets and
 the 4-byte loss mask per token -- logits are fp32: ``s*b*V/tp*4``. A vision tower on the
 first stage adds, per patch and layer, ``B*(4hv*u + 6hv/tp + 2fv/tp)`` + fp32 norm and
-softmax statistics, plus its input patches and mergers (an estimate: no VLM yet).
+softmax statistics, plus its input patches and mergers (an estimate: the ViT activations
+are not yet measured against the built VisionModel).
 
 Recomputation: "selective" recomputes core attention (megatron's default module),
 which with flash attention only frees the softmax statistics; "full" keeps one layer

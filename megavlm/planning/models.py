@@ -1,11 +1,11 @@
-"""What the planner can plan: megavlm's language presets, plus planner-only VLM entries.
+"""What the planner can plan: megavlm's presets, language models and Qwen3-VL VLMs.
 
 A language model is always megavlm's own ``LanguageModelConfig``, resolved through
 ``megavlm.config.load_config`` from a preset and dotted ``model.language.*`` overrides, so
-the planner counts exactly the model megavlm builds. The vision tower is described by a
-``VisionSpec``: megavlm has no VLM yet, so ``qwen3vl-*`` entries are *planner-only*
-(their vision part is an estimate from the Hugging Face architecture, see ``VisionSpec``)
-until the VLM lands; their language part is the real megavlm preset.
+the planner counts exactly the model megavlm builds. A Qwen3-VL preset's ViT is described
+by a ``VisionSpec`` read from the preset's ``VisionConfig`` (its parameters are counted as
+megavlm builds them; tests check the count against the built module). STEP3-VL's PE
+encoder has no ``VisionSpec``: the planner plans its decoder only and says so.
 """
 
 from __future__ import annotations
@@ -28,8 +28,7 @@ class VisionSpec:
     patches per visual token) and ``deepstack_mergers`` more mergers (LayerNorm over
     ``4*hidden``) whose outputs are added to early decoder layers.
 
-    Parallel placement assumed (megavlm's VLM does not exist yet): on the first pipeline
-    stage; linear layers split over TP like the decoder's (column: QKV, fc1; row: proj,
+    Parallel placement (as megavlm's VLMModel does it): on the first pipeline stage; linear layers split over TP like the decoder's (column: QKV, fc1; row: proj,
     fc2; column biases split, row biases replicated); norms, patch embedding and position
     table replicated; sequence parallel like the decoder; the patches of a micro-batch
     split evenly over CP ranks.
@@ -86,56 +85,33 @@ class PlanModel:
         return [f"model.preset={self.preset}", *(f"model.language.{o}" for o in self.language_overrides)]
 
 
-# Qwen3-VL (Hugging Face configs of Qwen/Qwen3-VL-8B-Instruct and Qwen3-VL-2B-Instruct):
-# the text models have the Qwen3-8B / Qwen3-1.7B shapes with a 256K context; the ViTs
-# below are their vision_config (depth, hidden_size, intermediate_size, num_heads,
-# out_hidden_size, deepstack_visual_indexes).
-_VLM: dict[str, PlanModel] = {
-    "qwen3vl-8b": PlanModel(
-        name="qwen3vl-8b",
-        preset="qwen3-8b",
-        language_overrides=("max_position_embeddings=262144",),
-        vision=VisionSpec(
-            num_layers=27,
-            hidden_size=1152,
-            ffn_hidden_size=4304,
-            num_heads=16,
-            out_hidden_size=4096,
-            deepstack_mergers=3,
-        ),
-        planner_only=True,
-        note="planner-only until megavlm's VLM lands: qwen3-8b decoder + 27x1152 ViT (estimated)",
-    ),
-    "qwen3vl-2b": PlanModel(
-        name="qwen3vl-2b",
-        preset="qwen3-1.7b",
-        language_overrides=("max_position_embeddings=262144",),
-        vision=VisionSpec(
-            num_layers=24,
-            hidden_size=1024,
-            ffn_hidden_size=4096,
-            num_heads=16,
-            out_hidden_size=2048,
-            deepstack_mergers=3,
-        ),
-        planner_only=True,
-        note="planner-only until megavlm's VLM lands: 2048x28 tied decoder + 24x1024 ViT (estimated)",
-    ),
-}
+def _vision_spec(name: str) -> VisionSpec | None:
+    model = presets.get(name)
+    v = model.vision
+    if v is None or v.kind != "qwen3vl":
+        return None
+    return VisionSpec(
+        num_layers=v.num_layers, hidden_size=v.hidden_size, ffn_hidden_size=v.ffn_hidden_size,
+        num_heads=v.num_attention_heads, out_hidden_size=model.language.hidden_size, patch_size=v.patch_size,
+        temporal_patch_size=v.temporal_patch_size, in_channels=v.in_channels,
+        spatial_merge_size=model.projector.spatial_merge_size, num_position_embeddings=v.position_embedding_size**2,
+        deepstack_mergers=len(v.deepstack_layers),
+    )
 
 
 def model_names() -> list[str]:
-    return sorted([*presets.names(), *_VLM])
+    return presets.names()
 
 
 def get_model(name: str, vision: VisionSpec | None = None) -> PlanModel:
-    """A megavlm LM preset or a planner-only VLM entry; ``vision`` replaces its ViT."""
-    if name in _VLM:
-        model = _VLM[name]
-    elif name in presets.names():
-        model = PlanModel(name=name, preset=name)
-    else:
+    """A megavlm preset; ``vision`` replaces its ViT (a planner-only what-if)."""
+    if name not in presets.names():
         raise ValueError(f"unknown model {name!r}; known: {', '.join(model_names())}")
+    preset = presets.get(name)
+    note = ""
+    if preset.vision is not None and preset.vision.kind != "qwen3vl":
+        note = f"{name}: the {preset.vision.kind} vision encoder is not modelled; planning the decoder only"
+    model = PlanModel(name=name, preset=name, vision=_vision_spec(name), note=note)
     if vision is not None:
         model = PlanModel(
             name=model.name,

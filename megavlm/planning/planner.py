@@ -407,7 +407,7 @@ def assumptions(
         s = p.seq_length if p else seq_length
         patches = f"{v.patches(s):,} patches per sample" if s else "patches per sample from the visual-token fraction"
         out.append(
-            f"vision tower (planner-only estimate, megavlm has no VLM yet): {v.num_layers}x{v.hidden_size} ViT on the "
+            f"vision tower: {v.num_layers}x{v.hidden_size} ViT on the "
             f"first stage, TP-split like the decoder, {patches} ({v.visual_token_fraction:.0%} of the sequence as "
             f"visual tokens unless --vision-patches), images of {v.patches_per_image} patches, split over CP ranks"
         )

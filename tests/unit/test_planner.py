@@ -59,8 +59,9 @@ def test_gpu_table_and_unknown_name():
 def test_models_and_unknown_name():
     assert get_model("qwen3-8b").vision is None and not get_model("qwen3-8b").planner_only
     vlm = get_model("qwen3vl-8b")
-    assert vlm.planner_only and vlm.preset == "qwen3-8b" and vlm.vision.num_layers == 27
-    assert get_model("qwen3vl-2b").preset == "qwen3-1.7b"
+    assert not vlm.planner_only and vlm.preset == "qwen3vl-8b" and vlm.vision.num_layers == 27
+    assert get_model("qwen3vl-2b").vision.deepstack_mergers == 3
+    assert get_model("step3vl-10b").vision is None and "not modelled" in get_model("step3vl-10b").note
     with pytest.raises(ValueError, match="known: .*qwen3-tiny.*qwen3vl-8b"):
         get_model("llama-7b")
 
@@ -145,6 +146,16 @@ def test_vision_parameters_by_hand():
     qwen3vl_8b = get_model("qwen3vl-8b")
     vision_8b = total_params(language_config(qwen3vl_8b), qwen3vl_8b.vision) - total_params(_lm("qwen3-8b"))
     assert 0.5e9 < vision_8b < 0.65e9  # Qwen3-VL-8B's ViT + mergers: ~0.58B
+
+
+@pytest.mark.usefixtures("single_rank_megatron")
+def test_vision_count_equals_the_built_vision_model():
+    from megavlm.training.model_setup import build_model_chunks
+
+    tiny = get_model("qwen3vl-tiny")
+    (chunk,), _ = build_model_chunks(load_config(None, ["model.preset=qwen3vl-tiny"]))
+    built = sum(p.numel() for p in chunk.vision.parameters())
+    assert sum(p.numel for p in vision_params(tiny.vision, tp=1)) == built
 
 
 # ------------------------------------------------------------------------- DDP buffers
