@@ -15,8 +15,8 @@ _QWEN3_VOCAB = 151936
 # The synthetic tokenizer's vocabulary and special-token ids (megavlm.data.tokenizer).
 TINY_VLM_VOCAB = 512
 TINY_VLM_TOKEN_IDS = TokenIdsConfig(image_token_id=5, video_token_id=6, vision_start_token_id=3, vision_end_token_id=4)
-# STEP3-VL's <im_patch> (images only), <im_start>, <im_end> in the same tokenizer.
-TINY_STEP3_TOKEN_IDS = TokenIdsConfig(image_token_id=9, video_token_id=9, vision_start_token_id=7, vision_end_token_id=8)
+# STEP3-VL: <im_patch>, <im_start>, <im_end> in the same tokenizer; no video placeholder (-1).
+TINY_STEP3_TOKEN_IDS = TokenIdsConfig(image_token_id=9, video_token_id=-1, vision_start_token_id=7, vision_end_token_id=8)
 
 
 def _qwen3(**kw) -> ModelConfig:

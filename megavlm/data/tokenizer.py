@@ -96,8 +96,7 @@ def synthetic_tokenizer() -> Tokenizer:
 def token_ids_config(tokenizer: Tokenizer, *, family: str = "qwen3vl") -> TokenIdsConfig:
     """The model's placeholder ids, read from the tokenizer (STEP3-VL: ``<im_patch>``)."""
     if family == "step3vl":
-        patch = tokenizer.token_id("<im_patch>")
-        return TokenIdsConfig(image_token_id=patch, video_token_id=patch,
+        return TokenIdsConfig(image_token_id=tokenizer.token_id("<im_patch>"), video_token_id=-1,  # images only
                               vision_start_token_id=tokenizer.token_id("<im_start>"),
                               vision_end_token_id=tokenizer.token_id("<im_end>"))
     return TokenIdsConfig(

@@ -58,8 +58,9 @@ class VLMModel(MegatronModule):
             share_embeddings_and_output_weights=lm.tie_embeddings,
             position_embedding_type="mrope" if mrope else "rope",
             rotary_base=int(lm.rope_theta),
-            # The media features go into the full-length embeddings first; we scatter after.
-            scatter_embedding_sequence_parallel=False,
+            # A VLM puts media features into the full-length embeddings, then scatters them
+            # for sequence parallelism itself; a text-only model keeps megatron's own path.
+            scatter_embedding_sequence_parallel=model.vision is None,
             vp_stage=vp_stage,
         )
         if mrope:
@@ -129,8 +130,10 @@ class VLMModel(MegatronModule):
         patches ``[N, C*T*P*P]`` with one ``grid_thw`` row per image / video block;
         ``attention_mask`` (bool, True = masked out) only for padded inference batches.
         """
+        if self.model_cfg.vision is None and (pixel_values is not None or pixel_values_videos is not None):
+            raise ValueError("the batch has image or video pixels but model.vision is not configured")
         decoder_input = None
-        if self.pre_process:
+        if self.pre_process and self.model_cfg.vision is not None:
             decoder_input = self._embed(tokens, pixel_values, image_grid_thw, pixel_values_videos, video_grid_thw)
         output = self.language(
             tokens, position_ids, attention_mask, decoder_input=decoder_input, labels=labels,
@@ -161,8 +164,6 @@ class VLMModel(MegatronModule):
                         f"{kind} pixels in the batch; rows {_rows_with(mask)}"
                     )
                 continue
-            if self.vision is None:
-                raise ValueError(f"the batch has {kind} pixels but model.vision is not configured")
             features, deepstack = self.vision(pixels, grid_thw)  # [n, h], levels x [n, h]
             if features.shape[0] != n_placeholders:
                 raise ValueError(

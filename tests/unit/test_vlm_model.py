@@ -52,7 +52,7 @@ def test_step3vl_views_reach_their_placeholders():
     (chunk,), _ = build_model_chunks(cfg)
     model = unwrap_model(chunk).eval()
     img = cfg.model.token_ids.image_token_id
-    tokens = torch.tensor([[7, 8] + [img] * 4 + [9, 10] + [img] + [11, 12]])
+    tokens = torch.tensor([[27, 28] + [img] * 4 + [29, 30] + [img] + [31, 32]])
     positions = torch.arange(tokens.shape[1])[None]
     grid = torch.tensor([[1, 8, 8], [1, 4, 4]])
     pixels = torch.randn(64 + 16, 3 * 14 * 14, generator=torch.Generator().manual_seed(0))
