@@ -117,6 +117,9 @@ def forward_logits(model_chunks, inputs: dict[str, Tensor], model_cfg: ModelConf
     mask = (~attention)[:, None, None, :].expand(-1, 1, s, s).clone()
     mask[:, 0, torch.arange(s), torch.arange(s)] = False
     media = {k: inputs[k].to(dev) for k in KNOWN_KEYS[3:] if k in inputs}
+    was_training = model.training
+    model.eval()
     with sequence_parallel_off(model):
         logits = model(ids, positions.to(dev), attention_mask=mask, runtime_gather_output=True, **media)
+    model.train(was_training)
     return logits[..., : model_cfg.language.vocab_size].float()

@@ -21,7 +21,8 @@ LAUNCHES = {
     1: ["ref", "ref_moe", "ref_packed", "ref_moe_no_aux", "ref_sqrt_mb1", "ref_sqrt_mb2", "ref_sqrt_mb4",
         "ref_per_token_mb1"],
     2: ["tp2", "pp2", "pp2_vpp2", "dp2", "dp2_distopt", "ep2_moe", "ep2_moe_allgather", "tp2_packed", "resume_dp2", "resume_pp2",
-        "reshard_tp2_to_pp2", "nan_skip", "dp2_sqrt", "vlm_logits_tp2", "vlm_logits_pp2", "vlm_moe_logits_ep2"],
+        "reshard_tp2_to_pp2", "nan_skip", "dp2_sqrt", "vlm_logits_tp2", "vlm_logits_pp2", "vlm_moe_logits_ep2",
+        "vlm_moe_logits_tp2", "vlm_moe_logits_pp2"],
     4: ["tp2_pp2", "tp2_ep2_moe_no_aux"],
 }
 # the single-rank run each layout is compared with (default "ref")
@@ -106,10 +107,12 @@ def test_nan_step_is_skipped_on_every_rank(results):
     assert r["iteration"] == 3 and r["recovered_loss"] == r["recovered_loss"]  # finite, not NaN
 
 
-@pytest.mark.parametrize("name", ["vlm_logits_tp2", "vlm_logits_pp2", "vlm_moe_logits_ep2"])
+@pytest.mark.parametrize(
+    "name", ["vlm_logits_tp2", "vlm_logits_pp2", "vlm_moe_logits_ep2", "vlm_moe_logits_tp2", "vlm_moe_logits_pp2"]
+)
 def test_vlm_logits_match_hf_in_parallel_layouts(results, name):
-    """HF Qwen3-VL weights in TP=2+SP, PP=2 (DeepStack level 2 crosses the stage boundary)
-    and MoE EP=2: logits of every parity case equal HF's within 1e-4."""
+    """HF Qwen3-VL and Qwen3-VL-MoE weights in TP=2+SP, PP=2 (DeepStack level 2 crosses the
+    stage boundary) and EP=2: logits of every parity case equal HF's within 1e-4."""
     diffs = _load(results, name)
     assert len(diffs) == 6, diffs
     assert max(diffs.values()) <= 1e-4, diffs

@@ -174,6 +174,8 @@ def run_vlm_logits(name: str, out: Path, log_dir: Path) -> None:
         "vlm_logits_tp2": ("qwen3vl-tiny", ["parallel.tp=2", "parallel.sequence_parallel=true"]),
         "vlm_logits_pp2": ("qwen3vl-tiny", ["parallel.pp=2"]),
         "vlm_moe_logits_ep2": ("qwen3vl-moe-tiny", ["parallel.ep=2"]),
+        "vlm_moe_logits_tp2": ("qwen3vl-moe-tiny", ["parallel.tp=2", "parallel.sequence_parallel=true"]),
+        "vlm_moe_logits_pp2": ("qwen3vl-moe-tiny", ["parallel.pp=2"]),
     }[name]
     cfg = tiny_config(preset, layout)
     initialize(cfg.parallel, 0)
