@@ -20,7 +20,7 @@ WORKER = Path(__file__).with_name("worker.py")
 LAUNCHES = {
     1: ["ref", "ref_moe", "ref_packed", "ref_moe_no_aux", "ref_sqrt_mb1", "ref_sqrt_mb2", "ref_sqrt_mb4",
         "ref_per_token_mb1"],
-    2: ["tp2", "pp2", "pp2_vpp2", "dp2", "dp2_distopt", "ep2_moe", "ep2_moe_allgather", "tp2_packed", "resume_dp2", "resume_pp2",
+    2: ["tp2", "pp2", "pp2_vpp2", "dp2", "dp2_distopt", "ep2_moe", "ep2_moe_allgather", "tp2_packed", "resume_dp2", "resume_pp2", "resume_vlm_pp2",
         "reshard_tp2_to_pp2", "nan_skip", "dp2_sqrt", "vlm_logits_tp2", "vlm_logits_pp2", "vlm_moe_logits_ep2",
         "vlm_moe_logits_tp2", "vlm_moe_logits_pp2"],
     4: ["tp2_pp2", "tp2_ep2_moe_no_aux"],
@@ -83,7 +83,7 @@ def test_layout_matches_single_rank(results, layout):
     assert ref["losses"][-1] != ref["losses"][0]
 
 
-@pytest.mark.parametrize("name", ["resume_dp2", "resume_pp2"])
+@pytest.mark.parametrize("name", ["resume_dp2", "resume_pp2", "resume_vlm_pp2"])
 def test_resume_is_exact(results, name):
     """Stop after 3 of 6 steps, resume from the checkpoint: losses 4-6 are bit-identical."""
     r = _load(results, name)

@@ -41,6 +41,8 @@ MOE = ["model.preset=qwen3-moe-tiny"]
 # its gradient (router only) differs from the unsharded run; compare the rest without it.
 MOE_NO_AUX = MOE + ["model.language.moe.aux_loss_coeff=0.0"]
 PACKED = ["data.pack=true", "data.min_sample_length=6", "train.micro_batch_size=1"]
+VLM = ["model.preset=qwen3vl-tiny", "data.dataset=synthetic_multimodal", "data.seq_length=128", "data.pack=true",
+       "train.micro_batch_size=1", "data.min_pixels=4096", "data.max_pixels=16384", "train.loss_normalization=sqrt"]
 
 # Square-root loss normalization over samples of different lengths (padded rows): the same
 # global batch as 1, 2 or 4 micro-batches, or over DP=2, must give one loss and one gradient.
@@ -92,7 +94,9 @@ def run_layout(name: str, out: Path, log_dir: Path) -> None:
 def run_resume(name: str, out: Path, log_dir: Path) -> None:
     """Uninterrupted 6 steps vs 3 steps, checkpoint, a fresh Trainer resuming to 6."""
     layout = {"resume_dp2": ["parallel.distributed_optimizer=true"],
-              "resume_pp2": ["parallel.pp=2"]}[name]
+              "resume_pp2": ["parallel.pp=2"],
+              # the VLM on packed synthetic images/videos; DeepStack crosses the stage boundary
+              "resume_vlm_pp2": VLM + ["parallel.pp=2", "train.global_batch_size=4"]}[name]
     ckpt = log_dir / f"{name}_ckpt"
     common = BASE + layout + ["train.iters=6", "train.lr_phases=[{iters: 6, end_lr: 1e-3}]"]
     full = Trainer(load_config(None, common + [f"logging.dir={log_dir / name}_a"])).run()
