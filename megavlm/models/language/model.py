@@ -13,6 +13,23 @@ from megavlm.models.language.specs import qwen3_block_spec
 from megavlm.platform import device
 
 
+def precision_and_kernels(dtype: torch.dtype, *, use_te: bool) -> dict:
+    """TransformerConfig fields shared by every megavlm transformer: precision, and the fused
+    kernels, which exist only with CUDA (and TE/apex)."""
+    return dict(
+        params_dtype=dtype,
+        pipeline_dtype=dtype,
+        bf16=dtype == torch.bfloat16,
+        use_cpu_initialization=not torch.cuda.is_available(),
+        bias_activation_fusion=use_te,
+        bias_dropout_fusion=use_te,
+        apply_rope_fusion=False,
+        masked_softmax_fusion=use_te,
+        gradient_accumulation_fusion=use_te,
+        persist_layer_norm=use_te,
+    )
+
+
 def transformer_config(
     model: ModelConfig, parallel: ParallelConfig, *, dtype: torch.dtype, use_te: bool
 ) -> TransformerConfig:
@@ -51,23 +68,12 @@ def transformer_config(
         # gloo mismatches batched p2p messages when the previous and next pipeline stage are
         # the same rank (PP=2 with virtual stages); NCCL batches them correctly.
         batch_p2p_comm=device.distributed_backend() == "nccl",
-        # precision
-        params_dtype=dtype,
-        pipeline_dtype=dtype,
-        bf16=dtype == torch.bfloat16,
+        **precision_and_kernels(dtype, use_te=use_te),
         fp8=fp8.format,
         fp8_recipe=fp8.recipe,
         fp8_amax_history_len=fp8.amax_history_len,
         fp8_amax_compute_algo=fp8.amax_compute_algo,
         fp8_param=fp8.param,
-        # kernels: fused paths exist only with CUDA (and TE/apex)
-        use_cpu_initialization=not torch.cuda.is_available(),
-        bias_activation_fusion=use_te,
-        bias_dropout_fusion=use_te,
-        apply_rope_fusion=False,
-        masked_softmax_fusion=use_te,
-        gradient_accumulation_fusion=use_te,
-        persist_layer_norm=use_te,
         # MoE (Qwen3-MoE: softmax router, top-k then renormalize, load-balancing aux loss)
         num_moe_experts=moe.num_experts if moe else None,
         moe_router_topk=moe.topk if moe else 2,

@@ -22,6 +22,7 @@ from torch import Tensor
 
 from megavlm.config.schema import ParallelConfig
 from megavlm.config.vision import ProjectorConfig, VisionConfig
+from megavlm.models.language.model import precision_and_kernels
 from megavlm.models.language.specs import backend_provider, prenorm_layer_spec
 from megavlm.models.projector import PatchMerger
 from megavlm.models.vision.embeddings import PatchEmbed, PositionEmbedding, rope_2d, vision_cu_seqlens
@@ -57,16 +58,8 @@ def vision_transformer_config(
         tensor_model_parallel_size=parallel.tp,
         pipeline_model_parallel_size=1,  # the whole encoder sits on the first decoder stage
         sequence_parallel=False,
-        params_dtype=dtype,
-        pipeline_dtype=dtype,
-        bf16=dtype == torch.bfloat16,
-        use_cpu_initialization=not torch.cuda.is_available(),
-        bias_activation_fusion=False,
-        bias_dropout_fusion=use_te,
-        apply_rope_fusion=False,
-        masked_softmax_fusion=use_te,
-        gradient_accumulation_fusion=use_te,
-        persist_layer_norm=use_te,
+        # megatron's fused bias+GELU is the tanh approximation whatever activation_func says
+        **{**precision_and_kernels(dtype, use_te=use_te), "bias_activation_fusion": False},
     )
 
 
