@@ -15,7 +15,7 @@ _CHOICES = {
     "model.fp8.recipe": ("delayed", "tensorwise", "mxfp8"),
     "train.lr_decay": ("cosine", "linear", "constant"),
     "train.precision": ("auto", "fp32", "bf16"),
-    "data.dataset": ("synthetic_text", "synthetic_multimodal"),
+    "data.dataset": ("synthetic_text", "synthetic_multimodal", "shards"),
     "model.rope.kind": ("rope", "mrope_interleaved", "mrope_chunked"),
     "train.loss_normalization": ("per_token", "per_sample", "sqrt"),
 }
@@ -170,6 +170,10 @@ def _collect_errors(cfg: Config, world_size: int) -> list[str]:
         supported, why = fp8_support(cfg.model.fp8.recipe)
         if not supported:
             errors.append(f"model.fp8.format={cfg.model.fp8.format!r}: {why}; set model.fp8.format=null")
+    if cfg.data.dataset == "shards" and not cfg.data.path:
+        errors.append("data.dataset=shards needs data.path (a folder written by tools/prepare_data.py)")
+    if not 0 <= cfg.data.max_bad_fraction <= 1:
+        errors.append(f"data.max_bad_fraction must be in [0, 1], got {cfg.data.max_bad_fraction}")
     if cfg.data.pack and t.micro_batch_size != 1:
         errors.append(f"data.pack=true needs train.micro_batch_size=1, got {t.micro_batch_size}")
     if not 0 <= cfg.data.min_sample_length <= cfg.data.seq_length:
@@ -200,8 +204,8 @@ def _vlm_errors(cfg: Config) -> list[str]:
         if part not in _FREEZABLE:
             errors.append(f"model.freeze: {part!r} is not one of {', '.join(_FREEZABLE)}")
     if v is None:
-        if cfg.data.dataset == "synthetic_multimodal":
-            errors.append("data.dataset=synthetic_multimodal needs a VLM: set model.preset (e.g. qwen3vl-tiny) or model.vision")
+        if cfg.data.dataset in ("synthetic_multimodal", "shards"):
+            errors.append(f"data.dataset={cfg.data.dataset} needs a VLM: set model.preset (e.g. qwen3vl-tiny) or model.vision")
         return errors
     for key, choices in _VISION_CHOICES.items():
         if getattr(v, key) not in choices:

@@ -12,38 +12,44 @@ from megavlm.data.encode import SampleEncoder
 from megavlm.data.packing import PackedDataset
 from megavlm.data.synthetic import SyntheticMultimodalDataset
 from megavlm.data.synthetic_text import SyntheticTextDataset
-from megavlm.data.tokenizer import synthetic_tokenizer, token_ids_config
-from megavlm.data.vlm_dataset import EncodedDataset, PaddedDataset
+from megavlm.data.tokenizer import Tokenizer, synthetic_tokenizer, token_ids_config
+from megavlm.data.shards import ShardDataset
+from megavlm.data.vlm_dataset import BadSampleAccounting, EncodedDataset, PaddedDataset
 
 
-def synthetic_encoder(cfg: Config) -> SampleEncoder:
-    """Tokenizer, chat template and preprocessing of the built-in multimodal data, checked
-    against the model's vocabulary and placeholder ids."""
-    tokenizer = synthetic_tokenizer()
+def sample_encoder(cfg: Config) -> SampleEncoder:
+    """Tokenizer (``data.tokenizer``, else the synthetic one), chat template and preprocessing,
+    checked against the model's vocabulary and placeholder ids."""
+    d = cfg.data
+    tokenizer = Tokenizer.from_file(d.tokenizer) if d.tokenizer else synthetic_tokenizer()
+    name = d.tokenizer or "the synthetic tokenizer"
     expected = token_ids_config(tokenizer)
     if cfg.model.token_ids != expected:
         raise ConfigError(
-            f"model.token_ids {cfg.model.token_ids} differ from the synthetic tokenizer's {expected}; "
-            "use a qwen3vl-*-tiny preset or set model.token_ids to match"
+            f"model.token_ids {cfg.model.token_ids} differ from {name}'s {expected}; "
+            "use a qwen3vl-*-tiny preset with the synthetic tokenizer, or set model.token_ids to match"
         )
     if cfg.model.language.vocab_size < tokenizer.vocab_size:
         raise ConfigError(
-            f"model.language.vocab_size ({cfg.model.language.vocab_size}) is smaller than the synthetic "
-            f"tokenizer's vocabulary ({tokenizer.vocab_size})"
+            f"model.language.vocab_size ({cfg.model.language.vocab_size}) is smaller than {name}'s "
+            f"vocabulary ({tokenizer.vocab_size})"
         )
-    d = cfg.data
     return SampleEncoder(Qwen3VLChatTemplate(tokenizer), min_pixels=d.min_pixels, max_pixels=d.max_pixels,
                          max_length=d.seq_length)
 
 
-def training_rows(cfg: Config) -> Sequence[Batch]:
-    """Index -> one row ``[1, seq_length]`` (a packed group of samples, or one padded sample)."""
+def training_rows(cfg: Config) -> tuple[Sequence[Batch], BadSampleAccounting | None]:
+    """Index -> one row ``[1, seq_length]`` (a packed group of samples, or one padded
+    sample), and the bad-sample accounting of multimodal data."""
     d = cfg.data
+    accounting = None
     if d.dataset == "synthetic_text":
         rows = SyntheticTextDataset(vocab_size=cfg.model.language.vocab_size, seq_length=d.seq_length,
                                     seed=d.seed, min_length=d.min_sample_length)
     else:
-        rows = EncodedDataset(SyntheticMultimodalDataset(seed=d.seed), synthetic_encoder(cfg), cfg.model)
+        source = SyntheticMultimodalDataset(seed=d.seed) if d.dataset == "synthetic_multimodal" else ShardDataset(d.path)
+        rows = EncodedDataset(source, sample_encoder(cfg), cfg.model)
+        accounting = rows.accounting
     if d.pack:
-        return PackedDataset(rows, seq_length=d.seq_length)
-    return PaddedDataset(rows, seq_length=d.seq_length, pad_token_id=0)
+        return PackedDataset(rows, seq_length=d.seq_length), accounting
+    return PaddedDataset(rows, seq_length=d.seq_length, pad_token_id=0), accounting

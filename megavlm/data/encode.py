@@ -22,6 +22,12 @@ from megavlm.data.sample import Media, Sample
 from megavlm.data.video import VIDEO_FPS, pair_timestamps, sample_frame_indices
 
 
+# Images are rejected, not resized, below MIN_SIDE pixels a side (nothing to see) or above
+# MAX_PIXELS_FACTOR x data.max_pixels (decoding them costs more than the sample is worth).
+MIN_SIDE = 8
+MAX_PIXELS_FACTOR = 64
+
+
 class SampleError(ValueError):
     """A sample that cannot be used; ``reason`` is a short category for bad-input counts."""
 
@@ -62,30 +68,52 @@ class SampleEncoder:
     def __init__(self, template: Qwen3VLChatTemplate, *, min_pixels: int, max_pixels: int, max_length: int):
         self.template = template
         self.min_pixels, self.max_pixels, self.max_length = min_pixels, max_pixels, max_length
+        self._video_decoder = None  # built on the first video file (a DALI pipeline)
+
+    def _decoded_video(self, sample: Sample, media: Media):
+        """A video file or bytes through the DALI/PyAV decoder: patches, grid, pair times."""
+        if self._video_decoder is None:
+            from megavlm.data.video import VideoDecoder
+
+            self._video_decoder = VideoDecoder(mode="qwen3vl", min_pixels=self.min_pixels, max_pixels=self.max_pixels)
+        source = media.path if media.path is not None else media.data
+        (result,) = self._video_decoder.decode([source], [f"{sample.id}:{media.path or 'video'}"])
+        if not result.ok:
+            reason = "missing_media" if "not found" in result.reason else "bad_video"
+            raise SampleError(sample.id, reason, result.reason)
+        return result.pixel_values.cpu(), result.grid_thw.cpu(), result.timestamps
 
     def _pixels(self, sample: Sample, media: Media) -> np.ndarray:
         if media.array is not None:
             return media.array
-        if media.kind == "video":
-            raise SampleError(sample.id, "video", "videos from files go through data.video.VideoDecoder")
         try:
             source = media.path if media.path is not None else io.BytesIO(media.data)
             return np.asarray(Image.open(source).convert("RGB"))
         except FileNotFoundError:
             raise SampleError(sample.id, "missing_media", str(media.path)) from None
         except Exception as e:  # Pillow raises many types for corrupt or truncated files
-            raise SampleError(sample.id, "corrupt_image", f"{media.path or 'bytes'}: {e}") from None
+            raise SampleError(sample.id, "bad_image", f"{media.path or 'bytes'}: {e}") from None
 
     def _size(self, sample: Sample, h: int, w: int) -> tuple[int, int]:
+        if min(h, w) < MIN_SIDE:
+            raise SampleError(sample.id, "image_too_small", f"{h}x{w} pixels, a side is under {MIN_SIDE}")
+        if h * w > MAX_PIXELS_FACTOR * self.max_pixels:
+            raise SampleError(sample.id, "image_too_large",
+                              f"{h}x{w} pixels > {MAX_PIXELS_FACTOR} x data.max_pixels ({self.max_pixels})")
         try:
             return smart_resize(h, w, min_pixels=self.min_pixels, max_pixels=self.max_pixels, name=sample.id)
         except ValueError as e:
-            raise SampleError(sample.id, "image_size", str(e)) from None
+            raise SampleError(sample.id, "image_aspect", str(e)) from None
 
     def _media(self, sample: Sample):
         """Patches of every image and video, and what the chat template needs of each."""
         images, videos, layouts = [], [], []
         for media in sample.media:
+            if media.kind == "video" and media.array is None:
+                patches, grid, times = self._decoded_video(sample, media)
+                videos.append((patches, grid))
+                layouts.append(MediaLayout("video", qwen3vl_num_tokens([1, *grid[1:]]), times))
+                continue
             pixels = self._pixels(sample, media)
             if media.kind == "image":
                 size = self._size(sample, *pixels.shape[:2])

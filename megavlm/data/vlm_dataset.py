@@ -8,6 +8,7 @@ The row for an index never changes, so a run's data position stays one integer.
 
 from __future__ import annotations
 
+from dataclasses import dataclass, field
 from functools import lru_cache
 from typing import Callable, Sequence
 
@@ -16,6 +17,7 @@ import torch.nn.functional as F
 
 from megavlm.config.schema import ModelConfig
 from megavlm.data.batch import Batch
+from megavlm.data.encode import SampleError
 from megavlm.models.rope import mrope_position_ids
 
 
@@ -30,6 +32,28 @@ def position_ids_for(tokens: torch.Tensor, image_grid_thw, video_grid_thw, model
     return torch.arange(tokens.numel())[None, :]
 
 
+BAD_REASONS = ("bad_image", "bad_video", "missing_media", "image_too_small", "image_too_large", "image_aspect",
+               "too_long", "other")
+
+
+@dataclass
+class BadSampleAccounting:
+    """Samples encoded and skipped (by reason) on this rank, with a few examples to name."""
+
+    seen: int = 0
+    bad: dict[str, int] = field(default_factory=lambda: dict.fromkeys(BAD_REASONS, 0))
+    examples: list[str] = field(default_factory=list)
+
+    def record(self, error: SampleError) -> None:
+        reason = error.reason if error.reason in self.bad else "other"
+        self.bad[reason] += 1
+        if len(self.examples) < 5:
+            self.examples.append(str(error))
+
+    def counts(self) -> list[float]:
+        return [float(self.seen)] + [float(self.bad[r]) for r in BAD_REASONS]
+
+
 class EncodedDataset:
     """Index ``i`` -> the encoded, unpadded single-row Batch of ``source[i]``."""
 
@@ -37,13 +61,25 @@ class EncodedDataset:
         self.source = source
         self.encode = encode
         self.model = model
+        self.accounting = BadSampleAccounting()
         self._row = lru_cache(maxsize=cache_size)(self._build)  # packing reads lengths first
+
+    def _empty(self) -> Batch:
+        empty = torch.zeros(1, 0, dtype=torch.long)
+        positions = torch.zeros(3, 1, 0, dtype=torch.long) if self.model.rope.kind.startswith("mrope") else empty
+        return Batch(tokens=empty, labels=empty, loss_mask=empty.float(), position_ids=positions)
 
     def __len__(self) -> int:
         return len(self.source)
 
     def _build(self, i: int) -> Batch:
-        enc = self.encode(self.source[i])
+        self.accounting.seen += 1
+        try:
+            enc = self.encode(self.source[i])
+        except SampleError as e:
+            # Skipped, counted and reported; the row stays (empty) so row i never moves.
+            self.accounting.record(e)
+            return self._empty()
         tokens = enc.tokens[None, :]
         return Batch(
             tokens=tokens,
@@ -74,8 +110,8 @@ class PaddedDataset:
         pad = self.seq_length - n
         if pad < 0:
             raise ValueError(f"sample {i}: {n} tokens exceed data.seq_length={self.seq_length}")
-        last = row.position_ids[..., -1:]
-        positions = torch.cat([row.position_ids, last + 1 + torch.arange(pad).expand(*last.shape[:-1], pad)], dim=-1)
+        start = row.position_ids[..., -1:] + 1 if n else torch.zeros(*row.position_ids.shape[:-1], 1, dtype=torch.long)
+        positions = torch.cat([row.position_ids, start + torch.arange(pad).expand(*start.shape[:-1], pad)], dim=-1)
         return Batch(
             tokens=F.pad(row.tokens, (0, pad), value=self.pad_token_id),
             labels=F.pad(row.labels, (0, pad)),

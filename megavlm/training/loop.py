@@ -15,6 +15,7 @@ from megatron.core.pipeline_parallel import get_forward_backward_func
 from megavlm.config import Config, data_parallel_size, dump_yaml, validate
 from megavlm.data.sampler import micro_batches
 from megavlm.data.build import training_rows
+from megavlm.data.vlm_dataset import BAD_REASONS, BadSampleAccounting
 from megavlm.platform import device
 from megavlm.platform.distributed import initialize
 from megavlm.platform.launch import detect_dist_env
@@ -45,23 +46,17 @@ class _StopRequest:
         return bool(flag.item())
 
 
-def _micro_batches(cfg: Config, consumed_samples: int):
-    return micro_batches(
-        training_rows(cfg),
-        consumed_samples=consumed_samples,
-        micro_batch_size=cfg.train.micro_batch_size,
-        dp_rank=parallel_state.get_data_parallel_rank(),
-        dp_size=parallel_state.get_data_parallel_world_size(),
-    )
+def _step_stats(losses_reduced: list[dict], model, data_counts: list[float]) -> tuple[float, float, bool, list[float]]:
+    """(loss sum, token count, all gradients finite, data counts) over the global batch, on
+    every rank.
 
-
-def _step_stats(losses_reduced: list[dict], model) -> tuple[float, float, bool]:
-    """(loss sum, token count, all gradients finite) over the global batch, on every rank.
-
-    One all-reduce: the loss from the last pipeline stage (one TP rank per replica), and a
-    check for non-finite values: one sum over each of DDP's contiguous gradient buffers.
+    One all-reduce: the loss from the last pipeline stage (one TP rank per replica), a
+    check for non-finite values (one sum over each of DDP's contiguous gradient buffers),
+    and this rank's samples seen / skipped by reason, which every rank of a DP replica
+    counts alike (hence the division).
     """
-    stats = torch.zeros(3, device=device.device())  # [loss sum, tokens, non-finite grads]
+    n = len(data_counts)
+    stats = torch.zeros(3 + n, device=device.device())  # [loss sum, tokens, non-finite grads, data...]
     if parallel_state.is_pipeline_last_stage() and parallel_state.get_tensor_model_parallel_rank() == 0:
         for report in losses_reduced:
             stats[:2] += report["lm loss"].to(stats.device)
@@ -69,9 +64,30 @@ def _step_stats(losses_reduced: list[dict], model) -> tuple[float, float, bool]:
         for buffer in chunk.buffers + chunk.expert_parallel_buffers:
             # one reduction: a NaN or Inf anywhere makes the sum non-finite
             stats[2] += (~torch.isfinite(buffer.grad_data.sum())).float()
+    if n:
+        stats[3:] = torch.tensor(data_counts, device=stats.device)
     dist.all_reduce(stats)
-    loss_sum, num_tokens, nonfinite = stats.tolist()
-    return loss_sum, num_tokens, nonfinite == 0
+    replica = dist.get_world_size() // parallel_state.get_data_parallel_world_size()
+    loss_sum, num_tokens, nonfinite, *data = stats.tolist()
+    return loss_sum, num_tokens, nonfinite == 0, [c / replica for c in data]
+
+
+class DataQualityError(RuntimeError):
+    pass
+
+
+def _check_bad_samples(cfg: Config, counts: list[float], accounting: BadSampleAccounting) -> dict[str, float]:
+    """Metrics of skipped samples; stops the run when too many are bad."""
+    seen, *bad = counts
+    total = sum(bad)
+    metrics = {"bad_samples": total, **{f"bad/{r}": c for r, c in zip(BAD_REASONS, bad) if c}}
+    if seen >= 100 and total / seen > cfg.data.max_bad_fraction:
+        raise DataQualityError(
+            f"{total:.0f} of {seen:.0f} samples were bad ({total / seen:.1%} > data.max_bad_fraction="
+            f"{cfg.data.max_bad_fraction}); by reason: "
+            f"{ {r: int(c) for r, c in zip(BAD_REASONS, bad) if c} }; examples on this rank: {accounting.examples}"
+        )
+    return metrics
 
 
 class Trainer:
@@ -108,7 +124,11 @@ class Trainer:
         t = cfg.train
         dp = data_parallel_size(cfg, env.world_size)
         self.num_microbatches = t.global_batch_size // (t.micro_batch_size * dp)
-        self.data = _micro_batches(cfg, self.state.consumed_samples)
+        rows, self.data_accounting = training_rows(cfg)
+        self.data = micro_batches(
+            rows, consumed_samples=self.state.consumed_samples, micro_batch_size=t.micro_batch_size,
+            dp_rank=parallel_state.get_data_parallel_rank(), dp_size=parallel_state.get_data_parallel_world_size(),
+        )
         self.forward_backward = get_forward_backward_func()
         self.pipeline_seq_length = cfg.data.seq_length * pipeline_seq_multiplier(cfg.model, cfg.parallel)
 
@@ -137,7 +157,8 @@ class Trainer:
             seq_length=self.pipeline_seq_length,
             micro_batch_size=t.micro_batch_size,
         )
-        loss_sum, num_tokens, grads_finite = _step_stats(losses_reduced, self.model)
+        counts = self.data_accounting.counts() if self.data_accounting else []
+        loss_sum, num_tokens, grads_finite, counts = _step_stats(losses_reduced, self.model, counts)
         if grads_finite:
             _, grad_norm, _ = self.optimizer.step()
         else:
@@ -145,7 +166,9 @@ class Trainer:
             self.state.skipped_steps += 1
         self.state.iteration += 1
         self.state.consumed_samples += t.global_batch_size
+        data_metrics = _check_bad_samples(self.cfg, counts, self.data_accounting) if counts else {}
         return {
+            **data_metrics,
             "loss": loss_sum / max(num_tokens, 1.0),
             "lr": lr,
             "grad_norm": float("nan") if grad_norm is None else float(grad_norm),

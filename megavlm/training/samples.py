@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch.distributed as dist
 
-from megavlm.data.build import synthetic_encoder
+from megavlm.data.build import sample_encoder
 from megavlm.data.synthetic import SyntheticMultimodalDataset
 from megavlm.data.synthetic_text import SyntheticTextDataset
 from megavlm.inference.engine import GenerationEngine, Prompt, SamplingParams
@@ -36,7 +36,7 @@ def print_synthetic_sample(trainer, *, prompt_length: int = 8, new_tokens: int =
 
 def print_multimodal_samples(trainer, *, count: int) -> None:
     """Answer held-out synthetic questions (KV-cache engine, greedy); print them with the truth."""
-    encoder = synthetic_encoder(trainer.cfg)
+    encoder = sample_encoder(trainer.cfg)
     tokenizer = encoder.template.tok
     held_out = SyntheticMultimodalDataset(seed=trainer.cfg.data.seed + 1)
     samples = [held_out[i] for i in range(count)]

@@ -89,9 +89,10 @@ def test_bad_samples_are_named(encoder, tmp_path):
 
     bad = tmp_path / "broken.png"
     bad.write_bytes(b"\x89PNG not really")
-    for media, reason in ((Media("image", path=str(bad)), "corrupt_image"),
+    for media, reason in ((Media("image", path=str(bad)), "bad_image"),
                           (Media("image", path=str(tmp_path / "nope.png")), "missing_media"),
-                          (Media("image", array=np.zeros((1, 3000, 3), np.uint8)), "image_size")):
+                          (Media("image", array=np.zeros((4, 64, 3), np.uint8)), "image_too_small"),
+                          (Media("image", array=np.zeros((10, 3000, 3), np.uint8)), "image_aspect")):
         sample = Sample("s1", [Message("user", [{"type": "image", "index": 0}])], [media])
         with pytest.raises(SampleError, match=f"sample s1: {reason}") as err:
             encoder(sample)

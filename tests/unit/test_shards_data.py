@@ -1,0 +1,94 @@
+"""Sample formats -> shards -> training rows, with every kind of bad input counted by reason."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from megavlm.config import load_config
+from megavlm.data.build import sample_encoder
+from megavlm.data.shards import ShardDataset, prepare
+from megavlm.data.vlm_dataset import EncodedDataset
+from megavlm.training.loop import DataQualityError, _check_bad_samples
+
+
+def _png(path, size=(64, 64), color=(200, 30, 30)):
+    Image.new("RGB", size, color).save(path)
+    return path.name
+
+
+def _write_inputs(tmp_path):
+    (tmp_path / "img").mkdir()
+    good = _png(tmp_path / "img" / "red.png")
+    hf = {"messages": [
+        {"role": "user", "content": [{"type": "image", "image": f"img/{good}"}, {"type": "text", "text": "Colour?"}]},
+        {"role": "assistant", "content": "red"}]}
+    llava = {"id": "llava-1", "image": f"img/{good}", "conversations": [
+        {"from": "human", "value": "<image>\nWhat colour is it?"}, {"from": "gpt", "value": "red"}]}
+    corrupt = tmp_path / "img" / "corrupt.png"
+    corrupt.write_bytes(b"\x89PNG\r\n\x1a\n garbage")
+    truncated = tmp_path / "img" / "truncated.png"
+    full = tmp_path / "img" / "full.png"
+    _png(full, (96, 96))
+    truncated.write_bytes(full.read_bytes()[:60])
+    tiny = _png(tmp_path / "img" / "tiny.png", (4, 4))
+    huge = _png(tmp_path / "img" / "huge.png", (1100, 1000))
+    (tmp_path / "img" / "noise.mp4").write_bytes(np.random.default_rng(0).bytes(4096))
+
+    def hf_image(name, text="Colour?"):
+        return {"messages": [{"role": "user", "content": [{"type": "image", "image": f"img/{name}"},
+                                                          {"type": "text", "text": text}]},
+                             {"role": "assistant", "content": "red"}]}
+
+    bad_video = {"messages": [{"role": "user", "content": [{"type": "video", "video": "img/noise.mp4"},
+                                                           {"type": "text", "text": "Motion?"}]},
+                              {"role": "assistant", "content": "left"}]}
+    lines = [json.dumps(hf), json.dumps(llava)] * 3 + [
+        "{not json",  # malformed_json (prepare)
+        json.dumps(hf_image("missing.png")),  # missing_media (prepare)
+        json.dumps(hf_image("corrupt.png")), json.dumps(hf_image("truncated.png")),  # bad_image x2
+        json.dumps(hf_image(tiny)), json.dumps(hf_image(huge)),  # image_too_small, image_too_large
+        json.dumps(hf_image(good, text="word " * 400)),  # too_long
+        json.dumps(bad_video),  # bad_video
+    ]
+    (tmp_path / "data.jsonl").write_text("\n".join(lines) + "\n")
+    return tmp_path / "data.jsonl"
+
+
+def test_formats_prepare_and_bad_input_accounting(tmp_path):
+    src = _write_inputs(tmp_path)
+    written, bad = prepare(tmp_path / "shards", inputs=[str(src)], shard_size=4, seed=1)
+    assert written == 12 and {k: len(v) for k, v in bad.items()} == {"malformed_json": 1, "missing_media": 1}
+    assert "data.jsonl:7" in bad["malformed_json"][0]
+    data = ShardDataset(tmp_path / "shards")
+    assert len(data) == 12 and len(list((tmp_path / "shards").glob("shard-*.tar"))) == 3
+    by_id = {data[i].id: data[i] for i in range(len(data))}
+    llava = by_id["llava-1"]
+    assert [m.role for m in llava.messages] == ["user", "assistant"]
+    assert llava.messages[0].content == [{"type": "image", "index": 0}, {"type": "text", "text": "What colour is it?"}]
+    assert llava.media[0].data == (tmp_path / "img" / "red.png").read_bytes()  # relative path resolved
+
+    cfg = load_config(None, ["model.preset=qwen3vl-tiny", "data.dataset=shards", f"data.path={tmp_path / 'shards'}",
+                             "data.seq_length=256", "data.min_pixels=4096", "data.max_pixels=16384"])
+    rows = EncodedDataset(data, sample_encoder(cfg), cfg.model)
+    lengths = [rows[i].tokens.shape[-1] for i in range(len(rows))]
+    acc = rows.accounting
+    assert acc.seen == 12 and sum(n > 0 for n in lengths) == 6
+    assert {r: c for r, c in acc.bad.items() if c} == {
+        "bad_image": 2, "image_too_small": 1, "image_too_large": 1, "too_long": 1, "bad_video": 1}
+    metrics = _check_bad_samples(cfg, [100.0, 1.0] + [0.0] * 7, acc)  # 1% is tolerated
+    assert metrics["bad_samples"] == 1 and metrics["bad/bad_image"] == 1
+    with pytest.raises(DataQualityError, match=r"6 of 12 samples were bad|2 of 100 samples were bad"):
+        _check_bad_samples(cfg, [100.0, 2.0] + [0.0] * 7, acc)
+
+
+def test_prepare_data_cli_writes_synthetic_shards(tmp_path):
+    proc = subprocess.run([sys.executable, "tools/prepare_data.py", "--synthetic", "20", "--output", str(tmp_path)],
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    assert "wrote 20 samples" in proc.stdout and len(ShardDataset(tmp_path)) == 20
