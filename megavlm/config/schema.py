@@ -112,6 +112,8 @@ class DataConfig:
     # Bad samples (corrupt media, too long, ...) are skipped and counted; above this fraction
     # of the samples seen (after 100) the run stops with examples.
     max_bad_fraction: float = 0.01
+    # Loader worker processes (decode and pack ahead of the step); 0: in the training process.
+    num_workers: int = 0
     seq_length: int = 128
     seed: int = 1234
     # Pack several samples per sequence (needs train.micro_batch_size=1).

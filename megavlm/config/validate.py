@@ -172,6 +172,8 @@ def _collect_errors(cfg: Config, world_size: int) -> list[str]:
             errors.append(f"model.fp8.format={cfg.model.fp8.format!r}: {why}; set model.fp8.format=null")
     if cfg.data.dataset == "shards" and not cfg.data.path:
         errors.append("data.dataset=shards needs data.path (a folder written by tools/prepare_data.py)")
+    if cfg.data.num_workers < 0:
+        errors.append(f"data.num_workers must be >= 0, got {cfg.data.num_workers}")
     if not 0 <= cfg.data.max_bad_fraction <= 1:
         errors.append(f"data.max_bad_fraction must be in [0, 1], got {cfg.data.max_bad_fraction}")
     if cfg.data.pack and t.micro_batch_size != 1:

@@ -8,6 +8,7 @@ import torch
 
 # Media travel as flattened patches concatenated over the micro-batch (one grid row per block).
 MEDIA_FIELDS = ("pixel_values", "image_grid_thw", "pixel_values_videos", "video_grid_thw")
+ACCOUNTING_FIELDS = ("sample_counts", "notes")
 
 
 @dataclass
@@ -28,12 +29,17 @@ class Batch:
     video_grid_thw: torch.Tensor | None = None  # [n_video_blocks, 3]
     # [b, s] weight of each token's loss (training.losses), set per step; None: loss_mask.
     loss_weights: torch.Tensor | None = None
+    # Data accounting, summed over the samples in the batch: [seen, skipped per reason]
+    # (data.vlm_dataset.BAD_REASONS), plus what was wrong with the skipped ones. Carried in
+    # the batch so counts survive loader worker processes.
+    sample_counts: torch.Tensor | None = None
+    notes: list[str] | None = None
 
     def to(self, device: torch.device) -> "Batch":
-        return Batch(**{
-            f.name: None if getattr(self, f.name) is None else getattr(self, f.name).to(device, non_blocking=True)
-            for f in fields(self)
-        })
+        def move(value):
+            return value.to(device, non_blocking=True) if isinstance(value, torch.Tensor) else value
+
+        return Batch(**{f.name: move(getattr(self, f.name)) for f in fields(self)})
 
     def media(self) -> dict[str, torch.Tensor | None]:
         return {name: getattr(self, name) for name in MEDIA_FIELDS}
@@ -53,8 +59,15 @@ class Batch:
             batch_dim = 1 if name == "position_ids" and parts[0].dim() == 3 else 0  # MRoPE [3, b, s]
             return torch.cat(parts, dim=batch_dim)
 
-        rows = {f.name: cat(f.name) for f in fields(Batch) if f.name not in MEDIA_FIELDS}
-        return Batch(**rows, **concat_media(samples))
+        rows = {f.name: cat(f.name) for f in fields(Batch) if f.name not in (*MEDIA_FIELDS, *ACCOUNTING_FIELDS)}
+        return Batch(**rows, **concat_media(samples), **merge_accounting(samples))
+
+
+def merge_accounting(samples: list[Batch]) -> dict:
+    """Counts summed and notes joined over the samples of one row or micro-batch."""
+    counts = [s.sample_counts for s in samples if s.sample_counts is not None]
+    notes = [n for s in samples for n in (s.notes or [])]
+    return {"sample_counts": torch.stack(counts).sum(0) if counts else None, "notes": notes or None}
 
 
 def concat_media(samples: list[Batch]) -> dict[str, torch.Tensor | None]:

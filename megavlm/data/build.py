@@ -14,7 +14,7 @@ from megavlm.data.synthetic import SyntheticMultimodalDataset
 from megavlm.data.synthetic_text import SyntheticTextDataset
 from megavlm.data.tokenizer import Tokenizer, synthetic_tokenizer, token_ids_config
 from megavlm.data.shards import ShardDataset
-from megavlm.data.vlm_dataset import BadSampleAccounting, EncodedDataset, PaddedDataset
+from megavlm.data.vlm_dataset import EncodedDataset, PaddedDataset
 
 
 def sample_encoder(cfg: Config) -> SampleEncoder:
@@ -38,18 +38,15 @@ def sample_encoder(cfg: Config) -> SampleEncoder:
                          max_length=d.seq_length)
 
 
-def training_rows(cfg: Config) -> tuple[Sequence[Batch], BadSampleAccounting | None]:
-    """Index -> one row ``[1, seq_length]`` (a packed group of samples, or one padded
-    sample), and the bad-sample accounting of multimodal data."""
+def training_rows(cfg: Config) -> Sequence[Batch]:
+    """Index -> one row ``[1, seq_length]`` (a packed group of samples, or one padded sample)."""
     d = cfg.data
-    accounting = None
     if d.dataset == "synthetic_text":
         rows = SyntheticTextDataset(vocab_size=cfg.model.language.vocab_size, seq_length=d.seq_length,
                                     seed=d.seed, min_length=d.min_sample_length)
     else:
         source = SyntheticMultimodalDataset(seed=d.seed) if d.dataset == "synthetic_multimodal" else ShardDataset(d.path)
         rows = EncodedDataset(source, sample_encoder(cfg), cfg.model)
-        accounting = rows.accounting
     if d.pack:
-        return PackedDataset(rows, seq_length=d.seq_length), accounting
-    return PaddedDataset(rows, seq_length=d.seq_length, pad_token_id=0), accounting
+        return PackedDataset(rows, seq_length=d.seq_length)
+    return PaddedDataset(rows, seq_length=d.seq_length, pad_token_id=0)

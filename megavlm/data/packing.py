@@ -13,7 +13,7 @@ from typing import Sequence
 import torch
 import torch.nn.functional as F
 
-from megavlm.data.batch import Batch, concat_media
+from megavlm.data.batch import Batch, concat_media, merge_accounting
 
 
 def first_fit_decreasing(lengths: Sequence[int], capacity: int) -> list[list[int]]:
@@ -50,6 +50,7 @@ def pack(samples: Sequence[Batch], seq_length: int) -> Batch:
         cu_seqlens=torch.tensor(boundaries, dtype=torch.int32),
         sample_ids=F.pad(sample_ids, (0, pad), value=-1),
         **concat_media(samples),
+        **merge_accounting(samples),
     )
 
 

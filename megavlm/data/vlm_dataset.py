@@ -8,7 +8,7 @@ The row for an index never changes, so a run's data position stays one integer.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+import dataclasses
 from functools import lru_cache
 from typing import Callable, Sequence
 
@@ -36,22 +36,13 @@ BAD_REASONS = ("bad_image", "bad_video", "missing_media", "image_too_small", "im
                "too_long", "other")
 
 
-@dataclass
-class BadSampleAccounting:
-    """Samples encoded and skipped (by reason) on this rank, with a few examples to name."""
-
-    seen: int = 0
-    bad: dict[str, int] = field(default_factory=lambda: dict.fromkeys(BAD_REASONS, 0))
-    examples: list[str] = field(default_factory=list)
-
-    def record(self, error: SampleError) -> None:
-        reason = error.reason if error.reason in self.bad else "other"
-        self.bad[reason] += 1
-        if len(self.examples) < 5:
-            self.examples.append(str(error))
-
-    def counts(self) -> list[float]:
-        return [float(self.seen)] + [float(self.bad[r]) for r in BAD_REASONS]
+def sample_counts(reason: str | None = None) -> torch.Tensor:
+    """``[seen, skipped per reason]`` of one sample: ``[1, 0, ...]`` or a one-hot reason."""
+    counts = torch.zeros(1 + len(BAD_REASONS))
+    counts[0] = 1
+    if reason is not None:
+        counts[1 + BAD_REASONS.index(reason if reason in BAD_REASONS else "other")] = 1
+    return counts
 
 
 class EncodedDataset:
@@ -61,8 +52,15 @@ class EncodedDataset:
         self.source = source
         self.encode = encode
         self.model = model
-        self.accounting = BadSampleAccounting()
+        self.cache_size = cache_size
         self._row = lru_cache(maxsize=cache_size)(self._build)  # packing reads lengths first
+
+    def __getstate__(self):  # loader workers get a copy without the (unpicklable) cache
+        return {k: v for k, v in self.__dict__.items() if k != "_row"}
+
+    def __setstate__(self, state):
+        self.__dict__.update(state)
+        self._row = lru_cache(maxsize=self.cache_size)(self._build)
 
     def _empty(self) -> Batch:
         empty = torch.zeros(1, 0, dtype=torch.long)
@@ -73,13 +71,11 @@ class EncodedDataset:
         return len(self.source)
 
     def _build(self, i: int) -> Batch:
-        self.accounting.seen += 1
         try:
             enc = self.encode(self.source[i])
         except SampleError as e:
             # Skipped, counted and reported; the row stays (empty) so row i never moves.
-            self.accounting.record(e)
-            return self._empty()
+            return dataclasses.replace(self._empty(), sample_counts=sample_counts(e.reason), notes=[str(e)])
         tokens = enc.tokens[None, :]
         return Batch(
             tokens=tokens,
@@ -90,6 +86,7 @@ class EncodedDataset:
             image_grid_thw=enc.image_grid_thw,
             pixel_values_videos=enc.pixel_values_videos,
             video_grid_thw=enc.video_grid_thw,
+            sample_counts=sample_counts(),
         )
 
     def __getitem__(self, i: int) -> Batch:
@@ -118,4 +115,6 @@ class PaddedDataset:
             loss_mask=F.pad(row.loss_mask, (0, pad)),
             position_ids=positions,
             **row.media(),
+            sample_counts=row.sample_counts,
+            notes=row.notes,
         )

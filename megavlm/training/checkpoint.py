@@ -14,7 +14,7 @@ from __future__ import annotations
 import os
 import random
 import shutil
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -35,8 +35,10 @@ _OPTIMIZER_METADATA = {"distrib_optim_sharding_type": "fully_reshardable"}
 @dataclass
 class TrainState:
     iteration: int = 0
-    consumed_samples: int = 0
+    consumed_samples: int = 0  # the data loader's position: the next global sample index
     skipped_steps: int = 0
+    # multimodal data: samples seen, then skipped per reason (data.vlm_dataset.BAD_REASONS)
+    data_counts: list[float] = field(default_factory=list)
 
 
 def _atomic_write_bytes(path: Path, data: bytes) -> None:
@@ -165,6 +167,7 @@ def load_checkpoint(path: str | Path, cfg: Config, model, optimizer) -> TrainSta
         iteration=meta["iteration"],
         consumed_samples=meta["consumed_samples"],
         skipped_steps=meta["skipped_steps"],
+        data_counts=meta.get("data_counts", []),
     )
 
 

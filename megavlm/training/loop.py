@@ -15,7 +15,7 @@ from megatron.core.pipeline_parallel import get_forward_backward_func
 from megavlm.config import Config, data_parallel_size, dump_yaml, validate
 from megavlm.data.sampler import micro_batches
 from megavlm.data.build import training_rows
-from megavlm.data.vlm_dataset import BAD_REASONS, BadSampleAccounting
+from megavlm.data.vlm_dataset import BAD_REASONS
 from megavlm.platform import device
 from megavlm.platform.distributed import initialize
 from megavlm.platform.launch import detect_dist_env
@@ -76,8 +76,9 @@ class DataQualityError(RuntimeError):
     pass
 
 
-def _check_bad_samples(cfg: Config, counts: list[float], accounting: BadSampleAccounting) -> dict[str, float]:
-    """Metrics of skipped samples; stops the run when too many are bad."""
+def _check_bad_samples(cfg: Config, counts: list[float], examples: list[str]) -> dict[str, float]:
+    """Metrics of the samples skipped so far (``counts`` = [seen, per reason]); stops the
+    run, naming examples, when too many are bad."""
     seen, *bad = counts
     total = sum(bad)
     metrics = {"bad_samples": total, **{f"bad/{r}": c for r, c in zip(BAD_REASONS, bad) if c}}
@@ -85,7 +86,7 @@ def _check_bad_samples(cfg: Config, counts: list[float], accounting: BadSampleAc
         raise DataQualityError(
             f"{total:.0f} of {seen:.0f} samples were bad ({total / seen:.1%} > data.max_bad_fraction="
             f"{cfg.data.max_bad_fraction}); by reason: "
-            f"{ {r: int(c) for r, c in zip(BAD_REASONS, bad) if c} }; examples on this rank: {accounting.examples}"
+            f"{ {r: int(c) for r, c in zip(BAD_REASONS, bad) if c} }; examples on this rank: {examples[:5]}"
         )
     return metrics
 
@@ -124,17 +125,23 @@ class Trainer:
         t = cfg.train
         dp = data_parallel_size(cfg, env.world_size)
         self.num_microbatches = t.global_batch_size // (t.micro_batch_size * dp)
-        rows, self.data_accounting = training_rows(cfg)
         self.data = micro_batches(
-            rows, consumed_samples=self.state.consumed_samples, micro_batch_size=t.micro_batch_size,
+            training_rows(cfg), consumed_samples=self.state.consumed_samples, micro_batch_size=t.micro_batch_size,
             dp_rank=parallel_state.get_data_parallel_rank(), dp_size=parallel_state.get_data_parallel_world_size(),
+            num_workers=cfg.data.num_workers,
         )
+        self.step_counts = torch.zeros(1 + len(BAD_REASONS))  # samples seen / skipped this step
+        self.bad_examples: list[str] = []
         self.forward_backward = get_forward_backward_func()
         self.pipeline_seq_length = cfg.data.seq_length * pipeline_seq_multiplier(cfg.model, cfg.parallel)
 
     def _step_data(self):
         """This step's micro-batches with loss weights; one iterator per model chunk."""
         batches = [next(self.data) for _ in range(self.num_microbatches)]
+        for b in batches:
+            if b.sample_counts is not None:
+                self.step_counts = self.step_counts + b.sample_counts
+                self.bad_examples += b.notes or []
         batches = weight_micro_batches(
             batches, self.cfg.train.loss_normalization, parallel_state.get_data_parallel_group()
         )
@@ -157,8 +164,11 @@ class Trainer:
             seq_length=self.pipeline_seq_length,
             micro_batch_size=t.micro_batch_size,
         )
-        counts = self.data_accounting.counts() if self.data_accounting else []
+        counts = self.step_counts.tolist() if self.cfg.data.dataset != "synthetic_text" else []
+        self.step_counts = torch.zeros(1 + len(BAD_REASONS))
         loss_sum, num_tokens, grads_finite, counts = _step_stats(losses_reduced, self.model, counts)
+        if counts:
+            self.state.data_counts = [a + b for a, b in zip(self.state.data_counts or [0.0] * len(counts), counts)]
         if grads_finite:
             _, grad_norm, _ = self.optimizer.step()
         else:
@@ -166,7 +176,7 @@ class Trainer:
             self.state.skipped_steps += 1
         self.state.iteration += 1
         self.state.consumed_samples += t.global_batch_size
-        data_metrics = _check_bad_samples(self.cfg, counts, self.data_accounting) if counts else {}
+        data_metrics = _check_bad_samples(self.cfg, self.state.data_counts, self.bad_examples) if counts else {}
         return {
             **data_metrics,
             "loss": loss_sum / max(num_tokens, 1.0),

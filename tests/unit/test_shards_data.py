@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 
@@ -13,7 +14,9 @@ from PIL import Image
 from megavlm.config import load_config
 from megavlm.data.build import sample_encoder
 from megavlm.data.shards import ShardDataset, prepare
-from megavlm.data.vlm_dataset import EncodedDataset
+from megavlm.data.batch import merge_accounting
+from megavlm.data.sampler import micro_batches
+from megavlm.data.vlm_dataset import BAD_REASONS, EncodedDataset
 from megavlm.training.loop import DataQualityError, _check_bad_samples
 
 
@@ -76,15 +79,52 @@ def test_formats_prepare_and_bad_input_accounting(tmp_path):
     cfg = load_config(None, ["model.preset=qwen3vl-tiny", "data.dataset=shards", f"data.path={tmp_path / 'shards'}",
                              "data.seq_length=256", "data.min_pixels=4096", "data.max_pixels=16384"])
     rows = EncodedDataset(data, sample_encoder(cfg), cfg.model)
-    lengths = [rows[i].tokens.shape[-1] for i in range(len(rows))]
-    acc = rows.accounting
-    assert acc.seen == 12 and sum(n > 0 for n in lengths) == 6
-    assert {r: c for r, c in acc.bad.items() if c} == {
+    counts = merge_accounting([rows[i] for i in range(len(rows))])  # what batches carry to the trainer
+    seen, *bad = counts["sample_counts"].tolist()
+    assert seen == 12 and sum(rows[i].tokens.shape[-1] > 0 for i in range(len(rows))) == 6
+    assert {r: c for r, c in zip(BAD_REASONS, bad) if c} == {
         "bad_image": 2, "image_too_small": 1, "image_too_large": 1, "too_long": 1, "bad_video": 1}
-    metrics = _check_bad_samples(cfg, [100.0, 1.0] + [0.0] * 7, acc)  # 1% is tolerated
+    assert len(counts["notes"]) == 6 and all(n.startswith("sample ") for n in counts["notes"])
+    metrics = _check_bad_samples(cfg, [100.0, 1.0] + [0.0] * 7, counts["notes"])  # 1% is tolerated
     assert metrics["bad_samples"] == 1 and metrics["bad/bad_image"] == 1
-    with pytest.raises(DataQualityError, match=r"6 of 12 samples were bad|2 of 100 samples were bad"):
-        _check_bad_samples(cfg, [100.0, 2.0] + [0.0] * 7, acc)
+    with pytest.raises(DataQualityError, match=r"2 of 100 samples were bad .* examples on this rank: \['sample "):
+        _check_bad_samples(cfg, [100.0, 2.0] + [0.0] * 7, counts["notes"])
+
+
+def test_training_on_bad_shards_counts_every_reason(tmp_path):
+    """12 samples, 6 bad: 3 steps of 4 padded samples see them all; nothing stops the run."""
+    prepare(tmp_path / "shards", inputs=[str(_write_inputs(tmp_path))], seed=1)
+    proc = subprocess.run(
+        [sys.executable, "tools/pretrain_vlm.py", "--config", "examples/tiny/pretrain_vlm.yaml", "data.dataset=shards",
+         f"data.path={tmp_path / 'shards'}", "data.pack=false", "train.micro_batch_size=1", "train.global_batch_size=4",
+         "train.iters=3", "checkpoint.save=null", f"logging.dir={tmp_path / 'run'}", "logging.tensorboard=false",
+         "data.num_workers=2"],
+        capture_output=True, text=True, timeout=300, env={**os.environ, "PYTHONWARNINGS": "ignore"},
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    last = json.loads((tmp_path / "run" / "metrics.jsonl").read_text().splitlines()[-1])
+    assert last["bad_samples"] == 6
+    assert {k: v for k, v in last.items() if k.startswith("bad/")} == {
+        "bad/bad_image": 2, "bad/bad_video": 1, "bad/image_too_small": 1, "bad/image_too_large": 1, "bad/too_long": 1}
+
+
+def test_order_is_the_same_with_workers_and_after_resume(tmp_path):
+    """DP=2 x 2 loader workers: the micro-batches equal the in-process ones, and resuming
+    at consumed_samples=k gives exactly the tail of the uninterrupted sequence."""
+    prepare(tmp_path, synthetic=40, seed=3)
+    cfg = load_config(None, ["model.preset=qwen3vl-tiny", "data.dataset=shards", f"data.path={tmp_path}",
+                             "data.seq_length=256", "data.min_pixels=4096", "data.max_pixels=16384"])
+    rows = EncodedDataset(ShardDataset(tmp_path), sample_encoder(cfg), cfg.model)
+
+    def tokens(consumed, rank, workers, n):
+        it = micro_batches(rows, consumed_samples=consumed, micro_batch_size=1, dp_rank=rank, dp_size=2,
+                           num_workers=workers)
+        return [next(it).tokens.tolist() for _ in range(n)]
+
+    for rank in (0, 1):
+        full = tokens(0, rank, 0, 6)
+        assert tokens(0, rank, 2, 6) == full
+        assert tokens(6, rank, 2, 3) == full[3:]  # resumed after 3 global batches of 2
 
 
 def test_prepare_data_cli_writes_synthetic_shards(tmp_path):
