@@ -116,6 +116,27 @@ def main() -> None:
     print(f"DALI CPU     : {n / t_dali:7.2f} images/s ({t_dali:.2f} s; {1e3 * c_dali / n:.0f} CPU-ms/image)")
     print(f"Pillow+numpy : {n / t_pil:7.2f} images/s ({t_pil:.2f} s; {1e3 * c_pil / n:.0f} CPU-ms/image)")
     print(f"ratio DALI / Pillow: {t_pil / t_dali:.2f}x images/s, {c_pil / c_dali:.2f}x CPU time per image")
+    packing_efficiency()
+
+
+def packing_efficiency(samples: int = 512, seq_lengths=(256, 1024)) -> None:
+    """Padding left by first-fit-decreasing packing of the built-in multimodal samples."""
+    from megavlm.config import load_config
+    from megavlm.data.build import sample_encoder
+    from megavlm.data.packing import PackedDataset
+    from megavlm.data.synthetic import SyntheticMultimodalDataset
+    from megavlm.data.vlm_dataset import EncodedDataset
+    for seq in seq_lengths:
+        cfg = load_config(None, ["model.preset=qwen3vl-tiny", "data.dataset=synthetic_multimodal",
+                                 f"data.seq_length={seq}", "data.min_pixels=4096", "data.max_pixels=16384"])
+        rows = EncodedDataset(SyntheticMultimodalDataset(seed=0), sample_encoder(cfg), cfg.model, cache_size=samples)
+        packed = PackedDataset(rows, seq_length=seq)
+        k = 0
+        while packed._windows_done * packed.buffer_size < samples:
+            packed[k]
+            k += 1
+        print(f"packing {samples} synthetic samples into rows of {seq}: {len(packed._bins)} rows, "
+              f"{1 - packed.padding_fraction():.1%} of tokens are real (padding {packed.padding_fraction():.1%})")
 
 
 if __name__ == "__main__":

@@ -23,7 +23,8 @@ def sample_encoder(cfg: Config) -> SampleEncoder:
     d = cfg.data
     tokenizer = Tokenizer.from_file(d.tokenizer) if d.tokenizer else synthetic_tokenizer()
     name = d.tokenizer or "the synthetic tokenizer"
-    expected = token_ids_config(tokenizer)
+    family = "step3vl" if cfg.model.vision is not None and cfg.model.vision.kind == "pe" else "qwen3vl"
+    expected = token_ids_config(tokenizer, family=family)
     if cfg.model.token_ids != expected:
         raise ConfigError(
             f"model.token_ids {cfg.model.token_ids} differ from {name}'s {expected}; "
@@ -35,7 +36,7 @@ def sample_encoder(cfg: Config) -> SampleEncoder:
             f"vocabulary ({tokenizer.vocab_size})"
         )
     return SampleEncoder(Qwen3VLChatTemplate(tokenizer), min_pixels=d.min_pixels, max_pixels=d.max_pixels,
-                         max_length=d.seq_length)
+                         max_length=d.seq_length, family=family)
 
 
 def training_rows(cfg: Config) -> Sequence[Batch]:

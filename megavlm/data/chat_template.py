@@ -3,7 +3,9 @@
 Qwen3-VL: ``<|im_start|>{role}\\n{content}<|im_end|>\\n`` per message; an image becomes
 ``<|vision_start|>`` + ``<|image_pad|>`` x n + ``<|vision_end|>`` (n = tokens after the 2x2
 merge); a video becomes, per temporal pair, its timestamp text (``<3.0 seconds>``) and its
-own vision block (REFERENCE 1, 4). The assistant's content and its closing ``<|im_end|>`` are supervised; nothing else is.
+own vision block (REFERENCE 1, 4). A STEP3-VL image is its crop/newline/global token
+layout (REFERENCE 5) inside the same role wrapper (STEP3-VL's own conversation markers
+are not in REFERENCE: UNVERIFIED, the wrapper is configurable by subclassing). The assistant's content and its closing ``<|im_end|>`` are supervised; nothing else is.
 Special tokens are inserted by id, so user text can never forge one.
 """
 
@@ -23,6 +25,8 @@ class MediaLayout:
     kind: str  # "image" | "video"
     tokens_per_block: int  # placeholders of one image, or of one video frame pair
     timestamps: list[float] = field(default_factory=list)  # video: one per frame pair
+    # STEP3-VL: the image's whole token layout by name (crops, newlines, global view)
+    token_names: list[str] | None = None
 
 
 @dataclass
@@ -40,6 +44,8 @@ class Qwen3VLChatTemplate:
 
     def _media(self, layout: MediaLayout) -> list[int]:
         ids = self.ids
+        if layout.token_names is not None:
+            return [self.tok.token_id(name) for name in layout.token_names]
         if layout.kind == "image":
             return [ids["<|vision_start|>"]] + [ids["<|image_pad|>"]] * layout.tokens_per_block + [ids["<|vision_end|>"]]
         out = []

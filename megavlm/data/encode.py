@@ -17,7 +17,19 @@ import torch
 from PIL import Image
 
 from megavlm.data.chat_template import MediaLayout, Qwen3VLChatTemplate
-from megavlm.data.image_rules import QWEN3VL_MEAN, QWEN3VL_STD, patchify, qwen3vl_num_tokens, smart_resize
+from megavlm.data.image_rules import (
+    QWEN3VL_MEAN,
+    QWEN3VL_STD,
+    STEP3_GLOBAL_SIZE,
+    STEP3_LOCAL_SIZE,
+    STEP3_MEAN,
+    STEP3_STD,
+    patchify,
+    qwen3vl_num_tokens,
+    smart_resize,
+    step3_crop_plan,
+    step3_token_layout,
+)
 from megavlm.data.sample import Media, Sample
 from megavlm.data.video import VIDEO_FPS, pair_timestamps, sample_frame_indices
 
@@ -48,11 +60,35 @@ class EncodedSample:
     video_grid_thw: torch.Tensor | None = None  # [videos, 3], t = frame pairs
 
 
-def _normalize(frames: np.ndarray) -> torch.Tensor:
-    """uint8 ``[..., H, W, 3]`` -> float ``[..., 3, H, W]`` with Qwen3-VL's mean/std."""
+def _normalize(frames: np.ndarray, mean=QWEN3VL_MEAN, std=QWEN3VL_STD) -> torch.Tensor:
+    """uint8 ``[..., H, W, 3]`` -> float ``[..., 3, H, W]`` with the model's mean/std."""
     x = torch.from_numpy(np.ascontiguousarray(frames)).float().div(255.0)
-    x = (x - torch.tensor(QWEN3VL_MEAN)) / torch.tensor(QWEN3VL_STD)
+    x = (x - torch.tensor(mean)) / torch.tensor(std)
     return x.movedim(-1, -3)
+
+
+def _raster_patches(view: torch.Tensor, patch: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """``[3, H, W]`` -> row-major ``[h*w, 3*p*p]`` patches and grid ``[1, h, w]`` (STEP3-VL / PE)."""
+    c, height, width = view.shape
+    h, w = height // patch, width // patch
+    x = view.reshape(c, h, patch, w, patch).permute(1, 3, 0, 2, 4).reshape(h * w, c * patch * patch)
+    return x, torch.tensor([1, h, w])
+
+
+def step3_views(image: np.ndarray, patch: int = 14) -> tuple[list[tuple[torch.Tensor, torch.Tensor]], list[str]]:
+    """STEP3-VL multi-crop (REFERENCE 5): local crops row-major, then the 728 global view,
+    as (patches, grid) per view, and the image's token layout."""
+    plan = step3_crop_plan(*image.shape[:2])
+    views = []
+    if plan.num_crops:
+        ch, cw = plan.canvas
+        canvas = _normalize(_resize(image, (ch, cw)), STEP3_MEAN, STEP3_STD)
+        for r in range(plan.rows):
+            for c in range(plan.cols):
+                crop = canvas[:, r * STEP3_LOCAL_SIZE:(r + 1) * STEP3_LOCAL_SIZE, c * STEP3_LOCAL_SIZE:(c + 1) * STEP3_LOCAL_SIZE]
+                views.append(_raster_patches(crop, patch))
+    views.append(_raster_patches(_normalize(_resize(image, (STEP3_GLOBAL_SIZE,) * 2), STEP3_MEAN, STEP3_STD), patch))
+    return views, step3_token_layout(plan)
 
 
 def _resize(frame: np.ndarray, size: tuple[int, int]) -> np.ndarray:
@@ -65,7 +101,11 @@ def _resize(frame: np.ndarray, size: tuple[int, int]) -> np.ndarray:
 class SampleEncoder:
     """Callable ``Sample -> EncodedSample`` for one tokenizer and preprocessing setting."""
 
-    def __init__(self, template: Qwen3VLChatTemplate, *, min_pixels: int, max_pixels: int, max_length: int):
+    def __init__(self, template: Qwen3VLChatTemplate, *, min_pixels: int, max_pixels: int, max_length: int,
+                 family: str = "qwen3vl"):
+        if family not in ("qwen3vl", "step3vl"):
+            raise ValueError(f"model family {family!r} is not one of qwen3vl, step3vl")
+        self.family = family
         self.template = template
         self.min_pixels, self.max_pixels, self.max_length = min_pixels, max_pixels, max_length
         self._video_decoder = None  # built on the first video file (a DALI pipeline)
@@ -115,7 +155,14 @@ class SampleEncoder:
                 layouts.append(MediaLayout("video", qwen3vl_num_tokens([1, *grid[1:]]), times))
                 continue
             pixels = self._pixels(sample, media)
-            if media.kind == "image":
+            if media.kind == "image" and self.family == "step3vl":
+                self._size(sample, *pixels.shape[:2])  # the same too-small / too-large rules
+                views, names = step3_views(pixels)
+                images += views
+                layouts.append(MediaLayout("image", 0, token_names=names))
+            elif media.kind == "video" and self.family == "step3vl":
+                raise SampleError(sample.id, "other", "STEP3-VL takes images only")
+            elif media.kind == "image":
                 size = self._size(sample, *pixels.shape[:2])
                 patches, grid = patchify(_normalize(_resize(pixels, size)))
                 images.append((patches, grid))

@@ -5,11 +5,13 @@ messages, and ``{key}.{i}.{ext}`` with the bytes of medium i) and ``index.json``
 sample: shard, byte offsets and sizes of its members). Samples are shuffled once, by seed,
 when written.
 
-Why not megatron-energon: we evaluated it for this format. Its savable loader keeps
-per-worker iterator state, so a checkpoint restores into the same worker layout; megavlm
-resumes by one integer (consumed samples) into any DP size and worker count, which needs
-random access to sample ``i``. The tar layout stays webdataset-compatible, so energon and
-webdataset tools can still read the shards.
+Why not megatron-energon (evaluated from its documentation; not installed here): its loader
+is an IterableDataset with shuffle buffers whose saved state is per rank (and per worker)
+and restores into that layout (``save_state_rank`` / ``restore_state_rank``). megavlm's
+position is one integer (consumed samples) that resumes into any DP size and worker count
+and is the same for every model-parallel rank, which needs random access to sample ``i``:
+an index of byte offsets gives that in one seek. The tar layout stays webdataset-style, so
+webdataset tooling can still read the shards.
 """
 
 from __future__ import annotations

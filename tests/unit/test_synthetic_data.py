@@ -97,3 +97,32 @@ def test_bad_samples_are_named(encoder, tmp_path):
         with pytest.raises(SampleError, match=f"sample s1: {reason}") as err:
             encoder(sample)
         assert err.value.reason == reason
+
+
+@pytest.mark.usefixtures("single_rank_megatron")
+def test_step3vl_sample_encodes_its_crop_layout_and_runs():
+    """A 100x400 image: 4 crops of 81 tokens in one row, then the 169-token global view
+    (REFERENCE 5); the step3vl-tiny VLM consumes exactly those placeholders."""
+    from megatron.core.utils import unwrap_model
+
+    from megavlm.config import load_config
+    from megavlm.data.build import sample_encoder
+    from megavlm.data.sample import Media, Message, Sample
+    from megavlm.training.model_setup import build_model_chunks
+
+    cfg = load_config(None, ["model.preset=step3vl-tiny", "data.dataset=synthetic_multimodal", "data.seq_length=1024"])
+    encoder = sample_encoder(cfg)
+    image = np.full((100, 400, 3), 128, np.uint8)
+    sample = Sample("wide", [Message("user", [{"type": "image", "index": 0}, {"type": "text", "text": "Size?"}]),
+                             Message("assistant", [{"type": "text", "text": "wide"}])], [Media("image", array=image)])
+    enc = encoder(sample)
+    tok = encoder.template.tok
+    assert enc.image_grid_thw.tolist() == [[1, 36, 36]] * 4 + [[1, 52, 52]]
+    assert int((enc.tokens == tok.token_id("<im_patch>")).sum()) == 4 * 81 + 169
+    assert int((enc.tokens == tok.token_id("<patch_start>")).sum()) == 4
+    assert int((enc.tokens == tok.token_id("<patch_newline>")).sum()) == 0  # one row of crops
+    (chunk,), _ = build_model_chunks(cfg)
+    with torch.no_grad():
+        out = unwrap_model(chunk).eval()(enc.tokens[None], torch.arange(len(enc.tokens))[None],
+                                         pixel_values=enc.pixel_values, image_grid_thw=enc.image_grid_thw)
+    assert out.shape[:2] == (1, len(enc.tokens)) and torch.isfinite(out).all()
