@@ -19,6 +19,9 @@ from megavlm.data.sampler import micro_batches
 from megavlm.data.vlm_dataset import BAD_REASONS, EncodedDataset
 from megavlm.training.loop import DataQualityError, _check_bad_samples
 
+# a fresh process picks its own rendezvous port (not the one of this pytest process)
+ENV = {**{k: v for k, v in os.environ.items() if not k.startswith("MASTER_")}, "PYTHONWARNINGS": "ignore"}
+
 
 def _png(path, size=(64, 64), color=(200, 30, 30)):
     Image.new("RGB", size, color).save(path)
@@ -99,7 +102,7 @@ def test_training_on_bad_shards_counts_every_reason(tmp_path):
          f"data.path={tmp_path / 'shards'}", "data.pack=false", "train.micro_batch_size=1", "train.global_batch_size=4",
          "train.iters=3", "checkpoint.save=null", f"logging.dir={tmp_path / 'run'}", "logging.tensorboard=false",
          "data.num_workers=2"],
-        capture_output=True, text=True, timeout=300, env={**os.environ, "PYTHONWARNINGS": "ignore"},
+        capture_output=True, text=True, timeout=300, env=ENV,
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
     last = json.loads((tmp_path / "run" / "metrics.jsonl").read_text().splitlines()[-1])
