@@ -23,6 +23,10 @@ from megavlm.training.checkpoint import latest_complete, load_model_weights
 from megavlm.training.model_setup import build_model_chunks
 
 
+SINGLE_RANK_LAYOUT = ("parallel.tp=1", "parallel.pp=1", "parallel.vpp=null", "parallel.cp=1", "parallel.ep=1",
+                      "parallel.etp=null", "parallel.sequence_parallel=false")
+
+
 def load_for_inference(path: str | Path, overrides: Sequence[str] = ()) -> tuple[Config, list[torch.nn.Module]]:
     """Config and this rank's model chunks, weights loaded, in eval mode."""
     path = Path(path)
@@ -44,7 +48,10 @@ def load_for_inference(path: str | Path, overrides: Sequence[str] = ()) -> tuple
                 f"{path}: neither a Hugging Face model directory (config.json + *.safetensors) nor a "
                 "megavlm checkpoint (iter_* folders with a 'complete' marker)"
             )
-        cfg = load_config(checkpoint / "config.yaml", [*overrides, "checkpoint.load=null", "checkpoint.save=null"])
+        # The training layout is not the inference one: start from one rank (checkpoints
+        # reshard on load) and take the layout from the overrides.
+        cfg = load_config(checkpoint / "config.yaml", [*SINGLE_RANK_LAYOUT, *overrides, "checkpoint.load=null",
+                                                       "checkpoint.save=null"])
         cfg = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, init="megatron"))
         validate(cfg, env.world_size)
         initialize(cfg.parallel, cfg.train.seed, env)
