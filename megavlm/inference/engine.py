@@ -65,6 +65,17 @@ def sequence_parallel_off(model: torch.nn.Module):
             m.sequence_parallel = flag
 
 
+def padding_mask(pad: Tensor, start: int, end: int) -> Tensor:
+    """``[b, 1, end - start, end]`` bool attention mask (True = masked out) for the queries at
+    ``start..end`` of left/right-padded rows: padding keys are masked, except each position
+    to itself, so a padding query never has an empty softmax row (NaN). ``pad``: ``[b, >= end]``."""
+    b = pad.shape[0]
+    mask = pad[:, None, None, :end].expand(b, 1, end - start, end).clone()
+    queries = torch.arange(end - start, device=pad.device)
+    mask[:, 0, queries, queries + start] = False
+    return mask
+
+
 def _sample(logits: Tensor, params: SamplingParams, generator: torch.Generator) -> Tensor:
     """Next token per row from ``[b, vocab]`` float logits."""
     if params.temperature <= 0:
@@ -129,7 +140,6 @@ class GenerationEngine:
             tokens[i, pad[i]:longest] = prompt.tokens
         positions = self._positions(prompts, pad, total).to(dev)
         tokens = tokens.to(dev)
-        # True = masked out: padding keys, except each slot to itself (no empty softmax rows).
         pad_key = torch.arange(total, device=dev)[None, :] < torch.tensor(pad, device=dev)[:, None]  # [b, total]
         media = {k: None if v is None else v.to(dev) for k, v in concat_media(prompts).items()}
 
@@ -141,11 +151,8 @@ class GenerationEngine:
         with sequence_parallel_off(model):
             for end in range(longest, total):
                 step_tokens = tokens[:, start:end]
-                mask = pad_key[:, None, None, :end].expand(b, 1, end - start, end).clone()
-                diag = torch.arange(start, end, device=dev)
-                mask[:, 0, torch.arange(end - start, device=dev), diag] = False
                 logits = model(
-                    step_tokens, positions[..., :end], attention_mask=mask, runtime_gather_output=True,
+                    step_tokens, positions[..., :end], attention_mask=padding_mask(pad_key, start, end), runtime_gather_output=True,
                     inference_context=context, **(media if start == 0 else {}),
                 )  # [b, 1, vocab (padded)]
                 context.sequence_len_offset += end - start

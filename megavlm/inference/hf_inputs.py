@@ -14,7 +14,7 @@ import torch
 from torch import Tensor
 
 from megavlm.config.schema import ModelConfig
-from megavlm.inference.engine import sequence_parallel_off
+from megavlm.inference.engine import padding_mask, sequence_parallel_off
 from megavlm.models.rope import batched_mrope_position_ids
 
 KNOWN_KEYS = ("input_ids", "attention_mask", "mm_token_type_ids", "pixel_values", "image_grid_thw",
@@ -112,10 +112,7 @@ def forward_logits(model_chunks, inputs: dict[str, Tensor], model_cfg: ModelConf
         token_ids=model_cfg.token_ids,
         spatial_merge_size=model_cfg.projector.spatial_merge_size if model_cfg.projector else 2,
     )
-    s = ids.shape[1]
-    # True = masked out: padding keys, except each position to itself (no empty softmax rows).
-    mask = (~attention)[:, None, None, :].expand(-1, 1, s, s).clone()
-    mask[:, 0, torch.arange(s), torch.arange(s)] = False
+    mask = padding_mask(~attention, 0, ids.shape[1])
     media = {k: inputs[k].to(dev) for k in KNOWN_KEYS[3:] if k in inputs}
     was_training = model.training
     model.eval()

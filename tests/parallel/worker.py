@@ -208,13 +208,14 @@ def run_vlm_logits(name: str, out: Path, log_dir: Path) -> None:
 
 def _pipeline_logits(chunks, inputs, cfg, forward_backward, positions_fn, multiplier):
     """Forward-only pipeline run returning the last stage's logits (None on other stages)."""
+    from megavlm.inference.engine import padding_mask
+
     tokens = inputs["input_ids"]
     attention = inputs["attention_mask"].bool()
     positions, _ = positions_fn(tokens, inputs.get("image_grid_thw"), inputs.get("video_grid_thw"),
                                 attention_mask=attention, token_ids=cfg.model.token_ids)
     s = tokens.shape[1]
-    mask = (~attention)[:, None, None, :].expand(-1, 1, s, s).clone()
-    mask[:, 0, torch.arange(s), torch.arange(s)] = False
+    mask = padding_mask(~attention, 0, s)
     media = {k: inputs[k] for k in ("pixel_values", "image_grid_thw", "pixel_values_videos", "video_grid_thw") if k in inputs}
 
     def step(data_iterator, model):
