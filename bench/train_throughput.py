@@ -214,7 +214,7 @@ def main() -> None:
     print(
         f"torch {torch.__version__} | transformers {transformers.__version__} | "
         f"megatron-core {mcore_version} | threads {torch.get_num_threads()} "
-        f"(cpus {os.cpu_count()}) | cuda {torch.cuda.is_available()}"
+        f"(cpus {os.cpu_count()}) | cuda {device.has_cuda()}"
     )
     print(
         f"model: layers {a.layers} hidden {a.hidden} ffn {a.ffn} heads {a.heads}/{a.kv_heads} "

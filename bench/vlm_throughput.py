@@ -61,7 +61,7 @@ OVERRIDES = [
 def make_batch(cfg, a):
     """One micro-batch of [text, image, text] samples, as megavlm's Batch and as HF inputs."""
     from megavlm.data.batch import Batch
-    from megavlm.models.rope import batched_mrope_position_ids
+    from megavlm.positions import batched_mrope_position_ids
 
     ids = cfg.model.token_ids
     side = a.image_patches

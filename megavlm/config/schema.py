@@ -9,7 +9,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from megavlm.config.vision import ProjectorConfig, RopeConfig, TokenIdsConfig, VisionConfig
-from megavlm.training.lr_schedule import LRPhase
+from megavlm.config.lr import LRPhase
 
 
 @dataclass(kw_only=True)
@@ -75,6 +75,10 @@ class ModelConfig:
     # "layout_invariant": every TP/PP/EP layout gets the same full weights for a seed.
     # "megatron": megatron-core's own per-rank initialization (faster for huge models).
     init: str = "layout_invariant"
+    # Layer implementation: "auto" is Transformer Engine on a CUDA machine (an error there if
+    # TE does not import) and megatron's local layers without CUDA; "local" on a GPU is an
+    # explicit choice (no FP8); "transformer_engine" insists on TE.
+    transformer_impl: str = "auto"
     fp8: FP8Config = field(default_factory=FP8Config)
     # A VLM when set: vision encoder -> projector -> placeholders in the decoder's input.
     vision: VisionConfig | None = None

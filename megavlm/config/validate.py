@@ -11,6 +11,7 @@ from megavlm.config.schema import Config
 
 _CHOICES = {
     "model.init": ("layout_invariant", "megatron"),
+    "model.transformer_impl": ("auto", "transformer_engine", "local"),
     "model.fp8.format": (None, "hybrid", "e4m3"),
     "model.fp8.recipe": ("delayed", "tensorwise", "mxfp8"),
     "train.lr_decay": ("cosine", "linear", "constant"),
@@ -163,6 +164,8 @@ def _collect_errors(cfg: Config, world_size: int) -> list[str]:
         errors.append(
             f"train.warmup_iters + sum(train.lr_phases[*].iters) exceeds train.iters ({t.iters})"
         )
+    if cfg.model.fp8.format is not None and cfg.model.transformer_impl == "local":
+        errors.append("model.fp8.format needs Transformer Engine layers; model.transformer_impl=local has none")
     if cfg.model.fp8.format is not None:
         errors += _fp8_shape_errors(cfg)
         from megavlm.platform.device import fp8_support

@@ -18,18 +18,7 @@ import torch.nn.functional as F
 from megavlm.config.schema import ModelConfig
 from megavlm.data.batch import Batch
 from megavlm.data.encode import SampleError
-from megavlm.models.rope import mrope_position_ids
-
-
-def position_ids_for(tokens: torch.Tensor, image_grid_thw, video_grid_thw, model: ModelConfig) -> torch.Tensor:
-    """``[3, 1, n]`` MRoPE ids, or ``[1, n]`` 1D positions, of one sample."""
-    if model.rope.kind.startswith("mrope"):
-        ids, _ = mrope_position_ids(
-            tokens, image_grid_thw, video_grid_thw, token_ids=model.token_ids,
-            spatial_merge_size=model.projector.spatial_merge_size if model.projector else 2,
-        )
-        return ids[:, None, :]
-    return torch.arange(tokens.numel())[None, :]
+from megavlm.positions import sample_position_ids
 
 
 BAD_REASONS = ("bad_image", "bad_video", "missing_media", "image_too_small", "image_too_large", "image_aspect",
@@ -81,7 +70,7 @@ class EncodedDataset:
             tokens=tokens,
             labels=enc.labels.clamp(min=0)[None, :],
             loss_mask=enc.loss_mask.float()[None, :],
-            position_ids=position_ids_for(enc.tokens, enc.image_grid_thw, enc.video_grid_thw, self.model),
+            position_ids=sample_position_ids(enc.tokens, enc.image_grid_thw, enc.video_grid_thw, self.model).unsqueeze(-2),
             pixel_values=enc.pixel_values,
             image_grid_thw=enc.image_grid_thw,
             pixel_values_videos=enc.pixel_values_videos,

@@ -4,7 +4,7 @@ megatron-core's ``StaticInferenceContext`` keeps the keys and values of every la
 step feeds only the new tokens. Prompts of different lengths are left-padded to a common
 end, and a boolean mask keeps every query off the padding keys, so all rows decode in
 lockstep at one cache offset. MRoPE positions are explicit: each row's prompt gets its
-``mrope_position_ids``, and generated token k of a row sits at ``prompt_len + k +
+``megavlm.positions`` ids, and generated token k of a row sits at ``prompt_len + k +
 rope_delta`` on all three axes (REFERENCE 1). megatron slices the rotary table by cache
 offset, so each step passes the positions of the whole sequence so far.
 
@@ -24,7 +24,7 @@ from megatron.core.utils import unwrap_model
 from torch import Tensor
 
 from megavlm.data.batch import concat_media
-from megavlm.models.rope import mrope_position_ids
+from megavlm.positions import sample_position_ids
 
 
 @dataclass
@@ -102,24 +102,16 @@ class GenerationEngine:
         self.pad_token_id = pad_token_id
         cfg = self.model.model_cfg
         self.vocab_size = cfg.language.vocab_size
-        self.mrope = cfg.rope.kind.startswith("mrope")
 
     def _positions(self, prompts: list[Prompt], pad: list[int], total: int) -> Tensor:
-        """``[3, b, total]`` (MRoPE) or ``[b, total]`` positions of every slot."""
-        cfg = self.model.model_cfg
+        """``[3, b, total]`` (MRoPE) or ``[b, total]`` positions of every slot (left padding at 0)."""
         rows = []
         for prompt, p in zip(prompts, pad):
-            n = prompt.tokens.numel()
-            if self.mrope:
-                ids, delta = mrope_position_ids(
-                    prompt.tokens, prompt.image_grid_thw, prompt.video_grid_thw, token_ids=cfg.token_ids,
-                    spatial_merge_size=cfg.projector.spatial_merge_size if cfg.projector else 2,
-                )
-                after = torch.arange(n, total - p) + delta
-                row = torch.cat([torch.zeros(3, p, dtype=torch.long), ids, after.expand(3, -1)], dim=1)
-            else:
-                row = torch.cat([torch.zeros(p, dtype=torch.long), torch.arange(total - p)])
-            rows.append(row)
+            ids = sample_position_ids(
+                prompt.tokens, prompt.image_grid_thw, prompt.video_grid_thw, self.model.model_cfg,
+                new_tokens=total - p - prompt.tokens.numel(),
+            )  # [3, total - p] or [total - p]
+            rows.append(torch.cat([ids.new_zeros(*ids.shape[:-1], p), ids], dim=-1))
         return torch.stack(rows, dim=-2)
 
     @torch.no_grad()

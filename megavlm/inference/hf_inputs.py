@@ -15,7 +15,7 @@ from torch import Tensor
 
 from megavlm.config.schema import ModelConfig
 from megavlm.inference.engine import padding_mask, sequence_parallel_off
-from megavlm.models.rope import batched_mrope_position_ids
+from megavlm.positions import batched_mrope_position_ids
 
 KNOWN_KEYS = ("input_ids", "attention_mask", "mm_token_type_ids", "pixel_values", "image_grid_thw",
               "pixel_values_videos", "video_grid_thw")

@@ -14,13 +14,13 @@ from typing import Sequence
 
 import torch
 
+from megavlm.checkpointing import latest_complete, load_model_weights, read_config
 from megavlm.config import Config, ConfigError, load_config, validate
 from megavlm.conversion.hf_checkpoint import is_hf_model_dir, load_hf_model_dir
 from megavlm.models.full_tensors import load_full_tensors
 from megavlm.platform.distributed import initialize
 from megavlm.platform.launch import detect_dist_env
-from megavlm.training.checkpoint import latest_complete, load_model_weights
-from megavlm.training.model_setup import build_model_chunks
+from megavlm.models.build import build_model_chunks
 
 
 SINGLE_RANK_LAYOUT = ("parallel.tp=1", "parallel.pp=1", "parallel.vpp=null", "parallel.cp=1", "parallel.ep=1",
@@ -50,8 +50,7 @@ def load_for_inference(path: str | Path, overrides: Sequence[str] = ()) -> tuple
             )
         # The training layout is not the inference one: start from one rank (checkpoints
         # reshard on load) and take the layout from the overrides.
-        cfg = load_config(checkpoint / "config.yaml", [*SINGLE_RANK_LAYOUT, *overrides, "checkpoint.load=null",
-                                                       "checkpoint.save=null"])
+        cfg = read_config(checkpoint, [*SINGLE_RANK_LAYOUT, *overrides, "checkpoint.load=null", "checkpoint.save=null"])
         cfg = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, init="megatron"))
         validate(cfg, env.world_size)
         initialize(cfg.parallel, cfg.train.seed, env)

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import torch
 from megatron.core import parallel_state, tensor_parallel
-from megatron.core.models.gpt import GPTModel
 from megatron.core.packed_seq_params import PackedSeqParams
 from megatron.core.transformer.enums import ModelType
 from megatron.core.transformer.module import MegatronModule
@@ -21,8 +20,7 @@ from torch import Tensor
 
 from megavlm.config.schema import ModelConfig, ParallelConfig
 from megavlm.models.deepstack import DeepStackInjector, late_levels
-from megavlm.models.language.specs import qwen3_block_spec
-from megavlm.models.rope import multimodal_rotary_embedding
+from megavlm.models.language.model import build_language_model
 from megavlm.models.vision.qwen3vl import VisionModel, build_vision_model
 from megavlm.models.vision.step3 import Step3VisionModel, build_step3_vision_model
 
@@ -45,28 +43,7 @@ class VLMModel(MegatronModule):
         self.model_cfg = model
         self.pre_process = parallel_state.is_pipeline_first_stage(ignore_virtual=False, vp_stage=vp_stage)
         self.post_process = parallel_state.is_pipeline_last_stage(ignore_virtual=False, vp_stage=vp_stage)
-        mrope = model.rope.kind.startswith("mrope")
-        if mrope:
-            config.mrope_section = list(model.rope.mrope_section)
-        self.language = GPTModel(
-            config=config,
-            transformer_layer_spec=qwen3_block_spec(config, use_te=use_te, vp_stage=vp_stage),
-            vocab_size=lm.vocab_size,
-            max_sequence_length=lm.max_position_embeddings,
-            pre_process=self.pre_process,
-            post_process=self.post_process,
-            share_embeddings_and_output_weights=lm.tie_embeddings,
-            position_embedding_type="mrope" if mrope else "rope",
-            rotary_base=int(lm.rope_theta),
-            # A VLM puts media features into the full-length embeddings, then scatters them
-            # for sequence parallelism itself; a text-only model keeps megatron's own path.
-            scatter_embedding_sequence_parallel=model.vision is None,
-            vp_stage=vp_stage,
-        )
-        if mrope:
-            self.language.rotary_pos_emb = multimodal_rotary_embedding(
-                model.rope.kind, kv_channels=lm.head_dim, rotary_base=lm.rope_theta,
-            )
+        self.language = build_language_model(model, config, use_te=use_te, vp_stage=vp_stage)
         self.vision: VisionModel | Step3VisionModel | None = None
         if self.pre_process and model.vision is not None:
             if model.vision.kind == "pe":

@@ -25,16 +25,54 @@ def distributed_backend() -> str:
     return "nccl" if has_cuda() else "gloo"
 
 
+TRANSFORMER_IMPLS = ("auto", "transformer_engine", "local")
+
+
 @functools.cache
-def has_transformer_engine() -> bool:
-    """TE imports only with CUDA present; without it we use megatron-core's local specs."""
-    if not has_cuda() or importlib.util.find_spec("transformer_engine") is None:
-        return False
+def transformer_engine_import_error() -> str | None:
+    """Why ``transformer_engine.pytorch`` does not import here (None: it does)."""
+    if importlib.util.find_spec("transformer_engine") is None:
+        return "transformer_engine is not installed (pip install 'megavlm[gpu]' or use the NGC container)"
     try:
         import transformer_engine.pytorch  # noqa: F401
-    except (ImportError, OSError, RuntimeError):
+    except (ImportError, OSError, RuntimeError) as e:
+        return f"import transformer_engine.pytorch failed: {type(e).__name__}: {e}"
+    return None
+
+
+def has_transformer_engine() -> bool:
+    """TE imports (it needs CUDA: never true on a CPU machine)."""
+    return has_cuda() and transformer_engine_import_error() is None
+
+
+def use_transformer_engine(impl: str) -> bool:
+    """Whether to build Transformer Engine layers for ``model.transformer_impl``.
+
+    ``auto``: TE on a CUDA machine, megatron's local layers without CUDA. A CUDA machine whose
+    TE does not import is an error that shows the import error, never a silent fallback to
+    local layers (slower, no FP8); running local layers on a GPU is the explicit ``local``.
+    """
+    if impl not in TRANSFORMER_IMPLS:
+        raise ValueError(f"model.transformer_impl: {impl!r} is not one of {', '.join(TRANSFORMER_IMPLS)}")
+    if impl == "local" or (impl == "auto" and not has_cuda()):
         return False
+    if not has_cuda():
+        raise RuntimeError("model.transformer_impl=transformer_engine needs a CUDA GPU (this machine has none)")
+    error = transformer_engine_import_error()
+    if error is not None:
+        raise RuntimeError(
+            f"Transformer Engine is required on this CUDA machine (model.transformer_impl={impl}) but {error}. "
+            "Fix the install, or set model.transformer_impl=local to run megatron's local layers on the GPU."
+        )
     return True
+
+
+def has_wgrad_accumulation_fusion(*, use_te: bool) -> bool:
+    """Whether ``gradient_accumulation_fusion`` has its kernel: TE's linear layers bring their
+    own; megatron's local ones call apex's ``fused_weight_gradient_mlp_cuda`` and raise without it."""
+    if not has_cuda():
+        return False
+    return use_te or importlib.util.find_spec("fused_weight_gradient_mlp_cuda") is not None
 
 
 def fp8_support(recipe: str) -> tuple[bool, str]:

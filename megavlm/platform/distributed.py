@@ -4,18 +4,29 @@ from __future__ import annotations
 
 import os
 import random
+from typing import Protocol
 
 import numpy as np
 import torch
 from megatron.core import parallel_state
 from megatron.core.tensor_parallel.random import model_parallel_cuda_manual_seed
 
-from megavlm.config.schema import ParallelConfig
 from megavlm.platform import cpu_adapter, device
 from megavlm.platform.launch import DistEnv, detect_dist_env, init_process_group
 
 
-def initialize(parallel: ParallelConfig, seed: int, env: DistEnv | None = None) -> DistEnv:
+class ParallelDegrees(Protocol):
+    """What ``initialize`` reads of ``config.ParallelConfig`` (platform sits below config)."""
+
+    tp: int
+    pp: int
+    vpp: int | None
+    cp: int
+    ep: int
+    etp: int | None
+
+
+def initialize(parallel: ParallelDegrees, seed: int, env: DistEnv | None = None) -> DistEnv:
     """Bring up the process group and megatron's TP/PP/CP/EP/DP groups from ``parallel``.
 
     The config must already be validated against ``env.world_size``.

@@ -1,6 +1,8 @@
-"""Checkpoints: megatron-core ``dist_checkpointing`` plus the state needed to resume exactly.
+"""Training checkpoints: the model (``megavlm.checkpointing``) plus what resuming exactly needs.
 
-Layout of ``<save>/iter_0000020/``:
+Directories, the marker, ``config.yaml`` and the model weights belong to
+``megavlm.checkpointing`` (shared with inference, conversion and RL); this module adds the
+optimizer, the train state and the RNG states. Layout of ``<save>/iter_0000020/``:
   - the sharded model and optimizer state (reshardable to another TP/PP/EP on load);
   - ``config.yaml``: the resolved config of the run;
   - ``train_state.pt``: iteration, consumed samples, skipped steps;
@@ -11,7 +13,6 @@ Layout of ``<save>/iter_0000020/``:
 
 from __future__ import annotations
 
-import os
 import random
 import shutil
 from dataclasses import asdict, dataclass, field
@@ -22,12 +23,18 @@ import torch
 import torch.distributed as dist
 from megatron.core import dist_checkpointing, tensor_parallel
 from megatron.core.optimizer.distrib_optimizer import DistributedOptimizer
-from megatron.core.utils import unwrap_model
 
-from megavlm.config.loader import dump_yaml
+from megavlm.checkpointing import (
+    checkpoint_dir,
+    mark_complete,
+    model_sharded_state_dict,
+    require_complete,
+    write_config,
+)
+from megavlm.checkpointing.weights import load_model_state
 from megavlm.config.schema import Config
+from megavlm.platform import device
 
-COMPLETE_MARKER = "complete"
 # Optimizer state in the layout-independent form, so a checkpoint loads into other layouts.
 _OPTIMIZER_METADATA = {"distrib_optim_sharding_type": "fully_reshardable"}
 
@@ -41,40 +48,9 @@ class TrainState:
     data_counts: list[float] = field(default_factory=list)
 
 
-def _atomic_write_bytes(path: Path, data: bytes) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    with open(tmp, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-
-
-def checkpoint_dir(root: str | Path, iteration: int) -> Path:
-    return Path(root) / f"iter_{iteration:07d}"
-
-
-def latest_complete(root: str | Path) -> Path | None:
-    """The newest checkpoint under ``root`` that has its completion marker, or ``root``
-    itself if it is one."""
-    root = Path(root)
-    if (root / COMPLETE_MARKER).is_file():
-        return root
-    if not root.is_dir():
-        return None
-    complete = [d for d in root.glob("iter_*") if (d / COMPLETE_MARKER).is_file()]
-    return max(complete, key=lambda d: int(d.name.split("_")[1]), default=None)
-
-
-def _sharded_state_dict(model, optimizer, *, is_loading: bool) -> dict:
-    model_sd = {f"model{i}": chunk.sharded_state_dict() for i, chunk in enumerate(unwrap_model(model))}
-    merged = {k: v for sd in model_sd.values() for k, v in sd.items()}
-    state = dict(model_sd)
-    if optimizer is not None:
-        state["optimizer"] = optimizer.sharded_state_dict(
-            merged, is_loading=is_loading, metadata=_OPTIMIZER_METADATA
-        )
-    return state
+def _optimizer_sharded_state_dict(model, optimizer, *, is_loading: bool) -> dict:
+    merged = {k: v for sd in model_sharded_state_dict(model).values() for k, v in sd.items()}
+    return {"optimizer": optimizer.sharded_state_dict(merged, is_loading=is_loading, metadata=_OPTIMIZER_METADATA)}
 
 
 def _materialize_optimizer_state(optimizer) -> None:
@@ -104,7 +80,7 @@ def _rng_state() -> dict:
         "python": random.getstate(),
         "numpy": np.random.get_state(),
         "torch": torch.get_rng_state(),
-        "cuda": torch.cuda.get_rng_state() if torch.cuda.is_available() else None,
+        "cuda": torch.cuda.get_rng_state() if device.has_cuda() else None,
         "tracker": tensor_parallel.get_cuda_rng_tracker().get_states(),
     }
 
@@ -113,7 +89,7 @@ def _set_rng_state(state: dict) -> None:
     random.setstate(state["python"])
     np.random.set_state(state["numpy"])
     torch.set_rng_state(state["torch"])
-    if state["cuda"] is not None and torch.cuda.is_available():
+    if state["cuda"] is not None and device.has_cuda():
         torch.cuda.set_rng_state(state["cuda"])
     tensor_parallel.get_cuda_rng_tracker().set_states(state["tracker"])
 
@@ -133,14 +109,17 @@ def save_checkpoint(root: str | Path, cfg: Config, state: TrainState, model, opt
             shutil.rmtree(path)
         path.mkdir(parents=True)
     dist.barrier()
-    dist_checkpointing.save(_sharded_state_dict(model, optimizer, is_loading=False), str(path))
+    state_dict = model_sharded_state_dict(model)
+    if optimizer is not None:
+        state_dict.update(_optimizer_sharded_state_dict(model, optimizer, is_loading=False))
+    dist_checkpointing.save(state_dict, str(path))
     (path / "rng").mkdir(exist_ok=True)
     torch.save(_rng_state(), path / "rng" / f"rank_{rank:05d}.pt")
     dist.barrier()
     if rank == 0:
-        (path / "config.yaml").write_text(dump_yaml(cfg))
+        write_config(path, cfg)
         torch.save({**asdict(state), "layout": _layout(cfg)}, path / "train_state.pt")
-        _atomic_write_bytes(path / COMPLETE_MARKER, f"{state.iteration}\n".encode())
+        mark_complete(path, state.iteration)
     dist.barrier()
     return path
 
@@ -150,13 +129,12 @@ def load_checkpoint(path: str | Path, cfg: Config, model, optimizer) -> TrainSta
 
     RNG states are restored only when the layout is unchanged, since they are per rank.
     """
-    path = Path(path)
-    if not (path / COMPLETE_MARKER).is_file():
-        raise FileNotFoundError(f"{path} is not a complete megavlm checkpoint (no '{COMPLETE_MARKER}' marker)")
+    path = require_complete(path)
     meta = torch.load(path / "train_state.pt", weights_only=False)
     if optimizer is not None:
         _materialize_optimizer_state(optimizer)
-    loaded = _load_into(path, model, optimizer)
+    extra = _optimizer_sharded_state_dict(model, optimizer, is_loading=True) if optimizer is not None else None
+    loaded = load_model_state(path, model, extra)
     if optimizer is not None:
         optimizer.load_state_dict(loaded["optimizer"])
         _unshare_adam_steps(optimizer)
@@ -169,18 +147,3 @@ def load_checkpoint(path: str | Path, cfg: Config, model, optimizer) -> TrainSta
         skipped_steps=meta["skipped_steps"],
         data_counts=meta.get("data_counts", []),
     )
-
-
-def _load_into(path: Path, model, optimizer) -> dict:
-    loaded = dist_checkpointing.load(_sharded_state_dict(model, optimizer, is_loading=True), str(path))
-    for i, chunk in enumerate(unwrap_model(model)):
-        chunk.load_state_dict(loaded[f"model{i}"])
-    return loaded
-
-
-def load_model_weights(path: str | Path, model) -> None:
-    """Only the model weights of a complete checkpoint, into any layout (inference, RL init)."""
-    path = Path(path)
-    if not (path / COMPLETE_MARKER).is_file():
-        raise FileNotFoundError(f"{path} is not a complete megavlm checkpoint (no '{COMPLETE_MARKER}' marker)")
-    _load_into(path, model, None)

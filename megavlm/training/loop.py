@@ -20,10 +20,12 @@ from megavlm.platform import device
 from megavlm.platform.distributed import initialize
 from megavlm.platform.launch import detect_dist_env
 from megavlm.models.vlm import pipeline_seq_multiplier
-from megavlm.training.checkpoint import TrainState, latest_complete, load_checkpoint, save_checkpoint
+from megavlm.checkpointing import latest_complete
+from megavlm.training.checkpoint import TrainState, load_checkpoint, save_checkpoint
 from megavlm.training.losses import weight_micro_batches
 from megavlm.training.metrics import MetricsLogger
-from megavlm.training.model_setup import build_model_chunks, wrap_data_parallel
+from megavlm.models.build import build_model_chunks
+from megavlm.training.data_parallel import wrap_data_parallel
 from megavlm.training.optimizer import build_lr_schedule, build_optimizer
 from megavlm.training.step import forward_step
 

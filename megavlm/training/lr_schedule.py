@@ -14,24 +14,11 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
-from dataclasses import dataclass
 from numbers import Real
 from typing import Any
 
-DECAY_STYLES = ("cosine", "linear", "constant")
+from megavlm.config.lr import DECAY_STYLES, LRPhase
 
-
-@dataclass(frozen=True, kw_only=True, slots=True)
-class LRPhase:
-    """One decay segment: go from the previous phase's end lr to ``end_lr`` over ``iters``.
-
-    ``constant`` holds the start lr for the whole phase and jumps to ``end_lr`` after it
-    (a step schedule).
-    """
-
-    iters: int
-    end_lr: float
-    decay: str = "cosine"
 
 
 def _check_lr(value: Any, field: str) -> float:

@@ -8,7 +8,6 @@ from megavlm.data.build import sample_encoder
 from megavlm.data.synthetic import SyntheticMultimodalDataset
 from megavlm.data.synthetic_text import SyntheticTextDataset
 from megavlm.inference.engine import GenerationEngine, Prompt, SamplingParams
-from megavlm.inference.greedy import greedy_generate
 
 
 def print_samples(trainer, *, count: int = 6) -> None:
@@ -25,7 +24,9 @@ def print_synthetic_sample(trainer, *, prompt_length: int = 8, new_tokens: int =
         vocab_size=cfg.model.language.vocab_size, seq_length=prompt_length + new_tokens, seed=cfg.data.seed + 1
     )
     truth = dataset[0].tokens[0]
-    out = greedy_generate(trainer.model, Prompt(tokens=truth[:prompt_length]), max_new_tokens=new_tokens)
+    (out,) = GenerationEngine(trainer.model).generate(
+        [Prompt(tokens=truth[:prompt_length])], SamplingParams(max_new_tokens=new_tokens)
+    )
     if dist.get_rank() == 0:
         generated, expected = out.tolist(), truth[prompt_length:].tolist()
         correct = sum(g == e for g, e in zip(generated, expected))

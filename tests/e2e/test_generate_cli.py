@@ -9,8 +9,7 @@ from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).parents[1] / "parity"))
-from qwen3vl_case import CASES, hf_logits, hf_model, processor_inputs, tiny_config  # noqa: E402
+from tests.parity.qwen3vl_case import CASES, hf_logits, hf_model, processor_inputs, tiny_config
 
 # a fresh process picks its own rendezvous port (not the one of this pytest process)
 ENV = {**{k: v for k, v in os.environ.items() if not k.startswith("MASTER_")}, "PYTHONWARNINGS": "ignore"}

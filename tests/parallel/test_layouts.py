@@ -16,7 +16,9 @@ from pathlib import Path
 import pytest
 import torch
 
-WORKER = Path(__file__).with_name("worker.py")
+# Run as a module from the repository root, so the worker imports tests.parity like any test.
+REPO = Path(__file__).parents[2]
+WORKER_MODULE = "tests.parallel.worker"
 LAUNCHES = {
     1: ["ref", "ref_moe", "ref_packed", "ref_moe_no_aux", "ref_sqrt_mb1", "ref_sqrt_mb2", "ref_sqrt_mb4",
         "ref_per_token_mb1"],
@@ -42,8 +44,8 @@ PARAM_TOL = 1e-3
 def _launch(nproc: int, out: Path, scenarios: list[str]) -> None:
     env = {**os.environ, "PYTHONWARNINGS": "ignore", "OMP_NUM_THREADS": "1"}
     cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}",
-           "--rdzv-backend=c10d", "--rdzv-endpoint=localhost:0", str(WORKER), str(out), *scenarios]
-    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
+           "--rdzv-backend=c10d", "--rdzv-endpoint=localhost:0", "-m", WORKER_MODULE, str(out), *scenarios]
+    proc = subprocess.run(cmd, env=env, cwd=REPO, capture_output=True, text=True, timeout=600)
     if proc.returncode != 0:
         raise AssertionError(f"{' '.join(cmd)} failed:\n{proc.stdout[-4000:]}\n{proc.stderr[-8000:]}")
 

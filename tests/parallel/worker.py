@@ -1,6 +1,6 @@
 """Runs parallel layouts inside one torchrun launch and saves what the tests compare.
 
-Usage: torchrun --nproc_per_node N tests/parallel/worker.py OUT_DIR SCENARIO [SCENARIO ...]
+Usage (from the repository root): torchrun --nproc_per_node N -m tests.parallel.worker OUT_DIR SCENARIO [SCENARIO ...]
 
 Several layouts share one launch (megatron's parallel state is torn down and rebuilt
 between them) because starting processes and importing megatron-core dominate the cost.
@@ -161,18 +161,18 @@ def run_nan_skip(name: str, out: Path, log_dir: Path) -> None:
 
 def run_vlm_logits(name: str, out: Path, log_dir: Path) -> None:
     """HF Qwen3-VL weights loaded into a TP=2 or PP=2 layout: logits of every parity case."""
-    sys.path.insert(0, str(Path(__file__).parents[1] / "parity"))
     from megatron.core.pipeline_parallel import get_forward_backward_func
-    from qwen3vl_case import CASES, hf_logits, hf_model, processor_inputs, tiny_config
+
+    from tests.parity.qwen3vl_case import CASES, hf_logits, hf_model, processor_inputs, tiny_config
 
     from megavlm.conversion.engine import hf_to_megavlm
     from megavlm.conversion.qwen3vl import qwen3vl_rules
     from megavlm.inference.hf_inputs import forward_logits
     from megavlm.models.full_tensors import load_full_tensors
-    from megavlm.models.rope import batched_mrope_position_ids
+    from megavlm.positions import batched_mrope_position_ids
     from megavlm.models.vlm import pipeline_seq_multiplier
     from megavlm.platform.distributed import initialize
-    from megavlm.training.model_setup import build_model_chunks
+    from megavlm.models.build import build_model_chunks
 
     preset, layout = {
         "vlm_logits_tp2": ("qwen3vl-tiny", ["parallel.tp=2", "parallel.sequence_parallel=true"]),

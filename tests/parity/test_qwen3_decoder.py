@@ -11,7 +11,7 @@ from megavlm.config import load_config
 from megavlm.conversion.engine import hf_to_megavlm, megavlm_to_hf
 from megavlm.conversion.qwen3 import qwen3_rules
 from megavlm.models.full_tensors import load_full_tensors
-from megavlm.training.model_setup import build_model_chunks
+from megavlm.models.build import build_model_chunks
 
 pytestmark = pytest.mark.usefixtures("single_rank_megatron")
 LOGITS_TOL = 1e-4

@@ -5,7 +5,7 @@ import subprocess
 import sys
 
 from tests.conftest import free_port
-from megavlm.training.checkpoint import COMPLETE_MARKER, checkpoint_dir, latest_complete
+from megavlm.checkpointing import COMPLETE_MARKER, checkpoint_dir, latest_complete
 
 
 def test_latest_complete_skips_partial(tmp_path):

@@ -9,7 +9,7 @@ from megatron.core.utils import unwrap_model
 from megavlm.config import load_config
 from megavlm.data.packing import PackedDataset, first_fit_decreasing, pack
 from megavlm.data.synthetic_text import SyntheticTextDataset
-from megavlm.training.model_setup import build_model_chunks
+from megavlm.models.build import build_model_chunks
 from megavlm.training.step import packed_seq_params, token_loss_sum
 
 

@@ -150,7 +150,7 @@ def test_vision_parameters_by_hand():
 
 @pytest.mark.usefixtures("single_rank_megatron")
 def test_vision_count_equals_the_built_vision_model():
-    from megavlm.training.model_setup import build_model_chunks
+    from megavlm.models.build import build_model_chunks
 
     tiny = get_model("qwen3vl-tiny")
     (chunk,), _ = build_model_chunks(load_config(None, ["model.preset=qwen3vl-tiny"]))

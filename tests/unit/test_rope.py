@@ -20,14 +20,10 @@ from transformers.models.qwen3_vl.modeling_qwen3_vl import (
 from transformers.processing_utils import ProcessorMixin
 
 from megavlm.config.vision import TokenIdsConfig
-from megavlm.models.rope import (
-    InterleavedMRotaryEmbedding,
-    batched_mrope_position_ids,
-    decode_position_ids,
-    mrope_position_ids,
-    multimodal_rotary_embedding,
-    rope_position_ids,
-)
+from megavlm.config import load_config
+from megavlm.models.rope import InterleavedMRotaryEmbedding, multimodal_rotary_embedding
+from megavlm.platform import device
+from megavlm.positions import batched_mrope_position_ids, mrope_position_ids, sample_position_ids
 
 IDS = TokenIdsConfig()
 MERGE = 2
@@ -158,14 +154,20 @@ def test_batched_grid_rows_must_match_placeholder_runs():
 
 
 def test_decode_positions_continue_after_the_prompt():
-    """Generated token k of a prompt of length S sits at S + k + delta = max + 1 + k on every axis."""
-    tokens = torch.tensor([3, IDS.image_token_id, IDS.image_token_id, 4])
-    ids, delta = mrope_position_ids(tokens, torch.tensor([[1, 2, 4]]), None, token_ids=IDS)
-    pos = decode_position_ids(torch.arange(4, 6), torch.tensor([[delta], [0]]))
-    assert pos.shape == (3, 2, 2)
-    assert torch.equal(pos[:, 0], (ids.max() + 1 + torch.arange(2)).expand(3, -1))
-    assert torch.equal(decode_position_ids(torch.tensor([[4, 5], [4, 5]]), torch.tensor([[delta], [0]])), pos)
-    assert torch.equal(rope_position_ids(5), torch.arange(5))
+    """Generated token k of a prompt of length S sits at S + k + delta = max + 1 + k on every
+    axis (REFERENCE 1); 1D RoPE models (STEP3-VL) count plain indices through media."""
+    model = load_config(None, ["model.preset=qwen3vl-tiny"]).model
+    ids_cfg = model.token_ids
+    tokens = torch.tensor([3, ids_cfg.image_token_id, ids_cfg.image_token_id, 4])
+    grid = torch.tensor([[1, 2, 4]])
+    prompt, delta = mrope_position_ids(tokens, grid, None, token_ids=ids_cfg)
+    pos = sample_position_ids(tokens, grid, None, model, new_tokens=3)
+    assert pos.shape == (3, 7)
+    assert torch.equal(pos[:, :4], prompt)
+    assert torch.equal(pos[:, 4:], (prompt.max() + 1 + torch.arange(3)).expand(3, -1))
+    assert torch.equal(pos[:, 4:], (torch.arange(4, 7) + delta).expand(3, -1))
+    one_d = load_config(None, ["model.preset=step3vl-tiny"]).model
+    assert torch.equal(sample_position_ids(tokens, grid, None, one_d, new_tokens=2), torch.arange(6))
 
 
 # ---------------------------------------------------------------- rotary frequencies
@@ -174,7 +176,7 @@ def test_decode_positions_continue_after_the_prompt():
 @pytest.fixture(scope="module")
 def megatron_on_cpu():
     """megatron's rotary constructor calls torch.cuda.current_device()."""
-    if not torch.cuda.is_available():
+    if not device.has_cuda():
         from megavlm.platform import cpu_adapter
 
         cpu_adapter.install()

@@ -8,7 +8,7 @@ from megatron.core.transformer.mlp import MLP
 
 from megavlm.config import load_config
 from megavlm.models.language.core_attention import SDPAAttention
-from megavlm.models.language.model import transformer_config
+from megavlm.models.transformer_config import transformer_config
 from megavlm.models.language.specs import LocalBackend, backend_provider, moe_layer_pattern, qwen3_layer_spec
 from megavlm.models.norms import Norm
 

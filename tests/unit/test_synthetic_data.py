@@ -108,7 +108,7 @@ def test_step3vl_sample_encodes_its_crop_layout_and_runs():
     from megavlm.config import load_config
     from megavlm.data.build import sample_encoder
     from megavlm.data.sample import Media, Message, Sample
-    from megavlm.training.model_setup import build_model_chunks
+    from megavlm.models.build import build_model_chunks
 
     cfg = load_config(None, ["model.preset=step3vl-tiny", "data.dataset=synthetic_multimodal", "data.seq_length=1024"])
     encoder = sample_encoder(cfg)

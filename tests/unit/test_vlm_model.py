@@ -8,7 +8,7 @@ from megatron.core.utils import unwrap_model
 from megavlm.config import ConfigError, load_config, validate
 from megavlm.models.deepstack import late_levels
 from megavlm.models.vlm import pipeline_seq_multiplier
-from megavlm.training.model_setup import build_model_chunks
+from megavlm.models.build import build_model_chunks
 
 
 @pytest.mark.usefixtures("single_rank_megatron")

@@ -1,100 +1,30 @@
-"""Build the Qwen3 decoder as megatron-core ``GPTModel`` chunks for this rank's stages."""
+"""The Qwen3 decoder as a megatron-core ``GPTModel`` chunk: the one place that builds it."""
 
 from __future__ import annotations
 
-import torch
-import torch.nn.functional as F
 from megatron.core import parallel_state
 from megatron.core.models.gpt import GPTModel
 from megatron.core.transformer.transformer_config import TransformerConfig
 
-from megavlm.config.schema import ModelConfig, ParallelConfig
+from megavlm.config.schema import ModelConfig
 from megavlm.models.language.specs import qwen3_block_spec
-from megavlm.platform import device
-
-
-def precision_and_kernels(dtype: torch.dtype, *, use_te: bool) -> dict:
-    """TransformerConfig fields shared by every megavlm transformer: precision, and the fused
-    kernels, which exist only with CUDA (and TE/apex)."""
-    return dict(
-        params_dtype=dtype,
-        pipeline_dtype=dtype,
-        bf16=dtype == torch.bfloat16,
-        use_cpu_initialization=not torch.cuda.is_available(),
-        bias_activation_fusion=use_te,
-        bias_dropout_fusion=use_te,
-        apply_rope_fusion=False,
-        masked_softmax_fusion=use_te,
-        gradient_accumulation_fusion=use_te,
-        persist_layer_norm=use_te,
-    )
-
-
-def transformer_config(
-    model: ModelConfig, parallel: ParallelConfig, *, dtype: torch.dtype, use_te: bool
-) -> TransformerConfig:
-    """megatron-core's TransformerConfig for a Qwen3 decoder under the given layout."""
-    lm = model.language
-    moe = lm.moe
-    fp8 = model.fp8
-    return TransformerConfig(
-        num_layers=lm.num_layers,
-        hidden_size=lm.hidden_size,
-        ffn_hidden_size=lm.ffn_hidden_size,
-        num_attention_heads=lm.num_attention_heads,
-        num_query_groups=lm.num_query_groups,
-        kv_channels=lm.head_dim,
-        layernorm_epsilon=lm.norm_eps,
-        normalization="RMSNorm",
-        qk_layernorm=lm.qk_norm,
-        gated_linear_unit=True,
-        activation_func=F.silu,
-        add_bias_linear=False,
-        add_qkv_bias=False,
-        hidden_dropout=0.0,
-        attention_dropout=0.0,
-        init_method_std=model.init_std,
-        # parallel layout
-        tensor_model_parallel_size=parallel.tp,
-        pipeline_model_parallel_size=parallel.pp,
-        virtual_pipeline_model_parallel_size=parallel.vpp if parallel.vpp and parallel.vpp > 1 else None,
-        context_parallel_size=parallel.cp,
-        expert_model_parallel_size=parallel.ep,
-        expert_tensor_parallel_size=parallel.etp,
-        sequence_parallel=parallel.sequence_parallel,
-        # The loss is a token sum; megatron divides by the global token count (all DP ranks
-        # and micro-batches), which makes the result independent of the layout.
-        calculate_per_token_loss=True,
-        # gloo mismatches batched p2p messages when the previous and next pipeline stage are
-        # the same rank (PP=2 with virtual stages); NCCL batches them correctly.
-        batch_p2p_comm=device.distributed_backend() == "nccl",
-        **precision_and_kernels(dtype, use_te=use_te),
-        fp8=fp8.format,
-        fp8_recipe=fp8.recipe,
-        fp8_amax_history_len=fp8.amax_history_len,
-        fp8_amax_compute_algo=fp8.amax_compute_algo,
-        fp8_param=fp8.param,
-        # MoE (Qwen3-MoE: softmax router, top-k then renormalize, load-balancing aux loss)
-        num_moe_experts=moe.num_experts if moe else None,
-        moe_router_topk=moe.topk if moe else 2,
-        moe_ffn_hidden_size=moe.ffn_hidden_size if moe else None,
-        moe_aux_loss_coeff=moe.aux_loss_coeff if moe else 0.0,
-        moe_router_load_balancing_type="aux_loss" if moe else "none",
-        moe_router_pre_softmax=False,
-        moe_router_dtype="fp32" if moe else None,
-        moe_token_dispatcher_type=moe.dispatcher if moe else "allgather",
-        moe_grouped_gemm=moe.grouped_gemm if moe else False,
-        moe_layer_freq=moe.layer_freq if moe else 1,
-        moe_permute_fusion=False,
-    )
+from megavlm.models.rope import multimodal_rotary_embedding
 
 
 def build_language_model(
     model: ModelConfig, tconfig: TransformerConfig, *, use_te: bool, vp_stage: int | None = None
 ) -> GPTModel:
-    """The decoder chunk for this pipeline (and virtual pipeline) stage."""
+    """The decoder chunk for this pipeline (and virtual pipeline) stage.
+
+    MRoPE models get megavlm's rotary module (megatron-core has only the chunked layout).
+    A VLM feeds ``decoder_input`` with media features in place and scatters it for sequence
+    parallelism itself; a text-only model keeps megatron's own embedding path.
+    """
     lm = model.language
-    return GPTModel(
+    mrope = model.rope.kind.startswith("mrope")
+    if mrope:
+        tconfig.mrope_section = list(model.rope.mrope_section)
+    gpt = GPTModel(
         config=tconfig,
         transformer_layer_spec=qwen3_block_spec(tconfig, use_te=use_te, vp_stage=vp_stage),
         vocab_size=lm.vocab_size,
@@ -102,7 +32,13 @@ def build_language_model(
         pre_process=parallel_state.is_pipeline_first_stage(ignore_virtual=False, vp_stage=vp_stage),
         post_process=parallel_state.is_pipeline_last_stage(ignore_virtual=False, vp_stage=vp_stage),
         share_embeddings_and_output_weights=lm.tie_embeddings,
-        position_embedding_type="rope",
+        position_embedding_type="mrope" if mrope else "rope",
         rotary_base=int(lm.rope_theta),
+        scatter_embedding_sequence_parallel=model.vision is None,
         vp_stage=vp_stage,
     )
+    if mrope:
+        gpt.rotary_pos_emb = multimodal_rotary_embedding(
+            model.rope.kind, kv_channels=lm.head_dim, rotary_base=lm.rope_theta,
+        )
+    return gpt

@@ -22,7 +22,7 @@ from torch import Tensor
 
 from megavlm.config.schema import ParallelConfig
 from megavlm.config.vision import ProjectorConfig, VisionConfig
-from megavlm.models.language.model import precision_and_kernels
+from megavlm.models.transformer_config import precision_and_kernels
 from megavlm.models.language.specs import backend_provider, prenorm_layer_spec
 from megavlm.models.projector import PatchMerger
 from megavlm.models.vision.embeddings import PatchEmbed, PositionEmbedding, rope_2d, vision_cu_seqlens

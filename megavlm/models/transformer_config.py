@@ -1,0 +1,93 @@
+"""megatron-core ``TransformerConfig`` of megavlm's transformers, from the typed config.
+
+The decoder's config is built here; the ViTs build theirs next to their modules
+(``models/vision``) from the same precision and kernel fields, so a GPU run turns the same
+fused kernels on for every transformer of the model.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from megatron.core.transformer.transformer_config import TransformerConfig
+
+from megavlm.config.schema import ModelConfig, ParallelConfig
+from megavlm.platform import device
+
+
+def precision_and_kernels(dtype: torch.dtype, *, use_te: bool) -> dict:
+    """TransformerConfig fields shared by every megavlm transformer: precision, and the fused
+    kernels, which exist only with CUDA (and TE/apex)."""
+    return dict(
+        params_dtype=dtype,
+        pipeline_dtype=dtype,
+        bf16=dtype == torch.bfloat16,
+        use_cpu_initialization=not device.has_cuda(),
+        bias_activation_fusion=use_te,
+        bias_dropout_fusion=use_te,
+        apply_rope_fusion=False,
+        masked_softmax_fusion=use_te,
+        # megatron's local linear layers raise without apex's fused wgrad kernel; TE's have
+        # their own. Turned on only where the kernel the chosen layers call exists.
+        gradient_accumulation_fusion=device.has_wgrad_accumulation_fusion(use_te=use_te),
+        persist_layer_norm=use_te,
+    )
+
+
+def transformer_config(
+    model: ModelConfig, parallel: ParallelConfig, *, dtype: torch.dtype, use_te: bool
+) -> TransformerConfig:
+    """megatron-core's TransformerConfig for a Qwen3 decoder under the given layout."""
+    lm = model.language
+    moe = lm.moe
+    fp8 = model.fp8
+    return TransformerConfig(
+        num_layers=lm.num_layers,
+        hidden_size=lm.hidden_size,
+        ffn_hidden_size=lm.ffn_hidden_size,
+        num_attention_heads=lm.num_attention_heads,
+        num_query_groups=lm.num_query_groups,
+        kv_channels=lm.head_dim,
+        layernorm_epsilon=lm.norm_eps,
+        normalization="RMSNorm",
+        qk_layernorm=lm.qk_norm,
+        gated_linear_unit=True,
+        activation_func=F.silu,
+        add_bias_linear=False,
+        add_qkv_bias=False,
+        hidden_dropout=0.0,
+        attention_dropout=0.0,
+        init_method_std=model.init_std,
+        # parallel layout
+        tensor_model_parallel_size=parallel.tp,
+        pipeline_model_parallel_size=parallel.pp,
+        virtual_pipeline_model_parallel_size=parallel.vpp if parallel.vpp and parallel.vpp > 1 else None,
+        context_parallel_size=parallel.cp,
+        expert_model_parallel_size=parallel.ep,
+        expert_tensor_parallel_size=parallel.etp,
+        sequence_parallel=parallel.sequence_parallel,
+        # The loss is a token sum; megatron divides by the global token count (all DP ranks
+        # and micro-batches), which makes the result independent of the layout.
+        calculate_per_token_loss=True,
+        # gloo mismatches batched p2p messages when the previous and next pipeline stage are
+        # the same rank (PP=2 with virtual stages); NCCL batches them correctly.
+        batch_p2p_comm=device.distributed_backend() == "nccl",
+        **precision_and_kernels(dtype, use_te=use_te),
+        fp8=fp8.format,
+        fp8_recipe=fp8.recipe,
+        fp8_amax_history_len=fp8.amax_history_len,
+        fp8_amax_compute_algo=fp8.amax_compute_algo,
+        fp8_param=fp8.param,
+        # MoE (Qwen3-MoE: softmax router, top-k then renormalize, load-balancing aux loss)
+        num_moe_experts=moe.num_experts if moe else None,
+        moe_router_topk=moe.topk if moe else 2,
+        moe_ffn_hidden_size=moe.ffn_hidden_size if moe else None,
+        moe_aux_loss_coeff=moe.aux_loss_coeff if moe else 0.0,
+        moe_router_load_balancing_type="aux_loss" if moe else "none",
+        moe_router_pre_softmax=False,
+        moe_router_dtype="fp32" if moe else None,
+        moe_token_dispatcher_type=moe.dispatcher if moe else "allgather",
+        moe_grouped_gemm=moe.grouped_gemm if moe else False,
+        moe_layer_freq=moe.layer_freq if moe else 1,
+        moe_permute_fusion=False,
+    )
