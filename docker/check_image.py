@@ -11,6 +11,7 @@ Exit status 1 when a requirement is not met.
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import importlib.metadata
 import platform
 import sys
@@ -87,8 +88,14 @@ def gpu_report(require_fp8: bool) -> list[str]:
     props = torch.cuda.get_device_properties(0)
     print(f"GPU: {torch.cuda.device_count()} x {props.name} (sm_{props.major}{props.minor})")
     print(f"NCCL: {'.'.join(map(str, torch.cuda.nccl.version()))}, cuDNN: {torch.backends.cudnn.version()}")
-    if not device.has_transformer_engine():
-        return found + ["Transformer Engine does not import (see megavlm.platform.device.has_transformer_engine)"]
+    te_error = device.transformer_engine_import_error()
+    if te_error is not None:
+        return found + [f"Transformer Engine: {te_error} (model.transformer_impl=auto refuses to train on this GPU)"]
+    # gradient_accumulation_fusion: TE layers bring their kernel; megatron's local layers
+    # (model.transformer_impl=local) need apex's, and megavlm turns the fusion off without it.
+    wgrad = importlib.util.find_spec("fused_weight_gradient_mlp_cuda") is not None
+    print(f"apex fused_weight_gradient_mlp_cuda: {'present' if wgrad else 'absent'} "
+          f"(gradient_accumulation_fusion with local layers: {'on' if wgrad else 'off'})")
     for recipe in ("delayed", "tensorwise", "mxfp8"):
         ok, why = device.fp8_support(recipe)
         print(f"FP8 recipe {recipe}: {'supported' if ok else 'not supported: ' + why}")

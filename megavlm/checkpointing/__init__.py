@@ -16,10 +16,17 @@ from megavlm.checkpointing.directories import (
     require_complete,
     write_config,
 )
-from megavlm.checkpointing.weights import load_model_weights, model_sharded_state_dict, read_model_tensors
+from megavlm.checkpointing.weights import (
+    iter_model_tensors,
+    load_model_weights,
+    model_sharded_state_dict,
+    model_tensor_shapes,
+    read_model_tensors,
+)
 
 __all__ = [
-    "COMPLETE_MARKER", "atomic_write_bytes", "checkpoint_dir", "latest_complete", "load_model_weights",
+    "COMPLETE_MARKER", "atomic_write_bytes", "checkpoint_dir", "iter_model_tensors", "latest_complete",
+    "load_model_weights", "model_tensor_shapes",
     "mark_complete", "model_sharded_state_dict", "read_config", "read_model_tensors", "require_complete",
     "write_config",
 ]

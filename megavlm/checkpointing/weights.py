@@ -9,12 +9,19 @@ so the split into chunks does not matter when reading.
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Iterable, Iterator
 
 import torch
+import torch.distributed.checkpoint as dcp
 from megatron.core import dist_checkpointing
 from megatron.core.utils import unwrap_model
+from torch.distributed.checkpoint import FileSystemReader
+from torch.distributed.checkpoint.metadata import TensorStorageMetadata
 
 from megavlm.checkpointing.directories import require_complete
+
+# Keys of a training checkpoint that are not model weights (megatron's optimizer state).
+_NOT_MODEL = ("optimizer.",)
 
 
 def model_sharded_state_dict(model) -> dict:
@@ -36,14 +43,36 @@ def load_model_weights(path: str | Path, model) -> None:
     load_model_state(require_complete(path), model)
 
 
-def read_model_tensors(path: str | Path) -> dict[str, torch.Tensor]:
-    """Every full model tensor of a complete checkpoint, by global sharded key, read in
-    this one process whatever layout saved it (conversion, inspection).
+def model_tensor_shapes(path: str | Path) -> dict[str, tuple[torch.Size, torch.dtype]]:
+    """Global shape and dtype of every model tensor of a complete checkpoint, from its metadata."""
+    metadata = FileSystemReader(str(require_complete(path))).read_metadata()
+    return {
+        key: (meta.size, meta.properties.dtype)
+        for key, meta in metadata.state_dict_metadata.items()
+        if isinstance(meta, TensorStorageMetadata) and not key.startswith(_NOT_MODEL)
+    }
 
-    Vocabulary-sized tensors keep the padded rows of the saving layout; callers trim them.
+
+def iter_model_tensors(path: str | Path, keys: Iterable[str] | None = None) -> Iterator[tuple[str, torch.Tensor]]:
+    """``(global sharded key, full tensor)`` of a complete checkpoint, one tensor at a time, read
+    in this one process whatever layout saved it (conversion, inspection), with no process group.
+
+    megatron's ``load_plain_tensors`` would do the same but needs a process group and loads
+    everything at once; the files are torch DCP underneath, whose reader takes a
+    ``no_dist`` load of any subset. Memory stays at one full tensor. Vocabulary-sized tensors
+    keep the padded rows of the saving layout; callers trim them.
     """
     path = require_complete(path)
-    tensors = dist_checkpointing.load_plain_tensors(str(path))
-    # Model keys are the sharded keys themselves (the "model<i>" prefix is only the nesting
-    # of the state dict); the optimizer's live under "optimizer.".
-    return {k: v for k, v in tensors.items() if not k.startswith("optimizer.")}
+    shapes = model_tensor_shapes(path)
+    for key in shapes if keys is None else keys:
+        if key not in shapes:
+            raise KeyError(f"{path}: no model tensor {key!r} (it has {len(shapes)}, e.g. {next(iter(shapes), None)!r})")
+        size, dtype = shapes[key]
+        tensor = torch.empty(size, dtype=dtype)
+        dcp.load({key: tensor}, storage_reader=FileSystemReader(str(path)), no_dist=True)
+        yield key, tensor
+
+
+def read_model_tensors(path: str | Path) -> dict[str, torch.Tensor]:
+    """Every full model tensor of a checkpoint (small models; stream with ``iter_model_tensors``)."""
+    return dict(iter_model_tensors(path))

@@ -13,6 +13,7 @@ from megatron.core.transformer.transformer_config import TransformerConfig
 
 from megavlm.config.schema import ModelConfig, ParallelConfig
 from megavlm.platform import device
+from megavlm.platform.distributed import megatron_parallel_sizes
 
 
 def precision_and_kernels(dtype: torch.dtype, *, use_te: bool) -> dict:
@@ -59,12 +60,7 @@ def transformer_config(
         attention_dropout=0.0,
         init_method_std=model.init_std,
         # parallel layout
-        tensor_model_parallel_size=parallel.tp,
-        pipeline_model_parallel_size=parallel.pp,
-        virtual_pipeline_model_parallel_size=parallel.vpp if parallel.vpp and parallel.vpp > 1 else None,
-        context_parallel_size=parallel.cp,
-        expert_model_parallel_size=parallel.ep,
-        expert_tensor_parallel_size=parallel.etp,
+        **megatron_parallel_sizes(parallel),
         sequence_parallel=parallel.sequence_parallel,
         # The loss is a token sum; megatron divides by the global token count (all DP ranks
         # and micro-batches), which makes the result independent of the layout.

@@ -26,6 +26,19 @@ class ParallelDegrees(Protocol):
     etp: int | None
 
 
+def megatron_parallel_sizes(parallel: ParallelDegrees) -> dict:
+    """The degrees under megatron-core's names, shared by ``initialize_model_parallel`` and
+    ``TransformerConfig`` so the groups and the layers can never disagree."""
+    return dict(
+        tensor_model_parallel_size=parallel.tp,
+        pipeline_model_parallel_size=parallel.pp,
+        virtual_pipeline_model_parallel_size=parallel.vpp if parallel.vpp and parallel.vpp > 1 else None,
+        context_parallel_size=parallel.cp,
+        expert_model_parallel_size=parallel.ep,
+        expert_tensor_parallel_size=parallel.etp,
+    )
+
+
 def initialize(parallel: ParallelDegrees, seed: int, env: DistEnv | None = None) -> DistEnv:
     """Bring up the process group and megatron's TP/PP/CP/EP/DP groups from ``parallel``.
 
@@ -38,14 +51,7 @@ def initialize(parallel: ParallelDegrees, seed: int, env: DistEnv | None = None)
     init_process_group(env, device.distributed_backend())
     if not device.has_cuda():
         cpu_adapter.install()
-    parallel_state.initialize_model_parallel(
-        tensor_model_parallel_size=parallel.tp,
-        pipeline_model_parallel_size=parallel.pp,
-        virtual_pipeline_model_parallel_size=parallel.vpp if parallel.vpp and parallel.vpp > 1 else None,
-        context_parallel_size=parallel.cp,
-        expert_model_parallel_size=parallel.ep,
-        expert_tensor_parallel_size=parallel.etp,
-    )
+    parallel_state.initialize_model_parallel(**megatron_parallel_sizes(parallel))
     seed_everything(seed)
     return env
 

@@ -17,6 +17,7 @@ import torch
 import torch.distributed as dist
 from megatron.core import parallel_state
 
+from megavlm.checkpointing import read_model_tensors
 from megavlm.config import load_config
 from megavlm.models.full_tensors import gather_full_tensors
 from megavlm.training.loop import Trainer
@@ -119,7 +120,10 @@ def run_reshard(name: str, out: Path, log_dir: Path) -> None:
     tp2 = ["parallel.tp=2", "parallel.sequence_parallel=true"]
     trainer = Trainer(load_config(None, common + tp2 + [f"logging.dir={log_dir}/r1", f"checkpoint.save={ckpt}"]))
     trainer.step(), trainer.step()
-    trainer.save()
+    saved_dir = trainer.save()
+    live = gather_full_tensors(trainer.model)
+    # the checkpoint read back in one process, without the TP=2 layout (conversion's reader)
+    read_back = read_model_tensors(saved_dir) if dist.get_rank() == 0 else {}
     continued = [trainer.step()["loss"] for _ in range(2)]
     _teardown()
     pp2 = Trainer(load_config(None, common + ["parallel.pp=2", f"logging.dir={log_dir}/r2", f"checkpoint.load={ckpt}"]))
@@ -127,7 +131,7 @@ def run_reshard(name: str, out: Path, log_dir: Path) -> None:
     loaded = [pp2.step()["loss"] for _ in range(2)]
     _teardown()
     if dist.get_rank() == 0:
-        torch.save({"tp2": continued, "pp2_from_tp2": loaded}, out / f"{name}.pt")
+        torch.save({"tp2": continued, "pp2_from_tp2": loaded, "live": live, "read_back": read_back}, out / f"{name}.pt")
 
 
 def run_nan_skip(name: str, out: Path, log_dir: Path) -> None:
