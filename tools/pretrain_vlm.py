@@ -3,8 +3,8 @@
 
 import argparse
 
-from megavlm.config import load_config
 from megavlm.platform.distributed import shutdown
+from megavlm.training.config import training_config
 from megavlm.training.loop import Trainer
 from megavlm.training.samples import print_samples
 
@@ -15,7 +15,7 @@ def main() -> None:
     parser.add_argument("--sample", action="store_true", help="generate a sample after training")
     parser.add_argument("overrides", nargs="*", help="dotted overrides, e.g. parallel.tp=2 train.iters=20")
     args = parser.parse_args()
-    cfg = load_config(args.config, args.overrides)
+    cfg = training_config(args.config, args.overrides)
     try:
         trainer = Trainer(cfg)
         trainer.run()

@@ -6,10 +6,12 @@ directory (any layout), and reading its full tensors without launching that layo
 Train state and optimizer glue stay in ``megavlm.training.checkpoint``.
 """
 
+from megavlm.checkpointing.assets import ASSETS_DIR, assets_of, copy_assets, tokenizer_file
 from megavlm.checkpointing.directories import (
     COMPLETE_MARKER,
     atomic_write_bytes,
     checkpoint_dir,
+    is_complete,
     latest_complete,
     mark_complete,
     read_config,
@@ -25,6 +27,7 @@ from megavlm.checkpointing.weights import (
 )
 
 __all__ = [
+    "ASSETS_DIR", "assets_of", "copy_assets", "is_complete", "tokenizer_file",
     "COMPLETE_MARKER", "atomic_write_bytes", "checkpoint_dir", "iter_model_tensors", "latest_complete",
     "load_model_weights", "model_tensor_shapes",
     "mark_complete", "model_sharded_state_dict", "read_config", "read_model_tensors", "require_complete",

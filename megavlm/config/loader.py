@@ -163,9 +163,14 @@ def build_config(data: Mapping) -> Config:
     return from_dict(Config, data)
 
 
-def load_config(path: str | Path | None = None, overrides: Sequence[str] = ()) -> Config:
+def load_config_data(path: str | Path | None = None, overrides: Sequence[str] = ()) -> dict:
+    """The recipe and the overrides merged, before presets resolve (what the user wrote)."""
     data = read_yaml(path) if path is not None else {}
-    return build_config(_merge(data, parse_overrides(overrides)))
+    return _merge(data, parse_overrides(overrides))
+
+
+def load_config(path: str | Path | None = None, overrides: Sequence[str] = ()) -> Config:
+    return build_config(load_config_data(path, overrides))
 
 
 def dump_yaml(cfg: Config) -> str:

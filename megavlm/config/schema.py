@@ -157,7 +157,13 @@ class TrainConfig:
 @dataclass(kw_only=True)
 class CheckpointConfig:
     save: str | None = None
+    # Resume: the newest complete checkpoint here (weights, optimizer, iteration, data position).
+    # It wins over ``pretrained`` when one exists (the requeue pattern).
     load: str | None = None
+    # Fine-tune: only the weights of an HF model directory or a megavlm checkpoint, into any
+    # layout, with a fresh optimizer, iteration 0 and a fresh data position. The architecture
+    # (and, unless data.tokenizer is set, the tokenizer) comes from there.
+    pretrained: str | None = None
     interval: int = 0  # 0: only at the end (and on SIGTERM/SIGUSR1)
     async_save: bool = False
 

@@ -40,18 +40,36 @@ class KeyRule:
         return "{i}" in self.hf[0]
 
 
+def hf_keys(rule: KeyRule, layer: int | None) -> list[str]:
+    """The HF keys of one rule, for one layer (``None`` for a rule without layers)."""
+    return [pattern.format(i=layer) for pattern in rule.hf]
+
+
+def megavlm_layer(rule: KeyRule, hf: Mapping[str, Tensor], layer: int | None) -> Tensor:
+    """One layer's megavlm tensor (the whole tensor for a rule without layers) from HF tensors;
+    ``hf`` may be lazy, so only that layer's tensors are read."""
+    keys = hf_keys(rule, layer)
+    missing = [k for k in keys if k not in hf]
+    if missing:
+        raise KeyError(f"HF checkpoint lacks {missing[0]!r} (needed for megavlm {rule.mv!r})")
+    return rule.join([hf[k] for k in keys])
+
+
+def hf_pieces(rule: KeyRule, tensor: Tensor, layer: int | None) -> dict[str, Tensor]:
+    """HF tensors of one layer of a megavlm tensor (the whole tensor for a rule without layers)."""
+    pieces = rule.split(tensor[layer] if rule.per_layer else tensor)
+    return {key: piece.contiguous() for key, piece in zip(hf_keys(rule, layer), pieces)}
+
+
+def layers_of(rule: KeyRule, num_layers: int) -> range | list[None]:
+    return range(num_layers) if rule.per_layer else [None]
+
+
 def hf_to_megavlm(hf: Mapping[str, Tensor], rules: list[KeyRule], *, num_layers: int) -> dict[str, Tensor]:
     """Full megavlm tensors (sharded key space) from an HF state dict."""
     out: dict[str, Tensor] = {}
     for rule in rules:
-        layers = range(num_layers) if rule.per_layer else [None]
-        parts = []
-        for i in layers:
-            keys = [pattern.format(i=i) for pattern in rule.hf]
-            missing = [k for k in keys if k not in hf]
-            if missing:
-                raise KeyError(f"HF checkpoint lacks {missing[0]!r} (needed for megavlm {rule.mv!r})")
-            parts.append(rule.join([hf[k] for k in keys]))
+        parts = [megavlm_layer(rule, hf, i) for i in layers_of(rule, num_layers)]
         out[rule.mv] = torch.stack(parts) if rule.per_layer else parts[0]
     return out
 
@@ -62,9 +80,6 @@ def megavlm_to_hf(full: Mapping[str, Tensor], rules: list[KeyRule], *, num_layer
     for rule in rules:
         if rule.mv not in full:
             raise KeyError(f"megavlm weights lack {rule.mv!r}")
-        tensor = full[rule.mv]
-        for i in range(num_layers) if rule.per_layer else [None]:
-            pieces = rule.split(tensor[i] if rule.per_layer else tensor)
-            for pattern, piece in zip(rule.hf, pieces):
-                out[pattern.format(i=i)] = piece.contiguous()
+        for i in layers_of(rule, num_layers):
+            out.update(hf_pieces(rule, full[rule.mv], i))
     return out

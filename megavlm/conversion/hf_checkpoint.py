@@ -7,20 +7,32 @@ released checkpoints store ``gate_up_proj [E, H, 2I]`` / ``down_proj [E, I, H]``
 transformers 5 saves its in-memory ``[E, 2I, H]`` / ``[E, H, I]``. The reader decides by
 shape; only when the shapes cannot tell (H == 2I, or H == I) it uses the version that wrote
 the file (``transformers_version`` >= 5: in-memory layout), and never guesses.
+
+Tensors stream: the reader opens each tensor when asked (safetensors is memory-mapped), and
+the writer fills shards of at most ``max_shard_bytes`` with an index, so converting a model
+holds about one tensor and one output shard, not the model.
 """
 
 from __future__ import annotations
 
 import json
+import os
+import shutil
+from collections.abc import Iterable, Iterator, Mapping
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors import safe_open
+from safetensors.torch import save_file
 
 from megavlm.config.schema import ModelConfig
-from megavlm.conversion.engine import hf_to_megavlm, megavlm_to_hf
+from megavlm.conversion.engine import KeyRule, hf_keys, hf_pieces, hf_to_megavlm, layers_of, megavlm_to_hf
 from megavlm.conversion.hf_config import hf_config_from_model, model_config_from_hf
 from megavlm.conversion.qwen3vl import qwen3vl_rules
+
+
+SAFETENSORS_INDEX = "model.safetensors.index.json"
+DEFAULT_MAX_SHARD_BYTES = 5 * 10**9  # HF's 5 GB shards
 
 
 def is_hf_model_dir(path: str | Path) -> bool:
@@ -28,14 +40,16 @@ def is_hf_model_dir(path: str | Path) -> bool:
     return (path / "config.json").is_file() and any(path.glob("*.safetensors"))
 
 
-def _read_safetensors(path: Path) -> dict[str, torch.Tensor]:
-    files = sorted(path.glob("*.safetensors"))
-    if not files:
-        raise FileNotFoundError(f"{path}: no *.safetensors files")
-    tensors: dict[str, torch.Tensor] = {}
-    for f in files:
-        tensors.update(load_file(str(f)))
-    return tensors
+def read_hf_config(path: str | Path) -> dict:
+    file = Path(path) / "config.json"
+    if not file.is_file():
+        raise FileNotFoundError(f"{path}: no config.json (not a Hugging Face model directory)")
+    return json.loads(file.read_text())
+
+
+def hf_rules(model: ModelConfig) -> list[KeyRule]:
+    """The key map of the model's family."""
+    return qwen3vl_rules(model)
 
 
 def _written_by_transformers_5(hf_config: dict) -> bool:
@@ -43,50 +57,192 @@ def _written_by_transformers_5(hf_config: dict) -> bool:
     return int(version.split(".")[0]) >= 5
 
 
-def _normalize_experts(tensors: dict[str, torch.Tensor], model: ModelConfig, hf_config: dict, path: Path) -> None:
-    """Bring fused expert tensors to transformers' in-memory layout, in place."""
+def _normalize_expert(key: str, tensor: torch.Tensor, model: ModelConfig, hf_config: dict, path: Path) -> torch.Tensor:
+    """A fused expert tensor in transformers' in-memory layout (others unchanged)."""
     moe = model.language.moe
     if moe is None:
-        return
+        return tensor
     h, i = model.language.hidden_size, moe.ffn_hidden_size
     expected = {"mlp.experts.gate_up_proj": (2 * i, h), "mlp.experts.down_proj": (h, i)}
-    for key, tensor in tensors.items():
-        for suffix, (rows, cols) in expected.items():
-            if not key.endswith(suffix):
-                continue
-            shape = tuple(tensor.shape[1:])
-            if rows == cols:  # square: the shape cannot tell the layouts apart
-                transposed = not _written_by_transformers_5(hf_config)
-            elif shape == (rows, cols):
-                transposed = False
-            elif shape == (cols, rows):
-                transposed = True
-            else:
-                raise ValueError(
-                    f"{path}: {key} has shape {list(tensor.shape)}; expected [E, {rows}, {cols}] or "
-                    f"[E, {cols}, {rows}] from config.json (hidden {h}, moe_intermediate_size {i})"
-                )
-            if transposed:
-                tensors[key] = tensor.transpose(1, 2).contiguous()
+    for suffix, (rows, cols) in expected.items():
+        if not key.endswith(suffix):
+            continue
+        shape = tuple(tensor.shape[1:])
+        if rows == cols:  # square: the shape cannot tell the layouts apart
+            transposed = not _written_by_transformers_5(hf_config)
+        elif shape == (rows, cols):
+            transposed = False
+        elif shape == (cols, rows):
+            transposed = True
+        else:
+            raise ValueError(
+                f"{path}: {key} has shape {list(tensor.shape)}; expected [E, {rows}, {cols}] or "
+                f"[E, {cols}, {rows}] from config.json (hidden {h}, moe_intermediate_size {i})"
+            )
+        return tensor.transpose(1, 2).contiguous() if transposed else tensor
+    return tensor
+
+
+class HFTensors(Mapping[str, torch.Tensor]):
+    """The tensors of an HF model directory, read one at a time on access (in memory layout)."""
+
+    def __init__(self, path: str | Path, model: ModelConfig, hf_config: dict):
+        self.path, self.model, self.hf_config = Path(path), model, hf_config
+        files = sorted(self.path.glob("*.safetensors"))
+        if not files:
+            raise FileNotFoundError(f"{self.path}: no *.safetensors files")
+        self.file_of: dict[str, Path] = {}
+        for f in files:
+            with safe_open(str(f), framework="pt") as handle:
+                for key in handle.keys():
+                    if key in self.file_of:
+                        raise ValueError(f"{self.path}: tensor {key!r} is in both {self.file_of[key].name} and {f.name}")
+                    self.file_of[key] = f
+
+    def __getitem__(self, key: str) -> torch.Tensor:
+        if key not in self.file_of:
+            raise KeyError(key)
+        with safe_open(str(self.file_of[key]), framework="pt") as handle:
+            tensor = handle.get_tensor(key)
+        return _normalize_expert(key, tensor, self.model, self.hf_config, self.path)
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self.file_of)
+
+    def __len__(self) -> int:
+        return len(self.file_of)
+
+
+def check_hf_keys(tensors: Mapping[str, torch.Tensor], rules: list[KeyRule], model: ModelConfig, path: Path) -> None:
+    """Every tensor the model needs is there and every tensor there is used (names the key)."""
+    needed = {k for rule in rules for i in layers_of(rule, model.language.num_layers) for k in hf_keys(rule, i)}
+    present = set(tensors)
+    # transformers may also save a tied lm_head; it is the embedding, not a separate weight
+    ignorable = {"lm_head.weight"} if model.language.tie_embeddings else set()
+    missing, unexpected = sorted(needed - present), sorted(present - needed - ignorable)
+    if missing:
+        raise KeyError(f"{path}: missing tensor {missing[0]!r} ({len(missing)} missing in all) for this config.json")
+    if unexpected:
+        raise KeyError(
+            f"{path}: unexpected tensor {unexpected[0]!r} ({len(unexpected)} unexpected in all); config.json "
+            "describes a different model, or the format is not supported"
+        )
+
+
+def open_hf_model_dir(path: str | Path) -> tuple[ModelConfig, HFTensors]:
+    """``ModelConfig`` and the lazily read, checked tensors of an HF model directory."""
+    path = Path(path)
+    hf_config = read_hf_config(path)
+    model = model_config_from_hf(hf_config)
+    tensors = HFTensors(path, model, hf_config)
+    check_hf_keys(tensors, hf_rules(model), model, path)
+    return model, tensors
 
 
 def load_hf_model_dir(path: str | Path) -> tuple[ModelConfig, dict[str, torch.Tensor]]:
-    """``ModelConfig`` and full megavlm tensors from an HF Qwen3-VL directory."""
+    """``ModelConfig`` and full megavlm tensors from an HF directory (small models, tests)."""
+    model, tensors = open_hf_model_dir(path)
+    return model, hf_to_megavlm(tensors, hf_rules(model), num_layers=model.language.num_layers)
+
+
+class ShardedSafetensorsWriter:
+    """Tensors in, ``model-0000k-of-0000n.safetensors`` shards of at most ``max_shard_bytes``
+    plus ``model.safetensors.index.json`` out (HF's layout; one file needs no index)."""
+
+    def __init__(self, path: Path, *, max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES):
+        self.path, self.max_shard_bytes = path, max_shard_bytes
+        self.pending: dict[str, torch.Tensor] = {}
+        self.pending_bytes = 0
+        self.files: list[Path] = []
+        self.file_of: dict[str, int] = {}
+        self.total_bytes = 0
+
+    def add(self, key: str, tensor: torch.Tensor) -> None:
+        size = tensor.numel() * tensor.element_size()
+        if self.pending and self.pending_bytes + size > self.max_shard_bytes:
+            self._flush()
+        self.pending[key] = tensor.contiguous()
+        self.pending_bytes += size
+        self.total_bytes += size
+        self.file_of[key] = len(self.files)
+
+    def _flush(self) -> None:
+        file = self.path / f".shard-{len(self.files):05d}.safetensors"
+        save_file(self.pending, str(file), metadata={"format": "pt"})
+        self.files.append(file)
+        self.pending, self.pending_bytes = {}, 0
+
+    def close(self) -> list[str]:
+        """Name the shards and write the index; returns the file names."""
+        if self.pending or not self.files:
+            self._flush()
+        n = len(self.files)
+        names = ["model.safetensors"] if n == 1 else [f"model-{k + 1:05d}-of-{n:05d}.safetensors" for k in range(n)]
+        for file, name in zip(self.files, names):
+            os.replace(file, self.path / name)
+        if n > 1:
+            index = {"metadata": {"total_size": self.total_bytes},
+                     "weight_map": {key: names[k] for key, k in sorted(self.file_of.items())}}
+            (self.path / SAFETENSORS_INDEX).write_text(json.dumps(index, indent=2) + "\n")
+        return names
+
+
+def write_hf_model_dir(
+    path: str | Path,
+    model: ModelConfig,
+    megavlm_tensors: Iterable[tuple[str, torch.Tensor]],
+    *,
+    dtype: torch.dtype | None = None,
+    max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES,
+    assets: Path | None = None,
+) -> None:
+    """Write an HF model directory from ``(megavlm key, full tensor)`` pairs, streamed.
+
+    Everything goes to a temporary sibling directory that is renamed at the end, so a
+    failure never leaves a partial model at ``path``. Every tensor the model needs must come
+    (and nothing else), or the error names the key.
+    """
+    import transformers
+
+    from megavlm.checkpointing.assets import copy_assets
+
     path = Path(path)
-    hf_config = json.loads((path / "config.json").read_text())
-    model = model_config_from_hf(hf_config)
-    tensors = _read_safetensors(path)
-    _normalize_experts(tensors, model, hf_config, path)
-    return model, hf_to_megavlm(tensors, qwen3vl_rules(model), num_layers=model.language.num_layers)
+    if path.exists() and (not path.is_dir() or any(path.iterdir())):
+        raise FileExistsError(f"{path} exists and is not empty; choose a new output directory")
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    try:
+        rules = {rule.mv: rule for rule in hf_rules(model)}
+        writer = ShardedSafetensorsWriter(tmp, max_shard_bytes=max_shard_bytes)
+        seen = set()
+        for key, tensor in megavlm_tensors:
+            if key not in rules:
+                raise KeyError(f"unexpected megavlm tensor {key!r} {list(tensor.shape)}: no HF name for it in this model")
+            seen.add(key)
+            for i in layers_of(rules[key], model.language.num_layers):
+                for hf_key, piece in hf_pieces(rules[key], tensor, i).items():
+                    writer.add(hf_key, piece if dtype is None else piece.to(dtype))
+        missing = sorted(set(rules) - seen)
+        if missing:
+            raise KeyError(f"megavlm weights lack {missing[0]!r} ({len(missing)} missing in all)")
+        writer.close()
+        copy_assets(assets, tmp)
+        config = {**hf_config_from_model(model), "transformers_version": transformers.__version__}
+        if dtype is not None:
+            config["dtype"] = str(dtype).removeprefix("torch.")
+        (tmp / "config.json").write_text(json.dumps(config, indent=2) + "\n")
+        if not (tmp / "generation_config.json").is_file():
+            generation = {"_from_model_config": True, "transformers_version": transformers.__version__}
+            (tmp / "generation_config.json").write_text(json.dumps(generation, indent=2) + "\n")
+        if path.exists():
+            path.rmdir()  # empty (checked above)
+        os.replace(tmp, path)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
 
 
 def save_hf_model_dir(path: str | Path, model: ModelConfig, full: dict[str, torch.Tensor]) -> None:
-    """Write config.json + model.safetensors in the layout the installed transformers saves."""
-    import transformers
-
-    path = Path(path)
-    path.mkdir(parents=True, exist_ok=True)
-    tensors = megavlm_to_hf(full, qwen3vl_rules(model), num_layers=model.language.num_layers)
-    save_file({k: v.contiguous() for k, v in tensors.items()}, str(path / "model.safetensors"))
-    config = {**hf_config_from_model(model), "transformers_version": transformers.__version__}
-    (path / "config.json").write_text(json.dumps(config, indent=2) + "\n")
+    """Write an HF directory from full megavlm tensors in memory (small models, tests)."""
+    write_hf_model_dir(path, model, full.items())

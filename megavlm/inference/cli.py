@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 
 import torch
@@ -22,16 +23,15 @@ def dump_logits(cfg: Config, model, inputs_path: str, out_path: str) -> None:
 
 def generate_from_prompt(cfg: Config, model, args) -> None:
     """Answer ``--prompt`` (with ``--image`` files) through the chat template and the KV engine."""
-    from megavlm.conversion.hf_checkpoint import is_hf_model_dir
-    from megavlm.data.chat_template import Qwen3VLChatTemplate
-    from megavlm.data.encode import SampleEncoder
+    from megavlm.data.build import sample_encoder
     from megavlm.data.sample import Media, Message, Sample
-    from megavlm.data.tokenizer import Tokenizer, synthetic_tokenizer
     from megavlm.inference.engine import GenerationEngine, Prompt, SamplingParams
 
-    tokenizer = Tokenizer.from_file(args.load) if is_hf_model_dir(args.load) else synthetic_tokenizer()
-    encoder = SampleEncoder(Qwen3VLChatTemplate(tokenizer), min_pixels=cfg.data.min_pixels,
-                            max_pixels=cfg.data.max_pixels, max_length=cfg.model.language.max_position_embeddings)
+    # The model's own tokenizer, chat template and image rules (Qwen3-VL dynamic resolution or
+    # STEP3-VL multi-crop), with prompts up to the model's context.
+    data = dataclasses.replace(cfg.data, seq_length=cfg.model.language.max_position_embeddings)
+    encoder = sample_encoder(dataclasses.replace(cfg, data=data))
+    tokenizer = encoder.template.tok
     media = [Media("image", path=path) for path in args.image]
     parts = [{"type": "image", "index": i} for i in range(len(media))] + [{"type": "text", "text": args.prompt}]
     tokens, pixels = encoder.prompt(Sample(id="prompt", messages=[Message("user", parts)], media=media))

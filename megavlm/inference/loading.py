@@ -14,10 +14,11 @@ from typing import Sequence
 
 import torch
 
-from megavlm.checkpointing import latest_complete, load_model_weights, read_config
+from megavlm.checkpointing import assets_of, latest_complete, load_model_weights, read_config, tokenizer_file
 from megavlm.config import Config, ConfigError, load_config, validate
-from megavlm.conversion.hf_checkpoint import is_hf_model_dir, load_hf_model_dir
-from megavlm.models.full_tensors import load_full_tensors
+from megavlm.conversion.hf_checkpoint import is_hf_model_dir, read_hf_config
+from megavlm.conversion.hf_config import model_config_from_hf
+from megavlm.conversion.load_weights import load_hf_model_weights
 from megavlm.platform.distributed import initialize
 from megavlm.platform.launch import detect_dist_env
 from megavlm.models.build import build_model_chunks
@@ -34,13 +35,13 @@ def load_for_inference(path: str | Path, overrides: Sequence[str] = ()) -> tuple
     if is_hf_model_dir(path):
         if any(o.split("=", 1)[0].startswith("model.") for o in overrides):
             raise ConfigError(f"{path} is a Hugging Face model: its config.json defines the model; drop the model.* overrides")
-        model_cfg, full = load_hf_model_dir(path)
+        model_cfg = model_config_from_hf(read_hf_config(path))
         # The weights come from the file: skip the (slow, pointless) random initialization.
         cfg = dataclasses.replace(load_config(None, overrides), model=dataclasses.replace(model_cfg, init="megatron"))
         validate(cfg, env.world_size)
         initialize(cfg.parallel, cfg.train.seed, env)
         chunks, _ = build_model_chunks(cfg)
-        load_full_tensors(chunks, full)
+        load_hf_model_weights(chunks, path)
     else:
         checkpoint = latest_complete(path)
         if checkpoint is None:
@@ -58,4 +59,13 @@ def load_for_inference(path: str | Path, overrides: Sequence[str] = ()) -> tuple
         load_model_weights(checkpoint, chunks)
     for chunk in chunks:
         chunk.eval()
-    return cfg, chunks
+    return with_model_tokenizer(cfg, path if is_hf_model_dir(path) else checkpoint), chunks
+
+
+def with_model_tokenizer(cfg: Config, model_dir: Path) -> Config:
+    """``data.tokenizer`` = the tokenizer stored with the model, when it has one (an HF
+    directory's, or a checkpoint's ``hf_assets``); else the config's own (or the synthetic one)."""
+    tokenizer = tokenizer_file(assets_of(model_dir))
+    if tokenizer is None:
+        return cfg
+    return dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, tokenizer=str(tokenizer)))

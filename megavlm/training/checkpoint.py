@@ -25,7 +25,9 @@ from megatron.core import dist_checkpointing, tensor_parallel
 from megatron.core.optimizer.distrib_optimizer import DistributedOptimizer
 
 from megavlm.checkpointing import (
+    ASSETS_DIR,
     checkpoint_dir,
+    copy_assets,
     mark_complete,
     model_sharded_state_dict,
     require_complete,
@@ -100,8 +102,12 @@ def _layout(cfg: Config) -> dict:
             "world_size": dist.get_world_size()}
 
 
-def save_checkpoint(root: str | Path, cfg: Config, state: TrainState, model, optimizer) -> Path:
-    """Save collectively; returns the checkpoint directory. Every rank must call it."""
+def save_checkpoint(root: str | Path, cfg: Config, state: TrainState, model, optimizer, *,
+                    assets: Path | None = None) -> Path:
+    """Save collectively; returns the checkpoint directory. Every rank must call it.
+
+    ``assets``: the tokenizer/processor files of the model (``checkpointing.assets``), copied along.
+    """
     path = checkpoint_dir(root, state.iteration)
     rank = dist.get_rank()
     if rank == 0:
@@ -118,6 +124,7 @@ def save_checkpoint(root: str | Path, cfg: Config, state: TrainState, model, opt
     dist.barrier()
     if rank == 0:
         write_config(path, cfg)
+        copy_assets(assets, path / ASSETS_DIR)
         torch.save({**asdict(state), "layout": _layout(cfg)}, path / "train_state.pt")
         mark_complete(path, state.iteration)
     dist.barrier()
@@ -130,6 +137,11 @@ def load_checkpoint(path: str | Path, cfg: Config, model, optimizer) -> TrainSta
     RNG states are restored only when the layout is unchanged, since they are per rank.
     """
     path = require_complete(path)
+    if not (path / "train_state.pt").is_file():
+        raise FileNotFoundError(
+            f"{path} holds weights only (an imported checkpoint): start from it with checkpoint.pretrained={path}, "
+            "not checkpoint.load"
+        )
     meta = torch.load(path / "train_state.pt", weights_only=False)
     if optimizer is not None:
         _materialize_optimizer_state(optimizer)

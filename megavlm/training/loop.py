@@ -20,7 +20,8 @@ from megavlm.platform import device
 from megavlm.platform.distributed import initialize
 from megavlm.platform.launch import detect_dist_env
 from megavlm.models.vlm import pipeline_seq_multiplier
-from megavlm.checkpointing import latest_complete
+from megavlm.checkpointing import assets_of, latest_complete
+from megavlm.conversion.pretrained import load_pretrained_weights
 from megavlm.training.checkpoint import TrainState, load_checkpoint, save_checkpoint
 from megavlm.training.losses import weight_micro_batches
 from megavlm.training.metrics import MetricsLogger
@@ -106,6 +107,15 @@ class Trainer:
             print(f"megavlm: world size {env.world_size} ({env.launcher}), resolved config:\n{dump_yaml(cfg)}", flush=True)
 
         chunks, tconfig = build_model_chunks(cfg)
+        # checkpoint.load (resume) wins when it holds a complete checkpoint; otherwise
+        # checkpoint.pretrained gives the weights only (fine-tuning: fresh optimizer, iteration 0).
+        resume = latest_complete(cfg.checkpoint.load) if cfg.checkpoint.load else None
+        self.assets = None  # tokenizer/processor files every save carries
+        if resume is None and cfg.checkpoint.pretrained:
+            self.assets = load_pretrained_weights(chunks, cfg)
+            if dist.get_rank() == 0:
+                print(f"megavlm: weights from checkpoint.pretrained={cfg.checkpoint.pretrained}; "
+                      "fresh optimizer, iteration 0", flush=True)
         self.model = wrap_data_parallel(chunks, tconfig, distributed_optimizer=cfg.parallel.distributed_optimizer)
         tconfig.no_sync_func = [m.no_sync for m in self.model] if len(self.model) > 1 else self.model[0].no_sync
         tconfig.finalize_model_grads_func = finalize_model_grads
@@ -113,11 +123,11 @@ class Trainer:
         self.schedule = build_lr_schedule(cfg)
 
         self.state = TrainState()
-        path = latest_complete(cfg.checkpoint.load) if cfg.checkpoint.load else None
-        if path is not None:
-            self.state = load_checkpoint(path, cfg, self.model, self.optimizer)
+        if resume is not None:
+            self.state = load_checkpoint(resume, cfg, self.model, self.optimizer)
+            self.assets = assets_of(resume)
             if dist.get_rank() == 0:
-                print(f"megavlm: resumed from {path} at iteration {self.state.iteration}", flush=True)
+                print(f"megavlm: resumed from {resume} at iteration {self.state.iteration}", flush=True)
         elif cfg.checkpoint.load and cfg.checkpoint.load != cfg.checkpoint.save:
             raise FileNotFoundError(f"checkpoint.load={cfg.checkpoint.load!r}: no complete checkpoint found there")
         elif cfg.checkpoint.load and dist.get_rank() == 0:
@@ -189,7 +199,8 @@ class Trainer:
         }
 
     def save(self) -> Path:
-        path = save_checkpoint(self.cfg.checkpoint.save, self.cfg, self.state, self.model, self.optimizer)
+        path = save_checkpoint(self.cfg.checkpoint.save, self.cfg, self.state, self.model, self.optimizer,
+                               assets=self.assets)
         if dist.get_rank() == 0:
             print(f"megavlm: saved checkpoint {path}", flush=True)
         return path
