@@ -17,6 +17,16 @@ TINY_VLM_VOCAB = 512
 TINY_VLM_TOKEN_IDS = TokenIdsConfig(image_token_id=5, video_token_id=6, vision_start_token_id=3, vision_end_token_id=4)
 # STEP3-VL: <im_patch>, <im_start>, <im_end> in the same tokenizer; no video placeholder (-1).
 TINY_STEP3_TOKEN_IDS = TokenIdsConfig(image_token_id=9, video_token_id=-1, vision_start_token_id=7, vision_end_token_id=8)
+# STEP3-VL-10B's released tokenizer (Qwen3's vocabulary plus StepFun's media tokens):
+# <im_patch> 151679 (also transformers' Step3p7Config.image_token_id default) and <im_start>
+# 151680; <im_end> 151681 is UNVERIFIED (assumed to follow <im_start>; the released
+# tokenizer.json was not reachable). <patch_start> is 151689, <patch_end> / <patch_newline>
+# are unverified; the model itself needs none of the three (TokenIdsConfig carries only the
+# placeholder and the global view's delimiters; the data pipeline reads crops' tokens by name).
+STEP3VL_TOKEN_IDS = TokenIdsConfig(
+    image_token_id=151679, video_token_id=-1, vision_start_token_id=151680, vision_end_token_id=151681,
+)
+STEP3VL_PATCH_START_TOKEN_ID = 151689
 
 
 def _qwen3(**kw) -> ModelConfig:
@@ -120,10 +130,13 @@ _PRESETS: dict[str, Callable[[], ModelConfig]] = {
         _qwen3vl_vit(num_layers=27, hidden_size=1152, ffn_hidden_size=4304, deepstack_layers=[8, 16, 24]),
     ),
     # STEP3-VL-10B (REFERENCE 5): PE-lang G/14 at 728 px, two stride-2 convs, Qwen3-8B decoder
-    # with plain 1D RoPE. The special-token ids (<im_patch> ...) come from its tokenizer.
+    # with plain 1D RoPE, STEP3-VL's media tokens (not Qwen3-VL's). Context: 65,536 positions
+    # (PaCoRe training runs at 64K, REFERENCE 5), above Qwen3-8B's 40,960; the released
+    # config.json's own max_position_embeddings is UNVERIFIED (import reads it from the file).
     "step3vl-10b": lambda: dataclasses.replace(
-        get("qwen3-8b"), vision=pe_lang_g14(), projector=ProjectorConfig(kind="conv_downsample"),
-        rope=RopeConfig(kind="rope"),
+        get("qwen3-8b"), language=dataclasses.replace(get("qwen3-8b").language, max_position_embeddings=65536),
+        vision=pe_lang_g14(), projector=ProjectorConfig(kind="conv_downsample"),
+        rope=RopeConfig(kind="rope"), token_ids=STEP3VL_TOKEN_IDS,
     ),
     # Tiny VLMs for tests and the CPU demo; the vocabulary and special-token ids are those of
     # the synthetic tokenizer (megavlm.data.tokenizer.synthetic_tokenizer).

@@ -34,6 +34,9 @@ class KeyRule:
     mv: str  # megavlm sharded key; stacked over layers when the patterns contain {i}
     join: Callable[[list[Tensor]], Tensor] = _identity_join
     split: Callable[[Tensor], list[Tensor]] = _identity_split
+    # Layer count of a per-layer rule when it is not the engine's ``num_layers`` (a vision
+    # tower whose depth differs from the decoder's).
+    layers: int | None = None
 
     @property
     def per_layer(self) -> bool:
@@ -62,7 +65,11 @@ def hf_pieces(rule: KeyRule, tensor: Tensor, layer: int | None) -> dict[str, Ten
 
 
 def layers_of(rule: KeyRule, num_layers: int) -> range | list[None]:
-    return range(num_layers) if rule.per_layer else [None]
+    """The layer indices of a rule: its own count, else ``num_layers`` (the decoder's); ``[None]``
+    for a rule without layers."""
+    if not rule.per_layer:
+        return [None]
+    return range(num_layers if rule.layers is None else rule.layers)
 
 
 def hf_to_megavlm(hf: Mapping[str, Tensor], rules: list[KeyRule], *, num_layers: int) -> dict[str, Tensor]:

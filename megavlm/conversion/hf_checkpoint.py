@@ -1,4 +1,7 @@
-"""Read and write Hugging Face Qwen3-VL model directories (config.json + safetensors).
+"""Read and write Hugging Face Qwen3-VL and STEP3-VL model directories (config.json + safetensors).
+
+The family comes from config.json on import and from the model on export
+(``hf_config.is_step3vl_model``); each has its key map (``qwen3vl_rules``, ``step3vl_rules``).
 
 Import gives a ``ModelConfig`` and full megavlm tensors (sharded key space) that any
 layout loads with ``full_tensors.load_full_tensors``; export writes what the installed
@@ -27,8 +30,10 @@ from safetensors.torch import save_file
 
 from megavlm.config.schema import ModelConfig
 from megavlm.conversion.engine import KeyRule, hf_keys, hf_pieces, hf_to_megavlm, layers_of, megavlm_to_hf
-from megavlm.conversion.hf_config import hf_config_from_model, model_config_from_hf
+from megavlm.conversion.hf_config import hf_config_from_model, is_step3vl_model, model_config_from_hf
 from megavlm.conversion.qwen3vl import qwen3vl_rules
+from megavlm.conversion.step3vl import check_model as check_step3vl_model
+from megavlm.conversion.step3vl import step3vl_rules
 
 
 SAFETENSORS_INDEX = "model.safetensors.index.json"
@@ -49,6 +54,9 @@ def read_hf_config(path: str | Path) -> dict:
 
 def hf_rules(model: ModelConfig) -> list[KeyRule]:
     """The key map of the model's family."""
+    if is_step3vl_model(model):
+        check_step3vl_model(model)
+        return step3vl_rules(model)
     return qwen3vl_rules(model)
 
 

@@ -1,4 +1,7 @@
-"""HF Qwen3-VL ``config.json`` <-> megavlm ``ModelConfig``.
+"""HF Qwen3-VL / STEP3-VL ``config.json`` <-> megavlm ``ModelConfig``.
+
+The family is read from the file (STEP3-VL: ``architectures`` StepVLForConditionalGeneration,
+see ``conversion.step3vl``) or, on export, from the model (a PE vision tower is STEP3-VL).
 
 Accepts both generations of the config: transformers v5 ``rope_parameters`` and v4
 ``rope_scaling`` + ``rope_theta``; the expert count as ``num_experts`` or (5.23's save)
@@ -12,13 +15,18 @@ from typing import Any, Mapping
 
 from megavlm.config.schema import LanguageModelConfig, ModelConfig, MoEConfig
 from megavlm.config.vision import ProjectorConfig, RopeConfig, TokenIdsConfig, VisionConfig
+from megavlm.conversion import step3vl
 
-SUPPORTED_MODEL_TYPES = ("qwen3_vl", "qwen3_vl_moe")
+SUPPORTED_MODEL_TYPES = ("qwen3_vl", "qwen3_vl_moe")  # and STEP3-VL, recognized by conversion.step3vl
 _ACTIVATIONS = {"gelu_pytorch_tanh": "gelu_tanh", "gelu": "gelu", "quick_gelu": "quick_gelu"}
 
 
 class HFConfigError(ValueError):
     pass
+
+
+def is_step3vl_model(model: ModelConfig) -> bool:
+    return model.vision is not None and model.vision.kind == "pe"
 
 
 def _need(cfg: Mapping[str, Any], key: str, where: str):
@@ -38,10 +46,13 @@ def _rope(text: Mapping[str, Any]) -> tuple[float, list[int], bool]:
 
 
 def model_config_from_hf(hf: Mapping[str, Any]) -> ModelConfig:
+    if step3vl.is_step3vl_config(hf):
+        return step3vl.model_config_from_hf(hf)
     model_type = hf.get("model_type")
     if model_type not in SUPPORTED_MODEL_TYPES:
         raise HFConfigError(
-            f"config.json model_type {model_type!r} is not supported; expected one of {', '.join(SUPPORTED_MODEL_TYPES)}"
+            f"config.json model_type {model_type!r} is not supported; expected one of {', '.join(SUPPORTED_MODEL_TYPES)} "
+            f"or architectures [{step3vl.ARCHITECTURE!r}] (STEP3-VL)"
         )
     text = _need(hf, "text_config", "config.json")
     vision = _need(hf, "vision_config", "config.json")
@@ -96,7 +107,10 @@ def model_config_from_hf(hf: Mapping[str, Any]) -> ModelConfig:
 
 
 def hf_config_from_model(model: ModelConfig) -> dict[str, Any]:
-    """The config.json of ``model`` as the installed transformers reads it (v5 names)."""
+    """The config.json of ``model`` as the installed transformers reads it (v5 names); for a
+    STEP3-VL model (PE tower) the released STEP3-VL layout."""
+    if is_step3vl_model(model):
+        return step3vl.hf_config_from_model(model)
     lm, v = model.language, model.vision
     text = {
         "vocab_size": lm.vocab_size, "hidden_size": lm.hidden_size, "intermediate_size": lm.ffn_hidden_size,

@@ -27,7 +27,7 @@ def _hf_order(qkv: Tensor, heads: int) -> Tensor:
 
 def vision_rules(model: ModelConfig) -> list[KeyRule]:
     v = model.vision
-    heads = v.num_attention_heads
+    heads, depth = v.num_attention_heads, v.num_layers  # the ViT's depth is not the decoder's
     block = "model.visual.blocks.{i}."
     layer = "vision.encoder.layers."
     rules = [
@@ -37,15 +37,15 @@ def vision_rules(model: ModelConfig) -> list[KeyRule]:
     ]
     for param in ("weight", "bias"):
         rules += [
-            KeyRule((block + f"norm1.{param}",), layer + f"self_attention.linear_qkv.layer_norm_{param}"),
+            KeyRule((block + f"norm1.{param}",), layer + f"self_attention.linear_qkv.layer_norm_{param}", layers=depth),
             KeyRule(
                 (block + f"attn.qkv.{param}",), layer + f"self_attention.linear_qkv.{param}",
-                join=lambda t: _per_head(t[0], heads), split=lambda t: [_hf_order(t, heads)],
+                join=lambda t: _per_head(t[0], heads), split=lambda t: [_hf_order(t, heads)], layers=depth,
             ),
-            KeyRule((block + f"attn.proj.{param}",), layer + f"self_attention.linear_proj.{param}"),
-            KeyRule((block + f"norm2.{param}",), layer + f"mlp.linear_fc1.layer_norm_{param}"),
-            KeyRule((block + f"mlp.linear_fc1.{param}",), layer + f"mlp.linear_fc1.{param}"),
-            KeyRule((block + f"mlp.linear_fc2.{param}",), layer + f"mlp.linear_fc2.{param}"),
+            KeyRule((block + f"attn.proj.{param}",), layer + f"self_attention.linear_proj.{param}", layers=depth),
+            KeyRule((block + f"norm2.{param}",), layer + f"mlp.linear_fc1.layer_norm_{param}", layers=depth),
+            KeyRule((block + f"mlp.linear_fc1.{param}",), layer + f"mlp.linear_fc1.{param}", layers=depth),
+            KeyRule((block + f"mlp.linear_fc2.{param}",), layer + f"mlp.linear_fc2.{param}", layers=depth),
         ]
         mergers = [("model.visual.merger.", "vision.merger.")] + [
             (f"model.visual.deepstack_merger_list.{k}.", f"vision.deepstack_mergers.{k}.")
