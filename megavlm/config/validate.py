@@ -187,6 +187,8 @@ def _collect_errors(cfg: Config, world_size: int) -> list[str]:
         )
     if cfg.checkpoint.interval < 0:
         errors.append(f"checkpoint.interval must be >= 0, got {cfg.checkpoint.interval}")
+    if cfg.checkpoint.async_save and not cfg.checkpoint.save:
+        errors.append("checkpoint.async_save=true needs checkpoint.save (the directory to write to); set it or drop async_save")
     if cfg.data.seq_length > lm.max_position_embeddings:
         errors.append(
             f"data.seq_length ({cfg.data.seq_length}) exceeds model.language.max_position_embeddings "

@@ -8,7 +8,8 @@ optimizer, the train state and the RNG states. Layout of ``<save>/iter_0000020/`
   - ``train_state.pt``: iteration, consumed samples, skipped steps;
   - ``rng/rank_<rank>.pt``: every rank's RNG states (restored only under the same layout);
   - ``complete``: written last, atomically. A directory without it is an interrupted save
-    and is never loaded.
+    and is never loaded. With ``checkpoint.async_save`` the sharded state is written in the
+    background (``save_checkpoint_async``) and the marker only once every rank has finished.
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 from megatron.core import dist_checkpointing, tensor_parallel
+from megatron.core.dist_checkpointing.strategies.async_utils import AsyncRequest
 from megatron.core.optimizer.distrib_optimizer import DistributedOptimizer
 
 from megavlm.checkpointing import (
@@ -102,23 +104,24 @@ def _layout(cfg: Config) -> dict:
             "world_size": dist.get_world_size()}
 
 
-def save_checkpoint(root: str | Path, cfg: Config, state: TrainState, model, optimizer, *,
-                    assets: Path | None = None) -> Path:
-    """Save collectively; returns the checkpoint directory. Every rank must call it.
-
-    ``assets``: the tokenizer/processor files of the model (``checkpointing.assets``), copied along.
-    """
-    path = checkpoint_dir(root, state.iteration)
-    rank = dist.get_rank()
+def _prepare_dir(path: Path, rank: int) -> None:
     if rank == 0:
         if path.exists():  # an interrupted save of the same iteration
             shutil.rmtree(path)
         path.mkdir(parents=True)
     dist.barrier()
+
+
+def _sharded_state_dict(model, optimizer) -> dict:
     state_dict = model_sharded_state_dict(model)
     if optimizer is not None:
         state_dict.update(_optimizer_sharded_state_dict(model, optimizer, is_loading=False))
-    dist_checkpointing.save(state_dict, str(path))
+    return state_dict
+
+
+def _write_small_files(path: Path, cfg: Config, state: TrainState, rank: int, assets: Path | None) -> None:
+    """Every rank's RNG states, then (rank 0) config.yaml, the model's tokenizer/processor
+    files (``checkpointing.assets``) and train_state.pt; not the marker."""
     (path / "rng").mkdir(exist_ok=True)
     torch.save(_rng_state(), path / "rng" / f"rank_{rank:05d}.pt")
     dist.barrier()
@@ -126,9 +129,51 @@ def save_checkpoint(root: str | Path, cfg: Config, state: TrainState, model, opt
         write_config(path, cfg)
         copy_assets(assets, path / ASSETS_DIR)
         torch.save({**asdict(state), "layout": _layout(cfg)}, path / "train_state.pt")
+
+
+def save_checkpoint(root: str | Path, cfg: Config, state: TrainState, model, optimizer, *,
+                    assets: Path | None = None) -> Path:
+    """Save collectively; returns the checkpoint directory. Every rank must call it."""
+    path = checkpoint_dir(root, state.iteration)
+    rank = dist.get_rank()
+    _prepare_dir(path, rank)
+    dist_checkpointing.save(_sharded_state_dict(model, optimizer), str(path))
+    _write_small_files(path, cfg, state, rank, assets)
+    if rank == 0:
         mark_complete(path, state.iteration)
     dist.barrier()
     return path
+
+
+def save_checkpoint_async(
+    root: str | Path, cfg: Config, state: TrainState, model, optimizer, *, assets: Path | None = None
+) -> tuple[Path, AsyncRequest]:
+    """Start a save whose sharded tensors are written in the background. Every rank must call it.
+
+    What is written before returning: ``common.pt``, the RNG states, ``config.yaml`` and
+    ``train_state.pt`` (all small). The returned request writes the sharded model and
+    optimizer state when scheduled on an ``AsyncCallsQueue``; its finalize functions, which
+    megatron runs on every rank only after all ranks' writes have finished, write the
+    tensor metadata and then, last, the ``complete`` marker. A crash before that leaves a
+    directory that is never loaded.
+
+    The tensors are captured when the request is scheduled (copied off the GPU, or, on CPU,
+    in the forked writer's copy-on-write snapshot), so training may go on right after.
+    """
+    path = checkpoint_dir(root, state.iteration)
+    rank = dist.get_rank()
+    _prepare_dir(path, rank)
+    request = dist_checkpointing.save(_sharded_state_dict(model, optimizer), str(path), async_sharded_save=True)
+    _write_small_files(path, cfg, state, rank, assets)
+    iteration = state.iteration
+
+    def mark_complete_after_all_ranks():
+        if rank == 0:
+            mark_complete(path, iteration)
+        dist.barrier()
+
+    request.add_finalize_fn(mark_complete_after_all_ranks)
+    return path, request
 
 
 def load_checkpoint(path: str | Path, cfg: Config, model, optimizer) -> TrainState:

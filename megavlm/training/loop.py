@@ -9,6 +9,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 from megatron.core import parallel_state
+from megatron.core.dist_checkpointing.strategies.async_utils import AsyncCallsQueue
 from megatron.core.distributed import finalize_model_grads
 from megatron.core.pipeline_parallel import get_forward_backward_func
 
@@ -22,7 +23,7 @@ from megavlm.platform.launch import detect_dist_env
 from megavlm.models.vlm import pipeline_seq_multiplier
 from megavlm.checkpointing import assets_of, latest_complete
 from megavlm.conversion.pretrained import load_pretrained_weights
-from megavlm.training.checkpoint import TrainState, load_checkpoint, save_checkpoint
+from megavlm.training.checkpoint import TrainState, load_checkpoint, save_checkpoint, save_checkpoint_async
 from megavlm.training.losses import weight_micro_batches
 from megavlm.training.metrics import MetricsLogger
 from megavlm.models.build import build_model_chunks
@@ -146,6 +147,10 @@ class Trainer:
         self.bad_examples: list[str] = []
         self.forward_backward = get_forward_backward_func()
         self.pipeline_seq_length = cfg.data.seq_length * pipeline_seq_multiplier(cfg.model, cfg.parallel)
+        # megatron's default caller (as in Megatron-LM): a process forked per save, which
+        # snapshots the tensors; see save_checkpoint_async and DEVELOPERS.md.
+        self.async_saves = AsyncCallsQueue(persistent=False) if cfg.checkpoint.async_save else None
+        self._pending_paths: dict[int, Path] = {}  # async call index -> checkpoint directory
 
     def _step_data(self):
         """This step's micro-batches with loss weights; one iterator per model chunk."""
@@ -199,14 +204,43 @@ class Trainer:
         }
 
     def save(self) -> Path:
-        path = save_checkpoint(self.cfg.checkpoint.save, self.cfg, self.state, self.model, self.optimizer,
-                               assets=self.assets)
-        if dist.get_rank() == 0:
-            print(f"megavlm: saved checkpoint {path}", flush=True)
+        """Checkpoint the current state (collective). With ``checkpoint.async_save`` this only
+        schedules the write: the directory is complete once ``finalize_saves`` reports it."""
+        if self.async_saves is None:
+            path = save_checkpoint(self.cfg.checkpoint.save, self.cfg, self.state, self.model, self.optimizer,
+                                   assets=self.assets)
+            self._log(f"megavlm: saved checkpoint {path}")
+            return path
+        self.finalize_saves(blocking=True)  # one save in flight at a time
+        start = time.perf_counter()
+        path, request = save_checkpoint_async(self.cfg.checkpoint.save, self.cfg, self.state, self.model,
+                                              self.optimizer, assets=self.assets)
+        index = self.async_saves.schedule_async_request(request)
+        self._pending_paths[index] = path
+        self._log(f"megavlm: scheduled async save of {path} ({time.perf_counter() - start:.2f}s blocking)")
         return path
+
+    def finalize_saves(self, blocking: bool) -> list[Path]:
+        """Finalize async saves that finished on every rank (all of them if ``blocking``);
+        returns their now complete directories. Collective while a save is pending; a no-op
+        without ``checkpoint.async_save``."""
+        if self.async_saves is None or not self.async_saves.get_num_unfinalized_calls():
+            return []
+        done = [self._pending_paths.pop(i) for i in self.async_saves.maybe_finalize_async_calls(blocking=blocking)]
+        for path in done:
+            self._log(f"megavlm: saved checkpoint {path}")
+        return done
+
+    @staticmethod
+    def _log(message: str) -> None:
+        if dist.get_rank() == 0:
+            print(message, flush=True)
 
     def run(self) -> dict[int, float]:
         """Train to ``train.iters``: log, checkpoint on interval, at the end and on signals.
+
+        Async saves are finalized without waiting at each step, and waited for before the
+        next save and before returning (also after a stop signal).
 
         Returns the loss of every iteration run (the same on all ranks)."""
         cfg = self.cfg
@@ -215,6 +249,7 @@ class Trainer:
                                tensorboard=cfg.logging.tensorboard)
         losses: dict[int, float] = {}
         while self.state.iteration < cfg.train.iters:
+            self.finalize_saves(blocking=False)
             metrics = self.step()
             it = self.state.iteration
             losses[it] = metrics["loss"]
@@ -225,9 +260,10 @@ class Trainer:
             if cfg.checkpoint.save and (interval_hit or stopping or it == cfg.train.iters):
                 self.save()
             if stopping:
-                if dist.get_rank() == 0:
-                    print(f"megavlm: stop signal received, stopped at iteration {it}", flush=True)
+                self.finalize_saves(blocking=True)  # never exit with a save in flight
+                self._log(f"megavlm: stop signal received, stopped at iteration {it}")
                 break
+        self.finalize_saves(blocking=True)
         logger.close()
         return losses
 

@@ -23,7 +23,7 @@ LAUNCHES = {
     1: ["ref", "ref_moe", "ref_packed", "ref_moe_no_aux", "ref_sqrt_mb1", "ref_sqrt_mb2", "ref_sqrt_mb4",
         "ref_per_token_mb1"],
     2: ["tp2", "pp2", "pp2_vpp2", "dp2", "dp2_distopt", "ep2_moe", "ep2_moe_allgather", "tp2_packed", "resume_dp2", "resume_pp2", "resume_vlm_pp2",
-        "reshard_tp2_to_pp2", "nan_skip", "dp2_sqrt", "vlm_logits_tp2", "vlm_logits_pp2", "vlm_moe_logits_ep2",
+        "resume_async_dp2", "reshard_tp2_to_pp2", "nan_skip", "dp2_sqrt", "vlm_logits_tp2", "vlm_logits_pp2", "vlm_moe_logits_ep2",
         "vlm_moe_logits_tp2", "vlm_moe_logits_pp2"],
     4: ["tp2_pp2", "tp2_ep2_moe_no_aux"],
 }
@@ -92,6 +92,19 @@ def test_resume_is_exact(results, name):
     assert sorted(r["resumed"]) == [4, 5, 6]
     for it, loss in r["resumed"].items():
         assert loss == r["full"][it], (it, loss, r["full"][it])
+
+
+def test_async_save_resume_is_exact(results):
+    """checkpoint.async_save at DP=2: saving in the background leaves training unchanged, the
+    marker appears only when the save is finalized, and resuming from it is bit-identical."""
+    r = _load(results, "resume_async_dp2")
+    assert r["saving"] == r["full"]
+    assert not r["marked_while_pending"]
+    assert r["complete"] == ["iter_0000003", "iter_0000006"]
+    assert sorted(r["resumed"]) == [4, 5, 6]
+    for it, loss in r["resumed"].items():
+        assert loss == r["full"][it], (it, loss, r["full"][it])
+    assert r["params_equal"]
 
 
 def test_tp2_checkpoint_loads_into_pp2(results):

@@ -17,7 +17,7 @@ import torch
 import torch.distributed as dist
 from megatron.core import parallel_state
 
-from megavlm.checkpointing import read_model_tensors
+from megavlm.checkpointing import COMPLETE_MARKER, read_model_tensors
 from megavlm.config import load_config
 from megavlm.models.full_tensors import gather_full_tensors
 from megavlm.training.loop import Trainer
@@ -111,6 +111,38 @@ def run_resume(name: str, out: Path, log_dir: Path) -> None:
     _teardown()
     if dist.get_rank() == 0:
         torch.save({"full": full, "resumed": resumed}, out / f"{name}.pt")
+
+
+def run_resume_async(name: str, out: Path, log_dir: Path) -> None:
+    """checkpoint.async_save at DP=2 (distributed optimizer): a run saving in the background
+    at steps 3 and 6 trains exactly like one that never saves; a save is not marked complete
+    before it is finalized; resuming from the step-3 checkpoint gives the same losses 4-6
+    and the same final parameters."""
+    ckpt = log_dir / f"{name}_ckpt"
+    common = BASE + ["parallel.distributed_optimizer=true", "train.iters=6", "train.lr_phases=[{iters: 6, end_lr: 1e-3}]"]
+    uninterrupted = Trainer(load_config(None, common + [f"logging.dir={log_dir / name}_a"]))
+    full = uninterrupted.run()
+    full_params = gather_full_tensors(uninterrupted.model)
+    _teardown()
+    saving = Trainer(load_config(None, common + [f"logging.dir={log_dir / name}_b", f"checkpoint.save={ckpt}",
+                                                 "checkpoint.interval=3", "checkpoint.async_save=true"]))
+    losses = {}
+    while saving.state.iteration < 3:
+        loss = saving.step()["loss"]
+        losses[saving.state.iteration] = loss
+    path = saving.save()  # scheduled, not yet finalized: the writer may still be running
+    marked_while_pending = (path / COMPLETE_MARKER).exists()
+    losses.update(saving.run())  # finalizes it, saves again at step 6 and waits for that
+    complete = sorted(p.name for p in ckpt.iterdir() if (p / COMPLETE_MARKER).is_file())
+    _teardown()
+    resuming = Trainer(load_config(None, common + [f"logging.dir={log_dir / name}_c",
+                                                   f"checkpoint.load={ckpt / 'iter_0000003'}"]))
+    resumed = resuming.run()
+    params_equal = all(torch.equal(a, full_params[k]) for k, a in gather_full_tensors(resuming.model).items())
+    _teardown()
+    if dist.get_rank() == 0:
+        torch.save({"full": full, "saving": losses, "resumed": resumed, "params_equal": params_equal,
+                    "marked_while_pending": marked_while_pending, "complete": complete}, out / f"{name}.pt")
 
 
 def run_reshard(name: str, out: Path, log_dir: Path) -> None:
@@ -242,6 +274,8 @@ def main() -> None:
     for name in sys.argv[2:]:
         if name in LAYOUTS:
             run_layout(name, out, log_dir)
+        elif name == "resume_async_dp2":
+            run_resume_async(name, out, log_dir)
         elif name.startswith("resume_"):
             run_resume(name, out, log_dir)
         elif name == "nan_skip":

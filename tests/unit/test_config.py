@@ -59,6 +59,7 @@ def test_bad_keys_and_types(override, message):
         (["model.fp8.format=e4m3", "model.language.ffn_hidden_size=120"], 1,
          r"model.language.ffn_hidden_size / parallel.tp = 120 must be a multiple of 16 for FP8 GEMMs"),
         (["data.seq_length=8192"], 1, r"data.seq_length \(8192\) exceeds model.language.max_position_embeddings"),
+        (["checkpoint.async_save=true"], 1, r"checkpoint.async_save=true needs checkpoint.save"),
     ],
 )
 def test_validation_rules(overrides, world, message):
