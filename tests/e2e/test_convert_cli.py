@@ -189,13 +189,15 @@ def test_pretrained_contradicting_override_is_refused_by_name(small_hf):
 
 
 def test_import_refuses_model_overrides_and_a_used_output(small_hf, tmp_path):
-    cmd = [sys.executable, "tools/convert_checkpoint.py", "import", "--hf", str(small_hf), "--out", str(tmp_path / "x")]
-    proc = subprocess.run(cmd + ["model.language.num_layers=2"], capture_output=True, text=True, env=ENV, cwd=REPO)
-    assert proc.returncode != 0 and "'model.language.num_layers=2' is not allowed" in proc.stderr
+    """Both fail before any process group starts."""
+    from megavlm.conversion.convert import import_hf
+
+    with pytest.raises(ConfigError, match=r"'model.language.num_layers=2' is not allowed"):
+        import_hf(small_hf, tmp_path / "x", ["model.language.num_layers=2"])
     (tmp_path / "x").mkdir()
     (tmp_path / "x" / "keep").write_text("user data")
-    proc = subprocess.run(cmd, capture_output=True, text=True, env=ENV, cwd=REPO)
-    assert proc.returncode != 0 and "exists and is not empty" in proc.stderr
+    with pytest.raises(FileExistsError, match="exists and is not empty"):
+        import_hf(small_hf, tmp_path / "x")
     assert (tmp_path / "x" / "keep").read_text() == "user data"
 
 
