@@ -47,7 +47,27 @@ VLM = ["model.preset=qwen3vl-tiny", "data.dataset=synthetic_multimodal", "data.s
 
 # Square-root loss normalization over samples of different lengths (padded rows): the same
 # global batch as 1, 2 or 4 micro-batches, or over DP=2, must give one loss and one gradient.
-SQRT = ["train.loss_normalization=sqrt", "data.min_sample_length=6", "train.global_batch_size=4"]
+#
+# train.adam_eps=1e-4 keeps this 3-step comparison well-conditioned. With the default 1e-8 at
+# lr 1e-2, Adam's step lr * m / (sqrt(v) + eps) moves by up to ~lr / eps = 1e6 times a change
+# in a gradient entry near 0 (a few per tensor, by cancellation), and an entry first trained
+# in step 2 moves ~lr in the direction of its first gradient, however tiny. Measured here:
+# - the weighting is exact: in float64, DP=2 and 1/2/4 micro-batches agree on all 3 losses
+#   within 2e-15 and on step-3 gradients within 2e-15;
+# - fp32, eps 1e-8: DP=2 step-1 gradients differ from 1 rank by 1.3e-8 (4.6e-7 of a tensor's
+#   max: summation order), parameters after step 1 by 4e-5 (fc1 entries whose gradient is
+#   ~1.5e-9, under eps);
+# - 30 reruns of the 1-rank reference with each token weight scaled by (1 + 1.2e-7 * randn),
+#   which moves step-1 gradients by the same 1.1e-8..1.9e-8: step-3 loss differences up to
+#   1.25e-4 (a 2-core machine's `make test` failed with 1.2e-4; one more seed at 9.9e-6),
+#   parameters up to 2.7e-3 (an embedding entry first trained in step 2 got gradient
+#   -2.6e-7 in one run, +1.7e-8 in the other);
+# - eps 1e-4, same 30 reruns: step-3 loss differences at most 6.6e-7 (the fp32 resolution of
+#   the loss), parameters 6e-7; DP=2 as is and with 10 such seeds: 1.0e-6 and 4.6e-7. Adam's
+#   step then moves by at most ~lr / eps = 100 times a gradient change, whatever the
+#   summation order.
+SQRT = ["train.loss_normalization=sqrt", "data.min_sample_length=6", "train.global_batch_size=4",
+        "train.adam_eps=1e-4"]
 
 # scenario -> overrides (on top of BASE)
 LAYOUTS = {
