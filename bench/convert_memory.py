@@ -39,7 +39,7 @@ def random_hf_model(path: Path, *, hidden: int, layers: int, ffn: int, vocab: in
         "model.preset=qwen3vl-tiny", f"model.language.hidden_size={hidden}", f"model.language.num_layers={layers}",
         f"model.language.ffn_hidden_size={ffn}", f"model.language.vocab_size={vocab}",
         f"model.language.num_attention_heads={hidden // 128}", "model.language.num_query_groups=4",
-        "model.language.head_dim=128", "model.rope.mrope_section=[24,20,20]", f"model.projector.out_hidden_size={hidden}",
+        "model.language.head_dim=128", "model.rope.mrope_section=[24,20,20]",
     ])
     config = hf_config_from_model(cfg.model)
     hf_cfg = transformers.Qwen3VLConfig(**{k: v for k, v in config.items() if k not in ("model_type", "architectures")})

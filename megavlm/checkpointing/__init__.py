@@ -23,13 +23,14 @@ from megavlm.checkpointing.weights import (
     load_model_weights,
     model_sharded_state_dict,
     model_tensor_shapes,
+    read_model_layer,
     read_model_tensors,
 )
 
 __all__ = [
     "ASSETS_DIR", "assets_of", "copy_assets", "is_complete", "tokenizer_file",
     "COMPLETE_MARKER", "atomic_write_bytes", "checkpoint_dir", "iter_model_tensors", "latest_complete",
-    "load_model_weights", "model_tensor_shapes",
+    "load_model_weights", "model_tensor_shapes", "read_model_layer",
     "mark_complete", "model_sharded_state_dict", "read_config", "read_model_tensors", "require_complete",
     "write_config",
 ]

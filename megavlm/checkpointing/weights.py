@@ -15,8 +15,10 @@ import torch
 import torch.distributed.checkpoint as dcp
 from megatron.core import dist_checkpointing
 from megatron.core.utils import unwrap_model
-from torch.distributed.checkpoint import FileSystemReader
-from torch.distributed.checkpoint.metadata import TensorStorageMetadata
+from torch.distributed.checkpoint import DefaultLoadPlanner, FileSystemReader
+from torch.distributed.checkpoint.metadata import ChunkStorageMetadata, TensorStorageMetadata
+from torch.distributed.checkpoint.planner import LoadPlan
+from torch.distributed.checkpoint.planner_helpers import create_read_items_for_chunk_list
 
 from megavlm.checkpointing.directories import require_complete
 
@@ -71,6 +73,46 @@ def iter_model_tensors(path: str | Path, keys: Iterable[str] | None = None) -> I
         tensor = torch.empty(size, dtype=dtype)
         dcp.load({key: tensor}, storage_reader=FileSystemReader(str(path)), no_dist=True)
         yield key, tensor
+
+
+class _RegionLoadPlanner(DefaultLoadPlanner):
+    """torch DCP's default planner, asked for one region of each tensor instead of all of it:
+    ``state_dict[key]`` is a buffer whose global position starts at ``offsets[key]``. DCP
+    computes which saved chunks overlap it (``create_read_items_for_chunk_list``, its own
+    resharding rule) and reads only those bytes."""
+
+    def __init__(self, offsets: dict[str, tuple[int, ...]]):
+        super().__init__(allow_partial_load=True)
+        self.offsets = offsets
+
+    def create_local_plan(self) -> LoadPlan:
+        items = []
+        for key, buffer in self.state_dict.items():
+            chunk = ChunkStorageMetadata(offsets=torch.Size(self.offsets[key]), sizes=buffer.shape)
+            items += create_read_items_for_chunk_list(key, self.metadata.state_dict_metadata[key], [chunk])
+        self.plan = LoadPlan(items)
+        return self.plan
+
+    def lookup_tensor(self, index):
+        return self.state_dict[index.fqn]
+
+
+def read_model_layer(path: str | Path, key: str, layer: int | None) -> torch.Tensor:
+    """One layer of a layer-stacked model tensor (``layer`` indexes the first axis), or the whole
+    tensor (``None``), read in this process from whatever layout saved it. Memory: that layer."""
+    path = require_complete(path)
+    shapes = model_tensor_shapes(path)
+    if key not in shapes:
+        raise KeyError(f"{path}: no model tensor {key!r} (it has {len(shapes)}, e.g. {next(iter(shapes), None)!r})")
+    size, dtype = shapes[key]
+    if layer is None:
+        return next(iter_model_tensors(path, [key]))[1]
+    if not 0 <= layer < size[0]:
+        raise IndexError(f"{path}: {key} has {size[0]} layers, asked for layer {layer}")
+    buffer = torch.empty((1, *size[1:]), dtype=dtype)
+    planner = _RegionLoadPlanner({key: (layer,) + (0,) * (len(size) - 1)})
+    dcp.load({key: buffer}, storage_reader=FileSystemReader(str(path)), planner=planner, no_dist=True)
+    return buffer[0]
 
 
 def read_model_tensors(path: str | Path) -> dict[str, torch.Tensor]:

@@ -8,7 +8,8 @@ in ``hf_assets/``), loadable at any other layout. It holds no optimizer or train
 start training from it with ``checkpoint.pretrained``.
 
 Export reads a checkpoint saved at any layout in one process, without launching that layout
-(``checkpointing.iter_model_tensors``), one tensor at a time, into sharded safetensors.
+(``checkpointing.read_model_layer``), one layer of one tensor at a time, into sharded
+safetensors.
 Both write to a temporary directory that is renamed when complete.
 """
 
@@ -29,11 +30,12 @@ from megavlm.checkpointing import (
     assets_of,
     checkpoint_dir,
     copy_assets,
-    iter_model_tensors,
     latest_complete,
     mark_complete,
     model_sharded_state_dict,
+    model_tensor_shapes,
     read_config,
+    read_model_layer,
     write_config,
 )
 from megavlm.config import Config, ConfigError, load_config, validate
@@ -95,6 +97,19 @@ def import_hf(hf_dir: str | Path, out: str | Path, overrides: Sequence[str] = ()
     return checkpoint_dir(out, 0)
 
 
+class CheckpointTensors:
+    """A checkpoint's model tensors, read a layer at a time (``hf_checkpoint.MegavlmTensors``)."""
+
+    def __init__(self, checkpoint: Path):
+        self.checkpoint = checkpoint
+
+    def keys(self):
+        return model_tensor_shapes(self.checkpoint).keys()
+
+    def read(self, key: str, layer: int | None) -> torch.Tensor:
+        return read_model_layer(self.checkpoint, key, layer)
+
+
 def export_hf(load: str | Path, out: str | Path, *, dtype: str | None = None,
               max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES) -> Path:
     """megavlm checkpoint (newest complete one under ``load``) -> HF directory, one process."""
@@ -105,7 +120,7 @@ def export_hf(load: str | Path, out: str | Path, *, dtype: str | None = None,
         raise ValueError(f"--dtype {dtype!r} is not one of {', '.join(DTYPES)}")
     cfg = read_config(checkpoint)
     write_hf_model_dir(
-        out, cfg.model, iter_model_tensors(checkpoint), dtype=DTYPES.get(dtype), max_shard_bytes=max_shard_bytes,
+        out, cfg.model, CheckpointTensors(checkpoint), dtype=DTYPES.get(dtype), max_shard_bytes=max_shard_bytes,
         assets=assets_of(checkpoint),
     )
     return Path(out)

@@ -58,9 +58,10 @@ def megavlm_layer(rule: KeyRule, hf: Mapping[str, Tensor], layer: int | None) ->
     return rule.join([hf[k] for k in keys])
 
 
-def hf_pieces(rule: KeyRule, tensor: Tensor, layer: int | None) -> dict[str, Tensor]:
-    """HF tensors of one layer of a megavlm tensor (the whole tensor for a rule without layers)."""
-    pieces = rule.split(tensor[layer] if rule.per_layer else tensor)
+def hf_pieces(rule: KeyRule, layer_tensor: Tensor, layer: int | None) -> dict[str, Tensor]:
+    """HF tensors of one layer, given that layer's megavlm tensor (the whole tensor for a rule
+    without layers)."""
+    pieces = rule.split(layer_tensor)
     return {key: piece.contiguous() for key, piece in zip(hf_keys(rule, layer), pieces)}
 
 
@@ -88,5 +89,5 @@ def megavlm_to_hf(full: Mapping[str, Tensor], rules: list[KeyRule], *, num_layer
         if rule.mv not in full:
             raise KeyError(f"megavlm weights lack {rule.mv!r}")
         for i in layers_of(rule, num_layers):
-            out.update(hf_pieces(rule, full[rule.mv], i))
+            out.update(hf_pieces(rule, full[rule.mv] if i is None else full[rule.mv][i], i))
     return out

@@ -22,14 +22,14 @@ import json
 import os
 import shutil
 from collections.abc import Iterable, Iterator, Mapping
+from typing import Protocol
 from pathlib import Path
 
 import torch
 from safetensors import safe_open
-from safetensors.torch import save_file
 
 from megavlm.config.schema import ModelConfig
-from megavlm.conversion.engine import KeyRule, hf_keys, hf_pieces, hf_to_megavlm, layers_of, megavlm_to_hf
+from megavlm.conversion.engine import KeyRule, hf_keys, hf_pieces, hf_to_megavlm, layers_of
 from megavlm.conversion.hf_config import hf_config_from_model, is_step3vl_model, model_config_from_hf
 from megavlm.conversion.qwen3vl import qwen3vl_rules
 from megavlm.conversion.step3vl import check_model as check_step3vl_model
@@ -153,6 +153,36 @@ def load_hf_model_dir(path: str | Path) -> tuple[ModelConfig, dict[str, torch.Te
     return model, hf_to_megavlm(tensors, hf_rules(model), num_layers=model.language.num_layers)
 
 
+_SAFETENSORS_DTYPES = {
+    torch.float32: "F32", torch.bfloat16: "BF16", torch.float16: "F16", torch.float64: "F64",
+    torch.int64: "I64", torch.int32: "I32", torch.int16: "I16", torch.int8: "I8", torch.uint8: "U8", torch.bool: "BOOL",
+}
+
+
+def _write_safetensors(file: Path, tensors: dict[str, torch.Tensor]) -> None:
+    """Write a ``.safetensors`` file tensor by tensor from the tensors' own memory.
+
+    By hand because ``safetensors.torch.save_file`` first turns every tensor into a bytes
+    object, a second copy of the whole shard in memory; the format is a little-endian u64
+    header length, a JSON header (padded to 8 bytes) and the raw data. Files are read back
+    with the safetensors library (and transformers) in the tests.
+    """
+    header, offset = {"__metadata__": {"format": "pt"}}, 0
+    for key, tensor in tensors.items():
+        size = tensor.numel() * tensor.element_size()
+        header[key] = {"dtype": _SAFETENSORS_DTYPES[tensor.dtype], "shape": list(tensor.shape),
+                       "data_offsets": [offset, offset + size]}
+        offset += size
+    encoded = json.dumps(header, separators=(",", ":")).encode()
+    encoded += b" " * (-len(encoded) % 8)
+    with open(file, "wb") as f:
+        f.write(len(encoded).to_bytes(8, "little"))
+        f.write(encoded)
+        for tensor in tensors.values():
+            if tensor.numel():
+                f.write(tensor.contiguous().reshape(-1).view(torch.uint8).numpy().data)
+
+
 class ShardedSafetensorsWriter:
     """Tensors in, ``model-0000k-of-0000n.safetensors`` shards of at most ``max_shard_bytes``
     plus ``model.safetensors.index.json`` out (HF's layout; one file needs no index)."""
@@ -176,7 +206,7 @@ class ShardedSafetensorsWriter:
 
     def _flush(self) -> None:
         file = self.path / f".shard-{len(self.files):05d}.safetensors"
-        save_file(self.pending, str(file), metadata={"format": "pt"})
+        _write_safetensors(file, self.pending)
         self.files.append(file)
         self.pending, self.pending_bytes = {}, 0
 
@@ -195,20 +225,40 @@ class ShardedSafetensorsWriter:
         return names
 
 
+class MegavlmTensors(Protocol):
+    """Where an export reads megavlm tensors from: a checkpoint on disk or tensors in memory."""
+
+    def keys(self) -> Iterable[str]: ...
+
+    def read(self, key: str, layer: int | None) -> torch.Tensor:
+        """Layer ``layer`` of a layer-stacked tensor, or the whole tensor (``None``)."""
+
+
+class InMemoryTensors:
+    def __init__(self, full: Mapping[str, torch.Tensor]):
+        self.full = full
+
+    def keys(self) -> Iterable[str]:
+        return self.full.keys()
+
+    def read(self, key: str, layer: int | None) -> torch.Tensor:
+        return self.full[key] if layer is None else self.full[key][layer]
+
+
 def write_hf_model_dir(
     path: str | Path,
     model: ModelConfig,
-    megavlm_tensors: Iterable[tuple[str, torch.Tensor]],
+    source: MegavlmTensors,
     *,
     dtype: torch.dtype | None = None,
     max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES,
     assets: Path | None = None,
 ) -> None:
-    """Write an HF model directory from ``(megavlm key, full tensor)`` pairs, streamed.
+    """Write an HF model directory from megavlm tensors, one layer at a time.
 
-    Everything goes to a temporary sibling directory that is renamed at the end, so a
-    failure never leaves a partial model at ``path``. Every tensor the model needs must come
-    (and nothing else), or the error names the key.
+    Every tensor the model needs must be in ``source`` (and nothing else), or the error
+    names the key before anything is written. Everything goes to a temporary sibling
+    directory renamed at the end, so a failure never leaves a partial model at ``path``.
     """
     import transformers
 
@@ -217,23 +267,24 @@ def write_hf_model_dir(
     path = Path(path)
     if path.exists() and (not path.is_dir() or any(path.iterdir())):
         raise FileExistsError(f"{path} exists and is not empty; choose a new output directory")
+    rules = {rule.mv: rule for rule in hf_rules(model)}
+    keys = list(source.keys())
+    unexpected = [k for k in keys if k not in rules]
+    if unexpected:
+        raise KeyError(f"unexpected megavlm tensor {unexpected[0]!r}: no HF name for it in this model "
+                       f"({len(unexpected)} unexpected in all)")
+    missing = sorted(set(rules) - set(keys))
+    if missing:
+        raise KeyError(f"megavlm weights lack {missing[0]!r} ({len(missing)} missing in all)")
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
     try:
-        rules = {rule.mv: rule for rule in hf_rules(model)}
         writer = ShardedSafetensorsWriter(tmp, max_shard_bytes=max_shard_bytes)
-        seen = set()
-        for key, tensor in megavlm_tensors:
-            if key not in rules:
-                raise KeyError(f"unexpected megavlm tensor {key!r} {list(tensor.shape)}: no HF name for it in this model")
-            seen.add(key)
+        for key in keys:
             for i in layers_of(rules[key], model.language.num_layers):
-                for hf_key, piece in hf_pieces(rules[key], tensor, i).items():
+                for hf_key, piece in hf_pieces(rules[key], source.read(key, i), i).items():
                     writer.add(hf_key, piece if dtype is None else piece.to(dtype))
-        missing = sorted(set(rules) - seen)
-        if missing:
-            raise KeyError(f"megavlm weights lack {missing[0]!r} ({len(missing)} missing in all)")
         writer.close()
         copy_assets(assets, tmp)
         config = {**hf_config_from_model(model), "transformers_version": transformers.__version__}
@@ -253,4 +304,4 @@ def write_hf_model_dir(
 
 def save_hf_model_dir(path: str | Path, model: ModelConfig, full: dict[str, torch.Tensor]) -> None:
     """Write an HF directory from full megavlm tensors in memory (small models, tests)."""
-    write_hf_model_dir(path, model, full.items())
+    write_hf_model_dir(path, model, InMemoryTensors(full))

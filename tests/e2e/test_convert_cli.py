@@ -23,7 +23,7 @@ from safetensors.torch import load_file
 
 from megavlm.config import ConfigError
 from megavlm.config.loader import load_config_data
-from megavlm.conversion.hf_checkpoint import write_hf_model_dir
+from megavlm.conversion.hf_checkpoint import InMemoryTensors, write_hf_model_dir
 from megavlm.conversion.pretrained import resolve_pretrained
 from megavlm.data.tokenizer import synthetic_tokenizer
 from tests.parity.qwen3vl_case import CASES, hf_logits, hf_model, processor_inputs, tiny_config
@@ -209,10 +209,10 @@ def test_export_errors_name_the_key_and_leave_nothing(tmp_path):
     full = hf_to_megavlm(hf_model(cfg).state_dict(), qwen3vl_rules(cfg.model), num_layers=cfg.model.language.num_layers)
     missing = {k: v for k, v in full.items() if k != "vision.merger.norm.weight"}
     with pytest.raises(KeyError, match="vision.merger.norm.weight"):
-        write_hf_model_dir(tmp_path / "a", cfg.model, missing.items())
+        write_hf_model_dir(tmp_path / "a", cfg.model, InMemoryTensors(missing))
     extra = {**full, "language.mystery.weight": torch.zeros(2, 2)}
-    with pytest.raises(KeyError, match=r"unexpected megavlm tensor 'language\.mystery\.weight' \[2, 2\]"):
-        write_hf_model_dir(tmp_path / "b", cfg.model, extra.items())
+    with pytest.raises(KeyError, match=r"unexpected megavlm tensor 'language\.mystery\.weight'"):
+        write_hf_model_dir(tmp_path / "b", cfg.model, InMemoryTensors(extra))
     assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()
     assert not list(tmp_path.glob(".*tmp*"))
 
