@@ -9,6 +9,7 @@ seed, and gathering full parameters or gradients to compare layouts (tests, conv
 from __future__ import annotations
 
 import hashlib
+import itertools
 import math
 from dataclasses import dataclass
 from typing import Iterable, Iterator
@@ -53,36 +54,101 @@ def iter_shards(model_chunks: Iterable[torch.nn.Module]) -> Iterator[Shard]:
                     )
 
 
-def _key_generator(seed: int, key: str) -> torch.Generator:
-    digest = hashlib.sha256(f"{seed}:{key}".encode()).digest()
-    return torch.Generator().manual_seed(int.from_bytes(digest[:8], "little") & (2**63 - 1))
+# Side of one random draw (rows x columns of a layer's matrix; further axes are drawn whole).
+# TP slices are usually multiples of 256 (head_dim 128 x an even number of heads, ffn/tp),
+# so a rank rarely draws tile parts it does not keep. Changing it changes every model.
+INIT_TILE = 256
+
+
+def _tile_seed(seed: int, key: str, index: tuple[int, ...], tile: tuple[int, ...]) -> int:
+    text = f"{seed}:{key}:{','.join(map(str, index))}:{','.join(map(str, tile))}"
+    digest = hashlib.sha256(text.encode()).digest()
+    return int.from_bytes(digest[:8], "little") & (2**63 - 1)
+
+
+def _draw(shape: tuple[int, ...], generator: torch.Generator) -> torch.Tensor:
+    """One tile of N(0, 1) in fp32 on the generator's device (tests record the sizes here)."""
+    return torch.randn(shape, generator=generator, device=generator.device, dtype=torch.float32)
+
+
+@torch.no_grad()
+def initialize_shard(
+    shard: Shard, *, seed: int, std: float, num_layers: int, vocab_size: int,
+    generators: dict[torch.device, torch.Generator] | None = None,
+) -> None:
+    """Fill one shard with its part of the layout-free model (see ``initialize_layout_invariant``).
+
+    ``generators`` (one per device, re-seeded for every tile) may be shared between calls.
+    """
+    p = shard.prepend_axis_num
+    layer_shape = shard.global_shape[p:]  # one layer's (one expert's) full tensor
+    if len(layer_shape) < 2:
+        if shard.key.endswith("bias"):
+            shard.data.zero_()
+        return  # norm weights, layer scales: as built
+    drawn = list(layer_shape)  # the part that gets random values; the rest is zero
+    if shard.key.endswith(_VOCAB_KEYS):
+        drawn[0] = min(vocab_size, drawn[0])  # padding rows (their count depends on TP)
+    scale = std / math.sqrt(2.0 * num_layers) if shard.key.endswith(_SCALED_INIT_KEYS) else std
+    index = shard.global_offset[:p]  # layer (and expert) of this shard
+    lo = shard.global_offset[p:]
+    if len(lo) != shard.data.dim():
+        raise ValueError(f"{shard.key}: local shape {tuple(shard.data.shape)} vs global {shard.global_shape}")
+    hi = tuple(o + n for o, n in zip(lo, shard.data.shape))
+    # Tiles depend only on the layout-free ``drawn`` shape; dims past the second are whole.
+    tile = tuple(min(INIT_TILE, n) for n in drawn[:2]) + tuple(drawn[2:])
+    if any(h > n for h, n in zip(hi, drawn)):
+        shard.data.zero_()
+    if any(a >= n for a, n in zip(lo, drawn)):
+        return  # only padding rows here
+    ranges = [range(a // t, -(-min(b, n) // t)) for a, b, n, t in zip(lo, hi, drawn, tile)]
+    if generators is None:
+        generators = {}
+    device = shard.data.device
+    gen = generators.get(device)
+    if gen is None:
+        gen = generators[device] = torch.Generator(device=device)
+    for tile_index in itertools.product(*ranges):
+        gen.manual_seed(_tile_seed(seed, shard.key, index, tile_index))
+        values = _draw(tile, gen)
+        starts = [i * t for i, t in zip(tile_index, tile)]
+        ends = [min(s + t, b, n) for s, t, b, n in zip(starts, tile, hi, drawn)]
+        begins = [max(s, a) for s, a in zip(starts, lo)]
+        src = tuple(slice(b - s, e - s) for b, e, s in zip(begins, ends, starts))
+        dst = tuple(slice(b - a, e - a) for b, e, a in zip(begins, ends, lo))
+        shard.data[dst].copy_(values[src].mul_(scale))
 
 
 @torch.no_grad()
 def initialize_layout_invariant(
     model_chunks: Iterable[torch.nn.Module], *, seed: int, std: float, num_layers: int, vocab_size: int
 ) -> None:
-    """Re-draw every matrix from a generator seeded by (seed, global key).
+    """Re-draw every matrix so that a seed gives one full model under any layout.
 
-    Each rank draws the full tensor and keeps its slice, so TP/PP/VPP/EP layouts and the
-    vocabulary padding (which depends on TP) never change the model. Output projections get
-    megatron's scaled init, std / sqrt(2 * num_layers); biases are zero; other vectors
-    (norm weights) stay as built.
+    The values of a weight are a function of (seed, global key, layer/expert index, position
+    in that layer's tensor) only, never of TP/PP/VPP/EP or of the vocabulary padding (rows
+    past ``vocab_size`` are zero). Each rank computes just the slices it holds.
+
+    Why tiles: megatron's sharded keys stack layers (``decoder.layers.mlp.linear_fc1.weight``
+    is ``[num_layers, ...]``, experts add a second prepended axis), so drawing the full
+    global tensor and slicing it costs every rank O(num_layers) per layer, O(L^2) in all,
+    and transient memory of a whole stacked tensor (about 29 GB for qwen3-8b's fc1 in fp32).
+    Instead each layer's (expert's) matrix is cut into fixed ``INIT_TILE`` x ``INIT_TILE``
+    tiles (leading two dims; further dims whole), every tile drawn from its own generator
+    seeded by (seed, key, layer/expert index, tile index). A rank draws only the tiles that
+    overlap its slice, on the parameter's device: work is its share of the model plus
+    partial tiles at slice edges, and transient memory one tile. Tiles never depend on the
+    padded vocabulary (they tile ``vocab_size`` rows), so padding cannot shift real rows.
+    The values do depend on the device type (CPU and CUDA generators differ).
+
+    Output projections get megatron's scaled init, std / sqrt(2 * num_layers); biases are
+    zero; other vectors (norm weights, layer scales) stay as built.
     """
+    generators: dict[torch.device, torch.Generator] = {}
     for shard in iter_shards(model_chunks):
-        if len(shard.global_shape) - shard.prepend_axis_num < 2:
-            if shard.key.endswith("bias"):
-                shard.data.zero_()
-            continue
-        shape = list(shard.global_shape)
-        if shard.key.endswith(_VOCAB_KEYS):
-            shape[shard.prepend_axis_num] = vocab_size  # padding rows stay zero
-        scale = std / math.sqrt(2.0 * num_layers) if shard.key.endswith(_SCALED_INIT_KEYS) else std
-        full = torch.zeros(shard.global_shape, dtype=torch.float32)
-        full[tuple(slice(0, n) for n in shape)] = (
-            torch.randn(shape, generator=_key_generator(seed, shard.key)) * scale
+        initialize_shard(
+            shard, seed=seed, std=std, num_layers=num_layers, vocab_size=vocab_size, generators=generators
         )
-        shard.data.copy_(full[shard.slices()].reshape(shard.data.shape))
 
 
 def _grad_view(shard: Shard, params: list[torch.nn.Parameter]) -> torch.Tensor | None:
