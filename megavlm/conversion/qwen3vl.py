@@ -25,6 +25,28 @@ def _hf_order(qkv: Tensor, heads: int) -> Tensor:
     return qkv.reshape(heads, 3, -1, *rest).transpose(0, 1).reshape(qkv.shape)
 
 
+def vit_block_rules(block: str, names: dict[str, str], param: str, *, layer: str, heads: int,
+                    depth: int) -> list[KeyRule]:
+    """One pre-norm ViT block's weights (or biases) on megatron's layer (megavlm prefix ``layer``):
+    HF names of the block's ``norm1``, fused ``qkv``, ``proj``, ``norm2``, ``fc1``, ``fc2`` under
+    ``block`` (``{i}`` the layer)."""
+    return [
+        KeyRule((block + f"{names['norm1']}.{param}",), layer + f"self_attention.linear_qkv.layer_norm_{param}", layers=depth),
+        KeyRule(
+            (block + names["qkv"].format(param=param),), layer + f"self_attention.linear_qkv.{param}",
+            join=lambda t: _per_head(t[0], heads), split=lambda t: [_hf_order(t, heads)], layers=depth,
+        ),
+        KeyRule((block + f"{names['proj']}.{param}",), layer + f"self_attention.linear_proj.{param}", layers=depth),
+        KeyRule((block + f"{names['norm2']}.{param}",), layer + f"mlp.linear_fc1.layer_norm_{param}", layers=depth),
+        KeyRule((block + f"{names['fc1']}.{param}",), layer + f"mlp.linear_fc1.{param}", layers=depth),
+        KeyRule((block + f"{names['fc2']}.{param}",), layer + f"mlp.linear_fc2.{param}", layers=depth),
+    ]
+
+
+QWEN3VL_BLOCK = {"norm1": "norm1", "qkv": "attn.qkv.{param}", "proj": "attn.proj", "norm2": "norm2",
+                 "fc1": "mlp.linear_fc1", "fc2": "mlp.linear_fc2"}
+
+
 def vision_rules(model: ModelConfig) -> list[KeyRule]:
     v = model.vision
     heads, depth = v.num_attention_heads, v.num_layers  # the ViT's depth is not the decoder's
@@ -36,17 +58,7 @@ def vision_rules(model: ModelConfig) -> list[KeyRule]:
         KeyRule(("model.visual.pos_embed.weight",), "vision.pos_embed.table.weight"),
     ]
     for param in ("weight", "bias"):
-        rules += [
-            KeyRule((block + f"norm1.{param}",), layer + f"self_attention.linear_qkv.layer_norm_{param}", layers=depth),
-            KeyRule(
-                (block + f"attn.qkv.{param}",), layer + f"self_attention.linear_qkv.{param}",
-                join=lambda t: _per_head(t[0], heads), split=lambda t: [_hf_order(t, heads)], layers=depth,
-            ),
-            KeyRule((block + f"attn.proj.{param}",), layer + f"self_attention.linear_proj.{param}", layers=depth),
-            KeyRule((block + f"norm2.{param}",), layer + f"mlp.linear_fc1.layer_norm_{param}", layers=depth),
-            KeyRule((block + f"mlp.linear_fc1.{param}",), layer + f"mlp.linear_fc1.{param}", layers=depth),
-            KeyRule((block + f"mlp.linear_fc2.{param}",), layer + f"mlp.linear_fc2.{param}", layers=depth),
-        ]
+        rules += vit_block_rules(block, QWEN3VL_BLOCK, param, layer=layer, heads=heads, depth=depth)
         mergers = [("model.visual.merger.", "vision.merger.")] + [
             (f"model.visual.deepstack_merger_list.{k}.", f"vision.deepstack_mergers.{k}.")
             for k in range(len(v.deepstack_layers))

@@ -61,7 +61,11 @@ from megavlm.config.schema import LanguageModelConfig, ModelConfig
 from megavlm.config.vision import ProjectorConfig, RopeConfig, TokenIdsConfig, VisionConfig
 from megavlm.conversion.engine import KeyRule
 from megavlm.conversion.qwen3 import qwen3_rules
-from megavlm.conversion.qwen3vl import _hf_order, _per_head
+from megavlm.conversion.qwen3vl import vit_block_rules
+
+# PE-lang (OpenCLIP naming): in_proj is the fused [q; k; v]
+STEP3VL_BLOCK = {"norm1": "ln_1", "qkv": "attn.in_proj_{param}", "proj": "attn.out_proj", "norm2": "ln_2",
+                 "fc1": "mlp.c_fc", "fc2": "mlp.c_proj"}
 
 ARCHITECTURE = "StepVLForConditionalGeneration"  # vLLM, SGLang and llama.cpp register this name
 # UNVERIFIED: the released config.json's model_type (the checkpoint ships remote code). The
@@ -85,15 +89,7 @@ def vision_rules(model: ModelConfig) -> list[KeyRule]:
     for param in ("weight", "bias"):
         rules += [
             KeyRule((f"vision_model.ln_pre.{param}",), f"vision.encoder.ln_pre.{param}"),
-            KeyRule((block + f"ln_1.{param}",), layer + f"self_attention.linear_qkv.layer_norm_{param}", layers=depth),
-            KeyRule(
-                (block + f"attn.in_proj_{param}",), layer + f"self_attention.linear_qkv.{param}",
-                join=lambda t: _per_head(t[0], heads), split=lambda t: [_hf_order(t, heads)], layers=depth,
-            ),
-            KeyRule((block + f"attn.out_proj.{param}",), layer + f"self_attention.linear_proj.{param}", layers=depth),
-            KeyRule((block + f"ln_2.{param}",), layer + f"mlp.linear_fc1.layer_norm_{param}", layers=depth),
-            KeyRule((block + f"mlp.c_fc.{param}",), layer + f"mlp.linear_fc1.{param}", layers=depth),
-            KeyRule((block + f"mlp.c_proj.{param}",), layer + f"mlp.linear_fc2.{param}", layers=depth),
+            *vit_block_rules(block, STEP3VL_BLOCK, param, layer=layer, heads=heads, depth=depth),
             KeyRule((f"vision_model.vit_downsampler1.{param}",), f"vision.downsampler.conv1.{param}"),
             KeyRule((f"vision_model.vit_downsampler2.{param}",), f"vision.downsampler.conv2.{param}"),
         ]
