@@ -120,8 +120,9 @@ def test_checkpoint_reads_in_one_process_without_its_layout(results):
     tensor of the TP=2 checkpoint exactly as the live model had it when saving."""
     r = _load(results, "reshard_tp2_to_pp2")
     live, read_back = r["live"], r["read_back"]
-    assert set(read_back) == set(live)
+    assert set(read_back) == set(live) == set(r["by_layer"])
     assert all(torch.equal(read_back[k].float(), live[k]) for k in live)
+    assert all(torch.equal(r["by_layer"][k].float(), live[k]) for k in live)
 
 
 def test_nan_step_is_skipped_on_every_rank(results):

@@ -176,6 +176,16 @@ def run_reshard(name: str, out: Path, log_dir: Path) -> None:
     live = gather_full_tensors(trainer.model)
     # the checkpoint read back in one process, without the TP=2 layout (conversion's reader)
     read_back = read_model_tensors(saved_dir) if dist.get_rank() == 0 else {}
+    # the exporter's reader: one layer at a time, in blocks of rows (small blocks cross TP chunks)
+    by_layer = {}
+    if dist.get_rank() == 0:
+        from megavlm.checkpointing import model_tensor_shapes, read_model_layer, weights
+
+        weights.READ_BLOCK_BYTES = 4096
+        for key, (size, _) in model_tensor_shapes(saved_dir).items():
+            stacked = ".layers." in key
+            parts = [read_model_layer(saved_dir, key, i) for i in range(size[0])] if stacked else None
+            by_layer[key] = torch.stack(parts) if stacked else read_model_layer(saved_dir, key, None)
     continued = [trainer.step()["loss"] for _ in range(2)]
     _teardown()
     pp2 = Trainer(load_config(None, common + ["parallel.pp=2", f"logging.dir={log_dir}/r2", f"checkpoint.load={ckpt}"]))
@@ -183,7 +193,8 @@ def run_reshard(name: str, out: Path, log_dir: Path) -> None:
     loaded = [pp2.step()["loss"] for _ in range(2)]
     _teardown()
     if dist.get_rank() == 0:
-        torch.save({"tp2": continued, "pp2_from_tp2": loaded, "live": live, "read_back": read_back}, out / f"{name}.pt")
+        torch.save({"tp2": continued, "pp2_from_tp2": loaded, "live": live, "read_back": read_back,
+                    "by_layer": by_layer}, out / f"{name}.pt")
 
 
 def run_nan_skip(name: str, out: Path, log_dir: Path) -> None:
