@@ -8,6 +8,7 @@ so the split into chunks does not matter when reading.
 
 from __future__ import annotations
 
+import functools
 from pathlib import Path
 from typing import Iterable, Iterator
 
@@ -20,7 +21,7 @@ from torch.distributed.checkpoint.metadata import ChunkStorageMetadata, TensorSt
 from torch.distributed.checkpoint.planner import LoadPlan
 from torch.distributed.checkpoint.planner_helpers import create_read_items_for_chunk_list
 
-from megavlm.checkpointing.directories import require_complete
+from megavlm.checkpointing.directories import COMPLETE_MARKER, require_complete
 
 # Keys of a training checkpoint that are not model weights (megatron's optimizer state).
 _NOT_MODEL = ("optimizer.",)
@@ -45,9 +46,17 @@ def load_model_weights(path: str | Path, model) -> None:
     load_model_state(require_complete(path), model)
 
 
+@functools.lru_cache(maxsize=4)
+def _metadata(path: str, mtime_ns: int):
+    """DCP metadata of a checkpoint, read once per process (a big model's is tens of MB and an
+    export asks for it per layer); keyed by the marker's mtime, so a rewritten directory rereads."""
+    return FileSystemReader(path).read_metadata()
+
+
 def model_tensor_shapes(path: str | Path) -> dict[str, tuple[torch.Size, torch.dtype]]:
     """Global shape and dtype of every model tensor of a complete checkpoint, from its metadata."""
-    metadata = FileSystemReader(str(require_complete(path))).read_metadata()
+    path = require_complete(path)
+    metadata = _metadata(str(path), (path / COMPLETE_MARKER).stat().st_mtime_ns)
     return {
         key: (meta.size, meta.properties.dtype)
         for key, meta in metadata.state_dict_metadata.items()

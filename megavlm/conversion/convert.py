@@ -109,6 +109,10 @@ class CheckpointTensors:
     def read(self, key: str, layer: int | None) -> torch.Tensor:
         return read_model_layer(self.checkpoint, key, layer)
 
+    def nbytes(self, key: str, layer: int | None) -> int:
+        size, dtype = model_tensor_shapes(self.checkpoint)[key]
+        return size[1 if layer is not None else 0:].numel() * dtype.itemsize
+
 
 def export_hf(load: str | Path, out: str | Path, *, dtype: str | None = None,
               max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES) -> Path:

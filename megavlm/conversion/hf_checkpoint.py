@@ -195,10 +195,15 @@ class ShardedSafetensorsWriter:
         self.file_of: dict[str, int] = {}
         self.total_bytes = 0
 
-    def add(self, key: str, tensor: torch.Tensor) -> None:
-        size = tensor.numel() * tensor.element_size()
+    def make_room(self, size: int) -> None:
+        """Flush now if ``size`` more bytes would not fit: called before reading a tensor, so the
+        pending shard and the tensor being read are not in memory at once."""
         if self.pending and self.pending_bytes + size > self.max_shard_bytes:
             self._flush()
+
+    def add(self, key: str, tensor: torch.Tensor) -> None:
+        size = tensor.numel() * tensor.element_size()
+        self.make_room(size)
         self.pending[key] = tensor.contiguous()
         self.pending_bytes += size
         self.total_bytes += size
@@ -233,6 +238,9 @@ class MegavlmTensors(Protocol):
     def read(self, key: str, layer: int | None) -> torch.Tensor:
         """Layer ``layer`` of a layer-stacked tensor, or the whole tensor (``None``)."""
 
+    def nbytes(self, key: str, layer: int | None) -> int:
+        """Size of what ``read`` returns, known before reading it."""
+
 
 class InMemoryTensors:
     def __init__(self, full: Mapping[str, torch.Tensor]):
@@ -243,6 +251,10 @@ class InMemoryTensors:
 
     def read(self, key: str, layer: int | None) -> torch.Tensor:
         return self.full[key] if layer is None else self.full[key][layer]
+
+    def nbytes(self, key: str, layer: int | None) -> int:
+        tensor = self.read(key, layer)
+        return tensor.numel() * tensor.element_size()
 
 
 def write_hf_model_dir(
@@ -283,6 +295,7 @@ def write_hf_model_dir(
         writer = ShardedSafetensorsWriter(tmp, max_shard_bytes=max_shard_bytes)
         for key in keys:
             for i in layers_of(rules[key], model.language.num_layers):
+                writer.make_room(source.nbytes(key, i))  # as stored; a cast to a smaller dtype only flushes early
                 for hf_key, piece in hf_pieces(rules[key], source.read(key, i), i).items():
                     writer.add(hf_key, piece if dtype is None else piece.to(dtype))
         writer.close()
