@@ -106,38 +106,26 @@ class _RegionLoadPlanner(DefaultLoadPlanner):
         return self.state_dict[index.fqn]
 
 
-# Rows read per DCP call: its reader stages each read's bytes before copying them into place,
-# so reading a big tensor in blocks keeps that transient at this size.
-READ_BLOCK_BYTES = 64 * 2**20
-
-
 def read_model_layer(path: str | Path, key: str, layer: int | None) -> torch.Tensor:
     """One layer of a layer-stacked model tensor (``layer`` indexes the first axis), or the whole
     tensor (``None``), read in this process from whatever layout saved it.
 
-    Memory: the result plus one block of rows (``READ_BLOCK_BYTES``), never the stacked tensor.
+    torch DCP's reader deserializes each saved chunk it touches whole, so a layer costs the
+    saved chunks that hold it (one rank's layers of that key), not the whole stack.
     """
     path = require_complete(path)
     shapes = model_tensor_shapes(path)
     if key not in shapes:
         raise KeyError(f"{path}: no model tensor {key!r} (it has {len(shapes)}, e.g. {next(iter(shapes), None)!r})")
     size, dtype = shapes[key]
-    if layer is not None and not 0 <= layer < size[0]:
+    if layer is None:
+        return next(iter_model_tensors(path, [key]))[1]
+    if not 0 <= layer < size[0]:
         raise IndexError(f"{path}: {key} has {size[0]} layers, asked for layer {layer}")
-    lead = () if layer is None else (layer,)
-    shape = tuple(size[len(lead):])
-    result = torch.empty(shape, dtype=dtype)
-    if result.dim() == 0 or result.numel() == 0:
-        return next(iter_model_tensors(path, [key]))[1] if layer is None else result
-    row_bytes = max(result[0].numel() * result.element_size(), 1)
-    step = max(READ_BLOCK_BYTES // row_bytes, 1)
-    reader = FileSystemReader(str(path))
-    for start in range(0, shape[0], step):
-        rows = result[start:start + step]  # contiguous view: DCP copies into it in place
-        dest = rows if layer is None else rows.unsqueeze(0)
-        planner = _RegionLoadPlanner({key: lead + (start,) + (0,) * (len(shape) - 1)})
-        dcp.load({key: dest}, storage_reader=reader, planner=planner, no_dist=True)
-    return result
+    buffer = torch.empty((1, *size[1:]), dtype=dtype)
+    planner = _RegionLoadPlanner({key: (layer,) + (0,) * (len(size) - 1)})
+    dcp.load({key: buffer}, storage_reader=FileSystemReader(str(path)), planner=planner, no_dist=True)
+    return buffer[0]
 
 
 def read_model_tensors(path: str | Path) -> dict[str, torch.Tensor]:

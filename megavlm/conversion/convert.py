@@ -98,20 +98,37 @@ def import_hf(hf_dir: str | Path, out: str | Path, overrides: Sequence[str] = ()
 
 
 class CheckpointTensors:
-    """A checkpoint's model tensors, read a layer at a time (``hf_checkpoint.MegavlmTensors``)."""
+    """A checkpoint's model tensors for export (``hf_checkpoint.MegavlmTensors``).
 
-    def __init__(self, checkpoint: Path):
-        self.checkpoint = checkpoint
+    A layer-stacked tensor of at most ``whole_key_bytes`` is read once and served by layer (DCP
+    deserializes whole saved chunks, so layer-by-layer reads of a small stack would read it
+    once per layer); a bigger one is read a layer at a time, bounding memory by the saved
+    chunks that hold one layer.
+    """
+
+    def __init__(self, checkpoint: Path, *, whole_key_bytes: int = 2 * 2**30):
+        self.checkpoint, self.whole_key_bytes = checkpoint, whole_key_bytes
+        self.shapes = model_tensor_shapes(checkpoint)
+        self._cached: tuple[str, torch.Tensor] | None = None
 
     def keys(self):
-        return model_tensor_shapes(self.checkpoint).keys()
-
-    def read(self, key: str, layer: int | None) -> torch.Tensor:
-        return read_model_layer(self.checkpoint, key, layer)
+        return self.shapes.keys()
 
     def nbytes(self, key: str, layer: int | None) -> int:
-        size, dtype = model_tensor_shapes(self.checkpoint)[key]
+        size, dtype = self.shapes[key]
         return size[1 if layer is not None else 0:].numel() * dtype.itemsize
+
+    def read(self, key: str, layer: int | None) -> torch.Tensor:
+        if layer is None:
+            self._cached = None
+            return read_model_layer(self.checkpoint, key, None)
+        if self.nbytes(key, None) > self.whole_key_bytes:
+            self._cached = None
+            return read_model_layer(self.checkpoint, key, layer)
+        if self._cached is None or self._cached[0] != key:
+            self._cached = None  # free the previous key first
+            self._cached = (key, read_model_layer(self.checkpoint, key, None))
+        return self._cached[1][layer]
 
 
 def export_hf(load: str | Path, out: str | Path, *, dtype: str | None = None,

@@ -176,12 +176,11 @@ def run_reshard(name: str, out: Path, log_dir: Path) -> None:
     live = gather_full_tensors(trainer.model)
     # the checkpoint read back in one process, without the TP=2 layout (conversion's reader)
     read_back = read_model_tensors(saved_dir) if dist.get_rank() == 0 else {}
-    # the exporter's reader: one layer at a time, in blocks of rows (small blocks cross TP chunks)
+    # the exporter's reader: one layer at a time (each layer crosses the saved TP chunks)
     by_layer = {}
     if dist.get_rank() == 0:
-        from megavlm.checkpointing import model_tensor_shapes, read_model_layer, weights
+        from megavlm.checkpointing import model_tensor_shapes, read_model_layer
 
-        weights.READ_BLOCK_BYTES = 4096
         for key, (size, _) in model_tensor_shapes(saved_dir).items():
             stacked = ".layers." in key
             parts = [read_model_layer(saved_dir, key, i) for i in range(size[0])] if stacked else None
