@@ -103,7 +103,7 @@ from megavlm.planning.params import (
 )
 
 DTYPE_BYTES = {"bf16": 2, "fp16": 2, "fp32": 4}
-GRAD_BYTES = 4  # grad_reduce_in_fp32=True (megavlm.training.model_setup)
+GRAD_BYTES = 4  # grad_reduce_in_fp32=True (megavlm.training.data_parallel)
 ADAM_STATE_BYTES = 8  # exp_avg + exp_avg_sq, fp32
 MASTER_BYTES = 4  # fp32 master copy of 16-bit parameters
 

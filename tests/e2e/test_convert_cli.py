@@ -249,3 +249,26 @@ def test_a_misshapen_tensor_names_the_key_and_both_shapes(single_rank_megatron):
     tensors["model.visual.merger.linear_fc2.bias"] = torch.zeros(7)
     with pytest.raises(ValueError, match=r"vision\.merger\.linear_fc2\.bias: the HF weights give shape \[7\] but the model has \[\d+\]"):
         load_hf_tensors([unwrap_model(chunk)], cfg.model, tensors)
+
+
+def test_step3vl_released_layout_round_trip_through_tp2_is_bit_exact(single_rank_megatron, tmp_path):
+    """STEP3-VL's released naming (vision_model.*, vit_large_projector, model.*, lm_head) through
+    the CLI at TP=2: every tensor comes back bit-exact, with the STEP3-VL config.json."""
+    from safetensors.torch import save_file
+
+    from megavlm.conversion.hf_config import hf_config_from_model
+    from tests.parity.test_step3vl import _config, _released_weights
+
+    cfg = _config(tie=False)
+    released = _released_weights(cfg)
+    hf = tmp_path / "hf"
+    hf.mkdir()
+    save_file(released, str(hf / "model.safetensors"))
+    (hf / "config.json").write_text(json.dumps({**hf_config_from_model(cfg.model), "transformers_version": "5.24.0"}))
+    ckpt = convert(hf, tmp_path / "ckpt", 2, ["parallel.tp=2"])
+    run([sys.executable, "tools/convert_checkpoint.py", "export", "--load", str(ckpt), "--out", str(tmp_path / "back")])
+    exported = all_tensors(tmp_path / "back")
+    assert exported.keys() == released.keys()
+    assert all(torch.equal(exported[k], released[k]) for k in released)
+    assert json.loads((tmp_path / "back" / "config.json").read_text())["architectures"] == \
+        json.loads((hf / "config.json").read_text())["architectures"]

@@ -17,7 +17,7 @@ import torch
 from megavlm.config import load_config
 from megavlm.models import full_tensors
 from megavlm.models.full_tensors import INIT_TILE, Shard, initialize_shard, iter_shards
-from megavlm.training.model_setup import build_model_chunks
+from megavlm.models.build import build_model_chunks
 
 INIT = dict(seed=7, std=0.02, num_layers=4, vocab_size=1000)
 
