@@ -16,6 +16,7 @@ from megavlm.checkpointing.directories import (
     mark_complete,
     read_config,
     require_complete,
+    require_new_dir,
     write_config,
 )
 from megavlm.checkpointing.weights import (
@@ -31,6 +32,6 @@ __all__ = [
     "ASSETS_DIR", "assets_of", "copy_assets", "is_complete", "tokenizer_file",
     "COMPLETE_MARKER", "atomic_write_bytes", "checkpoint_dir", "iter_model_tensors", "latest_complete",
     "load_model_weights", "model_tensor_shapes", "read_model_layer",
-    "mark_complete", "model_sharded_state_dict", "read_config", "read_model_tensors", "require_complete",
+    "mark_complete", "model_sharded_state_dict", "read_config", "read_model_tensors", "require_complete", "require_new_dir",
     "write_config",
 ]

@@ -28,6 +28,14 @@ def atomic_write_bytes(path: Path, data: bytes) -> None:
     os.replace(tmp, path)
 
 
+def require_new_dir(path: str | Path) -> Path:
+    """``path`` if writing a new model there loses nothing (absent, or an empty folder)."""
+    path = Path(path)
+    if path.exists() and (not path.is_dir() or any(path.iterdir())):
+        raise FileExistsError(f"{path} exists and is not empty; choose a new output directory")
+    return path
+
+
 def checkpoint_dir(root: str | Path, iteration: int) -> Path:
     return Path(root) / f"iter_{iteration:07d}"
 

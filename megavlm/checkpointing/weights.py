@@ -70,18 +70,10 @@ def iter_model_tensors(path: str | Path, keys: Iterable[str] | None = None) -> I
 
     megatron's ``load_plain_tensors`` would do the same but needs a process group and loads
     everything at once; the files are torch DCP underneath, whose reader takes a
-    ``no_dist`` load of any subset. Memory stays at one full tensor. Vocabulary-sized tensors
-    keep the padded rows of the saving layout; callers trim them.
+    ``no_dist`` load of any subset. Memory stays at one full tensor.
     """
-    path = require_complete(path)
-    shapes = model_tensor_shapes(path)
-    for key in shapes if keys is None else keys:
-        if key not in shapes:
-            raise KeyError(f"{path}: no model tensor {key!r} (it has {len(shapes)}, e.g. {next(iter(shapes), None)!r})")
-        size, dtype = shapes[key]
-        tensor = torch.empty(size, dtype=dtype)
-        dcp.load({key: tensor}, storage_reader=FileSystemReader(str(path)), no_dist=True)
-        yield key, tensor
+    for key in model_tensor_shapes(path) if keys is None else keys:
+        yield key, read_model_layer(path, key, None)
 
 
 class _RegionLoadPlanner(DefaultLoadPlanner):
@@ -119,7 +111,9 @@ def read_model_layer(path: str | Path, key: str, layer: int | None) -> torch.Ten
         raise KeyError(f"{path}: no model tensor {key!r} (it has {len(shapes)}, e.g. {next(iter(shapes), None)!r})")
     size, dtype = shapes[key]
     if layer is None:
-        return next(iter_model_tensors(path, [key]))[1]
+        tensor = torch.empty(size, dtype=dtype)
+        dcp.load({key: tensor}, storage_reader=FileSystemReader(str(path)), no_dist=True)
+        return tensor
     if not 0 <= layer < size[0]:
         raise IndexError(f"{path}: {key} has {size[0]} layers, asked for layer {layer}")
     buffer = torch.empty((1, *size[1:]), dtype=dtype)

@@ -36,11 +36,11 @@ from megavlm.checkpointing import (
     model_tensor_shapes,
     read_config,
     read_model_layer,
+    require_new_dir,
     write_config,
 )
-from megavlm.config import Config, ConfigError, load_config, validate
-from megavlm.conversion.hf_checkpoint import DEFAULT_MAX_SHARD_BYTES, read_hf_config, write_hf_model_dir
-from megavlm.conversion.hf_config import model_config_from_hf
+from megavlm.config import Config, ConfigError, validate
+from megavlm.conversion.hf_checkpoint import DEFAULT_MAX_SHARD_BYTES, hf_dir_config, write_hf_model_dir
 from megavlm.conversion.load_weights import load_hf_model_weights
 from megavlm.models.build import build_model_chunks
 from megavlm.platform.distributed import initialize
@@ -59,10 +59,7 @@ def import_config(hf_dir: Path, overrides: Sequence[str], world_size: int) -> Co
             f"import: {refused[0]!r} is not allowed; the model comes from {hf_dir / 'config.json'} and an import "
             f"takes only parallel.* and train.precision overrides"
         )
-    model = model_config_from_hf(read_hf_config(hf_dir))
-    cfg = load_config(None, overrides)
-    # The weights come from the files: megatron's cheap init, not the layout-invariant one.
-    cfg = dataclasses.replace(cfg, model=dataclasses.replace(model, init="megatron"))
+    cfg = hf_dir_config(hf_dir, overrides)
     validate(cfg, world_size)
     return cfg
 
@@ -72,8 +69,7 @@ def import_hf(hf_dir: str | Path, out: str | Path, overrides: Sequence[str] = ()
     hf_dir, out = Path(hf_dir), Path(out)
     env = detect_dist_env()
     cfg = import_config(hf_dir, overrides, env.world_size)
-    if out.exists() and (not out.is_dir() or any(out.iterdir())):
-        raise FileExistsError(f"{out} exists and is not empty; choose a new output directory")
+    require_new_dir(out)
     initialize(cfg.parallel, cfg.train.seed, env)
     chunks, _ = build_model_chunks(cfg)
     load_hf_model_weights(chunks, hf_dir)

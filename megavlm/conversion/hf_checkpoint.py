@@ -18,16 +18,19 @@ holds about one tensor and one output shard, not the model.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import shutil
 from collections.abc import Iterable, Iterator, Mapping
-from typing import Protocol
 from pathlib import Path
+from typing import Protocol, Sequence
 
 import torch
 from safetensors import safe_open
 
+from megavlm.checkpointing import copy_assets, require_new_dir
+from megavlm.config import Config, ConfigError, load_config
 from megavlm.config.schema import ModelConfig
 from megavlm.conversion.engine import KeyRule, hf_keys, hf_pieces, hf_to_megavlm, layers_of
 from megavlm.conversion.hf_config import hf_config_from_model, is_step3vl_model, model_config_from_hf
@@ -50,6 +53,16 @@ def read_hf_config(path: str | Path) -> dict:
     if not file.is_file():
         raise FileNotFoundError(f"{path}: no config.json (not a Hugging Face model directory)")
     return json.loads(file.read_text())
+
+
+def hf_dir_config(path: str | Path, overrides: Sequence[str] = ()) -> Config:
+    """A run's config for an HF model directory: its config.json defines the model (``model.*``
+    overrides are refused), and megatron's cheap init, since the weights come from the files."""
+    refused = [o for o in overrides if o.split("=", 1)[0].startswith("model.")]
+    if refused:
+        raise ConfigError(f"{path} is a Hugging Face model: its config.json defines the model; drop {refused[0]!r}")
+    model = model_config_from_hf(read_hf_config(path))
+    return dataclasses.replace(load_config(None, overrides), model=dataclasses.replace(model, init="megatron"))
 
 
 def hf_rules(model: ModelConfig) -> list[KeyRule]:
@@ -274,11 +287,7 @@ def write_hf_model_dir(
     """
     import transformers
 
-    from megavlm.checkpointing.assets import copy_assets
-
-    path = Path(path)
-    if path.exists() and (not path.is_dir() or any(path.iterdir())):
-        raise FileExistsError(f"{path} exists and is not empty; choose a new output directory")
+    path = require_new_dir(path)
     rules = {rule.mv: rule for rule in hf_rules(model)}
     keys = list(source.keys())
     unexpected = [k for k in keys if k not in rules]

@@ -13,12 +13,13 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, Mapping
 
-from megavlm.checkpointing import assets_of, latest_complete, read_config, tokenizer_file
+from megavlm.checkpointing import assets_of, latest_complete, load_model_weights, read_config, tokenizer_file
 from megavlm.config import ConfigError
 from megavlm.config.loader import build_config, to_dict
 from megavlm.config.schema import Config, ModelConfig
 from megavlm.conversion.hf_checkpoint import is_hf_model_dir, read_hf_config
 from megavlm.conversion.hf_config import model_config_from_hf
+from megavlm.conversion.load_weights import load_hf_model_weights
 
 # model keys that describe how to run, not what the model is
 RUNTIME_MODEL_KEYS = ("preset", "init", "init_std", "transformer_impl", "fp8", "freeze")
@@ -87,9 +88,6 @@ def architecture(model: ModelConfig) -> dict:
 def load_pretrained_weights(model_chunks: list, cfg: Config) -> Path | None:
     """Fill this rank's chunks with the weights of ``checkpoint.pretrained`` (any layout);
     returns the folder of files that travel with the model (tokenizer, processor), if any."""
-    from megavlm.checkpointing import load_model_weights
-    from megavlm.conversion.load_weights import load_hf_model_weights
-
     model, weights = pretrained_source(cfg.checkpoint.pretrained)
     if architecture(model) != architecture(cfg.model):
         raise ConfigError(

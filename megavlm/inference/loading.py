@@ -15,9 +15,8 @@ from typing import Sequence
 import torch
 
 from megavlm.checkpointing import assets_of, latest_complete, load_model_weights, read_config, tokenizer_file
-from megavlm.config import Config, ConfigError, load_config, validate
-from megavlm.conversion.hf_checkpoint import is_hf_model_dir, read_hf_config
-from megavlm.conversion.hf_config import model_config_from_hf
+from megavlm.config import Config, validate
+from megavlm.conversion.hf_checkpoint import hf_dir_config, is_hf_model_dir
 from megavlm.conversion.load_weights import load_hf_model_weights
 from megavlm.platform.distributed import initialize
 from megavlm.platform.launch import detect_dist_env
@@ -32,34 +31,32 @@ def load_for_inference(path: str | Path, overrides: Sequence[str] = ()) -> tuple
     """Config and this rank's model chunks, weights loaded, in eval mode."""
     path = Path(path)
     env = detect_dist_env()
-    if is_hf_model_dir(path):
-        if any(o.split("=", 1)[0].startswith("model.") for o in overrides):
-            raise ConfigError(f"{path} is a Hugging Face model: its config.json defines the model; drop the model.* overrides")
-        model_cfg = model_config_from_hf(read_hf_config(path))
-        # The weights come from the file: skip the (slow, pointless) random initialization.
-        cfg = dataclasses.replace(load_config(None, overrides), model=dataclasses.replace(model_cfg, init="megatron"))
-        validate(cfg, env.world_size)
-        initialize(cfg.parallel, cfg.train.seed, env)
-        chunks, _ = build_model_chunks(cfg)
-        load_hf_model_weights(chunks, path)
+    from_hf = is_hf_model_dir(path)
+    if from_hf:
+        model_dir = path
+        cfg = hf_dir_config(path, overrides)
     else:
-        checkpoint = latest_complete(path)
-        if checkpoint is None:
+        model_dir = latest_complete(path)
+        if model_dir is None:
             raise FileNotFoundError(
                 f"{path}: neither a Hugging Face model directory (config.json + *.safetensors) nor a "
                 "megavlm checkpoint (iter_* folders with a 'complete' marker)"
             )
         # The training layout is not the inference one: start from one rank (checkpoints
         # reshard on load) and take the layout from the overrides.
-        cfg = read_config(checkpoint, [*SINGLE_RANK_LAYOUT, *overrides, "checkpoint.load=null", "checkpoint.save=null"])
+        cfg = read_config(model_dir, [*SINGLE_RANK_LAYOUT, *overrides, "checkpoint.load=null", "checkpoint.save=null"])
+        # The weights come from the files: skip the (slow, pointless) random initialization.
         cfg = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, init="megatron"))
-        validate(cfg, env.world_size)
-        initialize(cfg.parallel, cfg.train.seed, env)
-        chunks, _ = build_model_chunks(cfg)
-        load_model_weights(checkpoint, chunks)
+    validate(cfg, env.world_size)
+    initialize(cfg.parallel, cfg.train.seed, env)
+    chunks, _ = build_model_chunks(cfg)
+    if from_hf:
+        load_hf_model_weights(chunks, path)
+    else:
+        load_model_weights(model_dir, chunks)
     for chunk in chunks:
         chunk.eval()
-    return with_model_tokenizer(cfg, path if is_hf_model_dir(path) else checkpoint), chunks
+    return with_model_tokenizer(cfg, model_dir), chunks
 
 
 def with_model_tokenizer(cfg: Config, model_dir: Path) -> Config:
