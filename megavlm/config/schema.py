@@ -102,6 +102,13 @@ class ParallelConfig:
     etp: int | None = None  # expert tensor parallelism; defaults to tp
     sequence_parallel: bool = False
     distributed_optimizer: bool = True
+    # Context parallelism (cp > 1): how K/V travel between CP ranks. Transformer Engine takes
+    # p2p (ring), a2a (Ulysses-style head exchange), a2a+p2p (hierarchical) and all_gather;
+    # megavlm's own ring attention (no TE, e.g. CPU) takes p2p.
+    cp_comm_type: str = "p2p"
+    # Spread the vision encoder's images and frames over the CP ranks and all-gather the
+    # features, instead of every CP rank encoding all media of the micro-batch.
+    vision_cp_split: bool = False
 
 
 @dataclass(kw_only=True)
@@ -122,12 +129,29 @@ class DataConfig:
     seed: int = 1234
     # Pack several samples per sequence (needs train.micro_batch_size=1).
     pack: bool = False
+    # Packing counts each sample as its length rounded up to this multiple; None: 2 x parallel.cp
+    # (context parallelism pads every packed sample to it). Set it to compare layouts on
+    # identical rows.
+    pack_align: int | None = None
     # Synthetic data only: draw sample lengths from [min_sample_length, seq_length]; 0: full.
     min_sample_length: int = 0
     # Qwen3-VL dynamic resolution: images are resized into [min_pixels, max_pixels] (sides
     # multiples of 32); defaults are the released preprocessor_config.json's.
     min_pixels: int = 65536
     max_pixels: int = 16777216
+
+
+@dataclass(kw_only=True)
+class RecomputeConfig:
+    """Activation recomputation (megatron-core's): trade compute for activation memory."""
+
+    # None: off; "selective": recompute the core attention (megatron's default module list);
+    # "full": recompute whole decoder layers (method and num_layers say which).
+    granularity: str | None = None
+    # With granularity "full": "uniform" (checkpoint groups of num_layers layers) or "block"
+    # (recompute the first num_layers layers of each pipeline stage).
+    method: str = "uniform"
+    num_layers: int = 1
 
 
 @dataclass(kw_only=True)
@@ -152,6 +176,7 @@ class TrainConfig:
     # Weight of each supervised token, normalized over the global batch: "per_token" (1),
     # "per_sample" (1/N_i) or "sqrt" (1/sqrt(N_i)), N_i the supervised tokens of sample i.
     loss_normalization: str = "per_token"
+    recompute: RecomputeConfig = field(default_factory=RecomputeConfig)
 
 
 @dataclass(kw_only=True)

@@ -19,6 +19,9 @@ _CHOICES = {
     "data.dataset": ("synthetic_text", "synthetic_multimodal", "shards"),
     "model.rope.kind": ("rope", "mrope_interleaved", "mrope_chunked"),
     "train.loss_normalization": ("per_token", "per_sample", "sqrt"),
+    "parallel.cp_comm_type": ("p2p", "a2a", "a2a+p2p", "all_gather"),
+    "train.recompute.granularity": (None, "selective", "full"),
+    "train.recompute.method": ("uniform", "block"),
 }
 _VISION_CHOICES = {
     "kind": ("qwen3vl", "pe"),
@@ -32,6 +35,51 @@ def _get(cfg: Config, key: str):
     for part in key.split("."):
         node = getattr(node, part)
     return node
+
+
+def _context_parallel_errors(cfg: Config) -> list[str]:
+    """The rules of context parallelism (megavlm.parallel; REFERENCE 10)."""
+    p = cfg.parallel
+    if p.cp == 1:
+        return ["parallel.vision_cp_split=true needs parallel.cp > 1"] if p.vision_cp_split else []
+    from megavlm.platform.device import use_transformer_engine
+
+    errors = []
+    align = cfg.data.pack_align
+    if cfg.data.pack and align is not None and align % (2 * p.cp):
+        errors.append(f"data.pack_align ({align}) must be a multiple of 2 x parallel.cp ({2 * p.cp})")
+    step = 2 * p.cp * (p.tp if p.sequence_parallel else 1)
+    if cfg.data.seq_length % step:
+        errors.append(
+            f"data.seq_length ({cfg.data.seq_length}) must be a multiple of 2 x parallel.cp"
+            + (" x parallel.tp (sequence parallelism)" if p.sequence_parallel else "")
+            + f" = {step}: every CP rank holds two equal chunks of each sequence (load balance)"
+        )
+    lm = cfg.model.language
+    if p.cp_comm_type in ("a2a", "a2a+p2p") and (lm.num_attention_heads // p.tp) % p.cp:
+        errors.append(
+            f"parallel.cp_comm_type={p.cp_comm_type} exchanges attention heads: the heads per TP rank "
+            f"({lm.num_attention_heads // p.tp}) must be a multiple of parallel.cp ({p.cp})"
+        )
+    if p.vision_cp_split and cfg.model.vision is None:
+        errors.append("parallel.vision_cp_split=true needs a vision encoder (model.vision)")
+    try:
+        te = use_transformer_engine(cfg.model.transformer_impl)
+    except Exception:  # the transformer_impl error itself is reported by its own check
+        return errors
+    if not te:
+        if p.cp_comm_type != "p2p":
+            errors.append(
+                f"parallel.cp_comm_type={p.cp_comm_type} needs Transformer Engine attention; without TE "
+                "megavlm's ring attention runs parallel.cp_comm_type=p2p"
+            )
+        if cfg.model.rope.kind != "mrope_interleaved":
+            errors.append(
+                f"parallel.cp={p.cp} with model.rope.kind={cfg.model.rope.kind} needs Transformer Engine: "
+                "megatron-core's rotary modules slice positions per CP rank on CUDA only; without TE, "
+                "context parallelism runs models with mrope_interleaved (per-token frequencies)"
+            )
+    return errors
 
 
 def data_parallel_size(cfg: Config, world_size: int) -> int:
@@ -105,20 +153,21 @@ def _collect_errors(cfg: Config, world_size: int) -> list[str]:
             f"model.language.num_layers ({lm.num_layers}) must be a multiple of "
             f"parallel.pp x parallel.vpp ({p.pp} x {vpp} = {p.pp * vpp})"
         )
-    if p.cp > 1:
-        from megavlm.platform.device import has_transformer_engine
-
-        if not has_transformer_engine():
-            errors.append(
-                f"parallel.cp={p.cp} needs Transformer Engine attention (GPU); context "
-                "parallelism without TE (ring attention) is not implemented yet"
-            )
+    errors += _context_parallel_errors(cfg)
     if p.sequence_parallel and p.tp == 1:
         errors.append("parallel.sequence_parallel=true needs parallel.tp > 1")
-    if p.sequence_parallel and cfg.data.seq_length % (p.tp * p.cp):
+    if p.sequence_parallel and cfg.data.seq_length % p.tp:
         errors.append(
-            f"data.seq_length ({cfg.data.seq_length}) must be a multiple of parallel.tp x "
-            f"parallel.cp ({p.tp * p.cp}) with sequence parallelism"
+            f"data.seq_length ({cfg.data.seq_length}) must be a multiple of parallel.tp ({p.tp}) "
+            "with sequence parallelism"
+        )
+    r = t.recompute
+    if r.num_layers < 1:
+        errors.append(f"train.recompute.num_layers must be >= 1, got {r.num_layers}")
+    elif r.granularity == "full" and r.method == "uniform" and lm.num_layers // (p.pp * vpp) % r.num_layers:
+        errors.append(
+            f"train.recompute.num_layers ({r.num_layers}) must divide the layers of each pipeline "
+            f"chunk ({lm.num_layers // (p.pp * vpp)}) with method uniform"
         )
 
     if lm.moe is None:

@@ -39,6 +39,11 @@ def sample_encoder(cfg: Config) -> SampleEncoder:
                          max_length=d.seq_length, family=family)
 
 
+def pack_alignment(cfg: Config) -> int:
+    """``data.pack_align``, or 2 x CP by default (each packed sample is padded to it under CP)."""
+    return cfg.data.pack_align if cfg.data.pack_align is not None else 2 * cfg.parallel.cp
+
+
 def training_rows(cfg: Config) -> Sequence[Batch]:
     """Index -> one row ``[1, seq_length]`` (a packed group of samples, or one padded sample)."""
     d = cfg.data
@@ -49,5 +54,5 @@ def training_rows(cfg: Config) -> Sequence[Batch]:
         source = SyntheticMultimodalDataset(seed=d.seed) if d.dataset == "synthetic_multimodal" else ShardDataset(d.path)
         rows = EncodedDataset(source, sample_encoder(cfg), cfg.model)
     if d.pack:
-        return PackedDataset(rows, seq_length=d.seq_length)
+        return PackedDataset(rows, seq_length=d.seq_length, align=pack_alignment(cfg))
     return PaddedDataset(rows, seq_length=d.seq_length, pad_token_id=0)

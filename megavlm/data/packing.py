@@ -57,9 +57,12 @@ def pack(samples: Sequence[Batch], seq_length: int) -> Batch:
 class PackedDataset:
     """Index ``k`` -> the k-th packed row of ``source`` (a sequence of single-row samples)."""
 
-    def __init__(self, source: Sequence[Batch], *, seq_length: int, buffer_size: int = 64):
+    def __init__(self, source: Sequence[Batch], *, seq_length: int, buffer_size: int = 64, align: int = 1):
         self.source = source
         self.seq_length = seq_length
+        # Each sample counted as its length rounded up to ``align`` (2 x CP under context
+        # parallelism, where every sample is padded to that multiple: megavlm.parallel.context).
+        self.align = align
         self.buffer_size = buffer_size
         self._bins: list[list[int]] = []  # packed rows found so far, as source indices
         self._windows_done = 0
@@ -69,7 +72,8 @@ class PackedDataset:
         start = self._windows_done * self.buffer_size
         indices = range(start, start + self.buffer_size)
         lengths = [self.source[i].tokens.shape[-1] for i in indices]
-        for b in first_fit_decreasing(lengths, self.seq_length):
+        aligned = [-(-n // self.align) * self.align for n in lengths]
+        for b in first_fit_decreasing(aligned, self.seq_length):
             self._bins.append([start + i for i in b])
             self.padding_tokens += self.seq_length - sum(lengths[i] for i in b)
         self._windows_done += 1

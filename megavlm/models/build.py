@@ -25,7 +25,8 @@ def build_model_chunks(cfg: Config) -> tuple[list[torch.nn.Module], TransformerC
     """Unwrapped model chunks (one per virtual pipeline stage) on this rank's device."""
     use_te = device.use_transformer_engine(cfg.model.transformer_impl)
     tconfig = transformer_config(
-        cfg.model, cfg.parallel, dtype=device.default_dtype(cfg.train.precision), use_te=use_te
+        cfg.model, cfg.parallel, dtype=device.default_dtype(cfg.train.precision), use_te=use_te,
+        recompute=cfg.train.recompute,
     )
     vpp = num_model_chunks(cfg)
     chunks = [

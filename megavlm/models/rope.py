@@ -9,10 +9,7 @@ chunked (Qwen2-VL) section layout; Qwen3-VL interleaves the axes over the freque
 from __future__ import annotations
 
 import torch
-from megatron.core.models.common.embeddings.rotary_pos_embedding import (
-    MultimodalRotaryEmbedding,
-    get_pos_emb_on_this_cp_rank,
-)
+from megatron.core.models.common.embeddings.rotary_pos_embedding import MultimodalRotaryEmbedding
 from torch import Tensor
 
 
@@ -37,9 +34,16 @@ class InterleavedMRotaryEmbedding(MultimodalRotaryEmbedding):
     Interleaving spreads every axis over low and high frequencies instead of giving T only the
     fastest ones (the chunked layout). Same constructor and forward as megatron's class, so
     GPTModel(position_embedding_type="mrope") can use it in place.
+
+    Frequencies are computed for exactly the position ids given, token by token. Under
+    context parallelism the ids arrive already split like the tokens
+    (``megavlm.parallel.context``), so there is no CP slicing here (megatron's module slices
+    a full-length table per CP rank, which is wrong for per-sample MRoPE ids and CUDA-only).
     """
 
     def forward(self, position_ids: Tensor, mrope_section: list[int], cp_group=None) -> Tensor:
+        """``[s, b, 1, head_dim]`` angles of ``position_ids [3, b, s]``; ``cp_group`` is ignored
+        (see the class docstring)."""
         seq = position_ids.to(device=self.inv_freq.device, dtype=self.inv_freq.dtype)  # [3, b, s]
         if self.seq_len_interpolation_factor is not None:
             seq = seq * (1 / self.seq_len_interpolation_factor)
@@ -49,11 +53,7 @@ class InterleavedMRotaryEmbedding(MultimodalRotaryEmbedding):
             emb = freqs.repeat_interleave(2, dim=-1)
         else:  # NeoX rotate_half: (f, f)
             emb = torch.cat((freqs, freqs), dim=-1)
-        emb = emb[:, :, None, :].contiguous()  # [s, b, 1, d]
-        cp_group = cp_group if cp_group is not None else self.cp_group
-        if cp_group is not None and cp_group.size() > 1:
-            emb = get_pos_emb_on_this_cp_rank(emb, 0, cp_group)
-        return emb
+        return emb[:, :, None, :].contiguous()  # [s, b, 1, d]
 
 
 def multimodal_rotary_embedding(

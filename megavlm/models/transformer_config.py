@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 from megatron.core.transformer.transformer_config import TransformerConfig
 
-from megavlm.config.schema import ModelConfig, ParallelConfig
+from megavlm.config.schema import ModelConfig, ParallelConfig, RecomputeConfig
 from megavlm.platform import device
 from megavlm.platform.distributed import megatron_parallel_sizes
 
@@ -35,8 +35,21 @@ def precision_and_kernels(dtype: torch.dtype, *, use_te: bool) -> dict:
     )
 
 
+def recompute_fields(recompute: RecomputeConfig | None) -> dict:
+    """megatron-core's activation-recompute fields for ``train.recompute``."""
+    if recompute is None or recompute.granularity is None:
+        return {}
+    if recompute.granularity == "selective":
+        return dict(recompute_granularity="selective")
+    return dict(
+        recompute_granularity="full", recompute_method=recompute.method,
+        recompute_num_layers=recompute.num_layers,
+    )
+
+
 def transformer_config(
-    model: ModelConfig, parallel: ParallelConfig, *, dtype: torch.dtype, use_te: bool
+    model: ModelConfig, parallel: ParallelConfig, *, dtype: torch.dtype, use_te: bool,
+    recompute: RecomputeConfig | None = None,
 ) -> TransformerConfig:
     """megatron-core's TransformerConfig for a Qwen3 decoder under the given layout."""
     lm = model.language
@@ -62,6 +75,8 @@ def transformer_config(
         # parallel layout
         **megatron_parallel_sizes(parallel),
         sequence_parallel=parallel.sequence_parallel,
+        cp_comm_type=parallel.cp_comm_type if parallel.cp > 1 else None,
+        **recompute_fields(recompute),
         # The loss is a token sum; megatron divides by the global token count (all DP ranks
         # and micro-batches), which makes the result independent of the layout.
         calculate_per_token_loss=True,

@@ -23,6 +23,8 @@ from megavlm.models.deepstack import DeepStackInjector, late_levels
 from megavlm.models.language.model import build_language_model
 from megavlm.models.vision.qwen3vl import VisionModel, build_vision_model
 from megavlm.models.vision.step3 import Step3VisionModel, build_step3_vision_model
+from megavlm.parallel.partition import CPPartition, split_for_cp
+from megavlm.parallel.vision_split import encode_split_over_cp
 
 
 class VLMModel(MegatronModule):
@@ -41,6 +43,8 @@ class VLMModel(MegatronModule):
         self.model_type = ModelType.encoder_or_decoder  # read by megatron's pipeline schedules
         lm = model.language
         self.model_cfg = model
+        self.use_te = use_te
+        self.vision_cp_split = parallel.vision_cp_split
         self.pre_process = parallel_state.is_pipeline_first_stage(ignore_virtual=False, vp_stage=vp_stage)
         self.post_process = parallel_state.is_pipeline_last_stage(ignore_virtual=False, vp_stage=vp_stage)
         self.language = build_language_model(model, config, use_te=use_te, vp_stage=vp_stage)
@@ -101,6 +105,7 @@ class VLMModel(MegatronModule):
         runtime_gather_output: bool | None = None,
         inference_context=None,
         media_mask: Tensor | None = None,
+        cp_partition: CPPartition | None = None,
     ) -> Tensor:
         """Per-token loss ``[b, s]`` with labels on the last stage, logits without, else hidden states.
 
@@ -109,6 +114,9 @@ class VLMModel(MegatronModule):
         ``attention_mask`` (bool, True = masked out) only for padded inference batches;
         ``media_mask [b, s]`` (bool) marks the placeholder tokens that take media features (default:
         every placeholder id): a generated ``<image_pad>`` is a plain token, not media.
+        Context parallelism (``cp_partition``, ``megavlm.parallel.context``): ``tokens`` are the
+        whole row, everything else is this CP rank's share; media features are scattered into
+        the whole row, then the embeddings and DeepStack addends are split by the partition.
         """
         if self.model_cfg.vision is None and (pixel_values is not None or pixel_values_videos is not None):
             raise ValueError("the batch has image or video pixels but model.vision is not configured")
@@ -116,7 +124,10 @@ class VLMModel(MegatronModule):
         if self.pre_process and self.model_cfg.vision is not None:
             decoder_input = self._embed(
                 tokens, pixel_values, image_grid_thw, pixel_values_videos, video_grid_thw, media_mask,
+                cp_partition,
             )
+        if cp_partition is not None:
+            tokens = split_for_cp(tokens, cp_partition, dim=1)
         output = self.language(
             tokens, position_ids, attention_mask, decoder_input=decoder_input, labels=labels,
             packed_seq_params=packed_seq_params, runtime_gather_output=runtime_gather_output,
@@ -126,7 +137,9 @@ class VLMModel(MegatronModule):
             output = self.deepstack.attach_to_output(output)
         return output
 
-    def _embed(self, tokens, pixel_values, image_grid_thw, pixel_values_videos, video_grid_thw, media_mask) -> Tensor:
+    def _embed(
+        self, tokens, pixel_values, image_grid_thw, pixel_values_videos, video_grid_thw, media_mask, cp_partition
+    ) -> Tensor:
         """Token embeddings with media features at their placeholders; DeepStack addends set."""
         ids = self.model_cfg.token_ids
         embeds = self.language.embedding(input_ids=tokens, position_ids=None)  # [s, b, h]
@@ -135,10 +148,11 @@ class VLMModel(MegatronModule):
             (tokens == ids.image_token_id, pixel_values, image_grid_thw, "image", "<image_pad>"),
             (tokens == ids.video_token_id, pixel_values_videos, video_grid_thw, "video", "<video_pad>"),
         ]
+        if media_mask is not None:
+            media = [(mask & media_mask, *rest) for mask, *rest in media]
+        encoded = self._encode_media(media)
         addends = None
         for mask, pixels, grid_thw, kind, token in media:
-            if media_mask is not None:
-                mask = mask & media_mask
             n_placeholders = int(mask.sum())
             if pixels is None:
                 if n_placeholders:
@@ -148,7 +162,7 @@ class VLMModel(MegatronModule):
                         f"{kind} pixels in the batch; rows {_rows_with(mask)}"
                     )
                 continue
-            features, deepstack = self.vision(pixels, grid_thw)  # [n, h], levels x [n, h]
+            features, deepstack = encoded[kind]  # [n, h], levels x [n, h]
             if features.shape[0] != n_placeholders:
                 raise ValueError(
                     f"{kind} features and placeholders differ: {features.shape[0]} features from "
@@ -161,6 +175,9 @@ class VLMModel(MegatronModule):
                 if addends is None:
                     addends = [embeds.new_zeros(embeds.shape) for _ in deepstack]
                 addends = [a.masked_scatter(mask3, f.to(a.dtype)) for a, f in zip(addends, deepstack)]
+        if cp_partition is not None:  # this CP rank's tokens, after the media are in place
+            embeds = split_for_cp(embeds, cp_partition, dim=1)
+            addends = None if addends is None else [split_for_cp(a, cp_partition, dim=1) for a in addends]
         embeds = embeds.transpose(0, 1).contiguous()  # [s, b, h]
         addends = [] if addends is None else [a.transpose(0, 1).contiguous() for a in addends]
         if self.config.sequence_parallel:
@@ -168,6 +185,35 @@ class VLMModel(MegatronModule):
             addends = [tensor_parallel.scatter_to_sequence_parallel_region(a) for a in addends]
         self.deepstack.set_from_vision(addends)
         return embeds
+
+
+    def _encode_media(self, media) -> dict[str, tuple[Tensor, list[Tensor]]]:
+        """Visual features (and DeepStack levels) of the micro-batch's images and videos.
+
+        With ``parallel.vision_cp_split`` every CP rank encodes a contiguous share of all media
+        blocks (images, then video blocks; balanced by patches) and one all-gather collects the
+        features: a single collective per micro-batch, so its backward can never pair up with a
+        different collective on another rank. Otherwise every CP rank encodes everything (no
+        communication, CP times the ViT work).
+        """
+        present = [(kind, mask, pixels, grid) for mask, pixels, grid, kind, _ in media if pixels is not None]
+        if not self.vision_cp_split or parallel_state.get_context_parallel_world_size() == 1:
+            return {kind: self.vision(pixels, grid) for kind, _, pixels, grid in present}
+        if not present:
+            return {}
+        features, deepstack = encode_split_over_cp(
+            self.vision, torch.cat([p for _, _, p, _ in present]), torch.cat([g for _, _, _, g in present]),
+            parallel_state.get_context_parallel_group(),
+            width=self.model_cfg.language.hidden_size, levels=len(self.model_cfg.vision.deepstack_layers),
+        )
+        # blocks keep their order, so each kind's features are the next rows: as many as its
+        # placeholders (the total is checked against the placeholders by the caller, per kind)
+        out, start = {}, 0
+        for i, (kind, mask, _, _) in enumerate(present):
+            end = features.shape[0] if i == len(present) - 1 else start + int(mask.sum())
+            out[kind] = (features[start:end], [d[start:end] for d in deepstack])
+            start = end
+        return out
 
 
 def _rows_with(mask: Tensor) -> list[int]:

@@ -8,7 +8,9 @@ from typing import Protocol
 
 import numpy as np
 import torch
+import torch.distributed as dist
 from megatron.core import parallel_state
+from megatron.core.process_groups_config import ProcessGroupCollection
 from megatron.core.tensor_parallel.random import model_parallel_cuda_manual_seed
 
 from megavlm.platform import cpu_adapter, device
@@ -73,3 +75,20 @@ def shutdown() -> None:
         parallel_state.destroy_model_parallel()
     if torch.distributed.is_initialized():
         torch.distributed.destroy_process_group()
+
+
+_SINGLE_RANK_GROUP = None
+
+
+def without_context_parallel() -> ProcessGroupCollection:
+    """megatron's process groups with a one-rank CP group, for modules that are not context
+    parallel under a CP run: the vision encoder works on whole images, but megatron's
+    attention reads ``pg_collection.cp`` (rotary slicing of packed input, TE's CP path)."""
+    global _SINGLE_RANK_GROUP
+    groups = ProcessGroupCollection.use_mpu_process_groups()
+    if groups.cp.size() > 1:
+        if _SINGLE_RANK_GROUP is None:
+            # only this rank takes part in creating its own group
+            _SINGLE_RANK_GROUP = dist.new_group([dist.get_rank()], use_local_synchronization=True)
+        groups.cp = _SINGLE_RANK_GROUP
+    return groups

@@ -6,9 +6,12 @@ from functools import partial
 from typing import Iterator
 
 import torch
+from megatron.core import parallel_state
 from megatron.core.packed_seq_params import PackedSeqParams
+from megatron.core.utils import unwrap_model
 
 from megavlm.data.batch import Batch
+from megavlm.parallel.context import shard_for_cp
 from megavlm.platform import device
 
 
@@ -38,8 +41,31 @@ def packed_seq_params(cu_seqlens: torch.Tensor) -> PackedSeqParams:
 
 def forward_step(data_iterator: Iterator[Batch], model: torch.nn.Module):
     batch = next(data_iterator).to(device.device())
+    if parallel_state.get_context_parallel_world_size() > 1:
+        return _forward_context_parallel(batch, model)
     packed = None if batch.cu_seqlens is None else packed_seq_params(batch.cu_seqlens)
     output = model(
         batch.tokens, batch.position_ids, labels=batch.labels, packed_seq_params=packed, **batch.media()
     )
     return output, partial(token_loss_sum, batch.loss_mask, batch.loss_weights)
+
+
+def _forward_context_parallel(batch: Batch, model: torch.nn.Module):
+    """This CP rank's share of the micro-batch through the model (megavlm.parallel.context);
+    the loss is the token sum of the share, which megatron's per-token normalization turns
+    into the global-batch loss over DP x CP."""
+    chunk = unwrap_model(model)
+    shard = shard_for_cp(
+        tokens=batch.tokens, labels=batch.labels, loss_mask=batch.loss_mask,
+        loss_weights=batch.loss_weights, position_ids=batch.position_ids,
+        cu_seqlens=batch.cu_seqlens, sample_ids=batch.sample_ids,
+        cp_size=parallel_state.get_context_parallel_world_size(),
+        cp_rank=parallel_state.get_context_parallel_rank(),
+        pad_token_id=0,  # fills padded tails, which attention and the loss never see
+        packed_format="thd" if chunk.use_te else "sbhd",
+    )
+    output = model(
+        shard.tokens, shard.position_ids, labels=shard.labels, packed_seq_params=shard.packed_seq_params,
+        cp_partition=shard.partition, **batch.media(),
+    )
+    return output, partial(token_loss_sum, shard.loss_mask, shard.loss_weights)

@@ -38,6 +38,8 @@ from megatron.core.transformer.transformer_config import TransformerConfig
 from megatron.core.transformer.utils import is_layer_window_attention
 from megatron.core.utils import divide
 
+from megavlm.parallel.ring_attention import ring_attention
+
 __all__ = ["SDPAAttention", "packed_segment_mask"]
 
 _CAUSAL_TYPES = (
@@ -89,13 +91,26 @@ def packed_segment_mask(
     return (seg[:, None] == seg[None, :]) & real[:, None] & real[None, :]  # [s, s]
 
 
+def _check_context_parallel(config: TransformerConfig, cp_comm_type: Optional[str], dropout) -> None:
+    """What the CPU ring supports; TEDotProductAttention is the GPU path for the rest."""
+    if cp_comm_type not in (None, "p2p"):
+        raise ValueError(
+            f"parallel.cp_comm_type={cp_comm_type!r}: megavlm's ring attention (no Transformer "
+            "Engine) exchanges K/V point to point only; use p2p, or TE attention on GPU"
+        )
+    if float(config.attention_dropout if dropout is None else dropout) > 0:
+        raise ValueError("context parallelism without Transformer Engine needs attention_dropout=0")
+    if config.window_size is not None:
+        raise ValueError("context parallelism without Transformer Engine has no sliding window")
+
+
 class SDPAAttention(MegatronModule):
     """Megatron core attention computed with ``F.scaled_dot_product_attention``.
 
     Same constructor as megatron's ``DotProductAttention``; see the module docstring for why.
     Not supported (clear errors at construction): ``apply_query_key_layer_scaling`` (it only
     exists to keep fp16 scores in range in the unfused softmax, which SDPA never materializes),
-    context parallelism, non-vanilla ``softmax_type`` (off-by-one / learnable sink), ``qk_clip``
+    non-vanilla ``softmax_type`` (off-by-one / learnable sink), ``qk_clip``
     (needs the max logit, which SDPA does not expose).
 
     Masking semantics (the "may attend" sets are intersected):
@@ -128,10 +143,9 @@ class SDPAAttention(MegatronModule):
         super().__init__(config=config)
         self.config: TransformerConfig = config
 
-        if config.context_parallel_size != 1:
-            raise ValueError(
-                "SDPAAttention does not support context parallelism; use TEDotProductAttention"
-            )
+        self.cp_size = config.context_parallel_size
+        if self.cp_size > 1:
+            _check_context_parallel(config, cp_comm_type, attention_dropout)
         if config.apply_query_key_layer_scaling:
             raise ValueError(
                 "SDPAAttention does not support apply_query_key_layer_scaling: it rescales fp16 "
@@ -152,12 +166,14 @@ class SDPAAttention(MegatronModule):
         self.attn_mask_type = attn_mask_type
         self.attention_type = attention_type  # unused, as in DotProductAttention
 
+        required = ["tp", "cp"] if self.cp_size > 1 else ["tp"]
         if pg_collection is None:
-            pg_collection = ProcessGroupCollection.use_mpu_process_groups(required_pgs=["tp"])
-        elif not hasattr(pg_collection, "tp"):
-            raise ValueError("SDPAAttention pg_collection must have a tp process group")
+            pg_collection = ProcessGroupCollection.use_mpu_process_groups(required_pgs=required)
+        elif not all(hasattr(pg_collection, name) for name in required):
+            raise ValueError(f"SDPAAttention pg_collection must have the {required} process groups")
         self.pg_collection = pg_collection
         self.tp_group = pg_collection.tp
+        self.cp_group = pg_collection.cp if self.cp_size > 1 else None
 
         world_size = pg_collection.tp.size()
         projection_size = config.kv_channels * config.num_attention_heads
@@ -293,6 +309,35 @@ class SDPAAttention(MegatronModule):
             )
         return packed_segment_mask(params.cu_seqlens_q, sq, pad_q, device=device)
 
+    # ------------------------------------------------------- context parallel
+    def _ring(
+        self, query: Tensor, key: Tensor, value: Tensor, attention_mask: Optional[Tensor],
+        mask_type: AttnMaskType, params: Optional[PackedSeqParams],
+    ) -> Tensor:
+        """Ring attention over the CP group (``megavlm.parallel.ring_attention``): the local
+        queries (this rank's zigzag share, ``megavlm.parallel.context``) against every
+        rank's keys and values, which travel the ring; ``[sq, b, np * hn]``."""
+        if attention_mask is not None:
+            raise ValueError(
+                "context parallelism takes no attention_mask (padded inference batches run with cp=1)"
+            )
+        if mask_type not in (AttnMaskType.causal, AttnMaskType.no_mask, AttnMaskType.padding):
+            raise ValueError(f"ring attention supports causal or no_mask attention, got {mask_type}")
+        cu = cu_padded = None
+        if params is not None:
+            if params.cu_seqlens_q_padded is None:
+                raise ValueError(
+                    "packed input under context parallelism needs cu_seqlens_q_padded (every sample "
+                    "padded to a multiple of 2 x cp); megavlm.parallel.context.shard_for_cp sets it"
+                )
+            cu, cu_padded = params.cu_seqlens_q, params.cu_seqlens_q_padded
+        sq, b, np_, hn = query.shape
+        context = ring_attention(
+            query, key, value, self.cp_group, causal=mask_type == AttnMaskType.causal,
+            scale=self.softmax_scale, cu_seqlens=cu, cu_seqlens_padded=cu_padded, layout="sbhd",
+        )  # [sq, b, np, hn]
+        return context.reshape(sq, b, np_ * hn)
+
     # ---------------------------------------------------------------- forward
     def forward(
         self,
@@ -333,6 +378,9 @@ class SDPAAttention(MegatronModule):
             raise ValueError(f"query heads ({np_}) must be a multiple of key/value heads ({ng})")
 
         mask_type = attn_mask_type if attn_mask_type is not None else self.attn_mask_type
+        if self.cp_size > 1:
+            context = self._ring(query, key, value, attention_mask, mask_type, packed_seq_params)
+            return context.squeeze(1) if thd else context
         segments = self._segments(packed_seq_params, sq, sk, mask_type, attention_mask)
         if segments is not None:
             # Packed samples attend only within themselves: one SDPA call per sample (its

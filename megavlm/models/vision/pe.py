@@ -36,6 +36,7 @@ from megavlm.models.language.specs import backend_provider, prenorm_layer_spec
 from megavlm.models.norms import Norm
 from megavlm.models.vision.pe_rope import pe_rope_angles
 from megavlm.models.vision.qwen3vl import ACTIVATIONS, vision_transformer_config
+from megavlm.platform.distributed import without_context_parallel
 
 __all__ = [
     "LayerScaleBiasDropoutAdd",
@@ -176,6 +177,7 @@ class PEVisionModel(MegatronModule):
             post_layer_norm=False,  # PE-lang: no ln_post
             pre_process=True,
             post_process=False,
+            pg_collection=without_context_parallel(),
         )
 
     def set_input_tensor(self, input_tensor: Tensor) -> None:

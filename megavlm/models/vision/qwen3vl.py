@@ -27,6 +27,7 @@ from megavlm.models.language.specs import backend_provider, prenorm_layer_spec
 from megavlm.models.projector import PatchMerger
 from megavlm.models.vision.embeddings import PatchEmbed, PositionEmbedding, rope_2d, vision_cu_seqlens
 from megavlm.platform import device
+from megavlm.platform.distributed import without_context_parallel
 
 ACTIVATIONS = {
     "gelu_tanh": lambda x: F.gelu(x, approximate="tanh"),
@@ -78,7 +79,7 @@ class VisionModel(MegatronModule):
         )
         self.encoder = TransformerBlock(
             config, TransformerBlockSubmodules(layer_specs=[layer] * vision.num_layers, layer_norm=None),
-            post_layer_norm=False,
+            post_layer_norm=False, pg_collection=without_context_parallel(),
         )
         merger = dict(vit_hidden=vision.hidden_size, out_hidden=llm_hidden_size, merge=self.merge, eps=projector.norm_eps)
         self.merger = PatchMerger(config, norm_after_merge=False, **merger)
