@@ -4,15 +4,14 @@ Validity is megavlm's own: the layout becomes a ``Config`` through
 ``megavlm.config.load_config`` and is checked by ``megavlm.config.validate``; the planner
 re-implements none of those rules. Two things are added, each documented below:
 
-* Context parallelism. ``validate`` rejects ``parallel.cp > 1`` on a machine without
-  Transformer Engine (this one, usually): CP needs TE attention today. The planner plans
-  for GPUs, so it validates the layout with CP folded away -- ``parallel.cp=1`` on
-  ``world_size / cp`` ranks, which keeps DP (and so the batch rules) unchanged -- and
-  checks the CP-specific rules itself: ``cp`` divides the GPUs, and ``seq_length`` is a
-  multiple of ``2 * cp`` (megatron's load-balanced causal split: 2 chunks per CP rank)
-  and, with sequence parallelism, of ``2 * cp * tp``. One megavlm rule gets stricter
-  this way: MoE's "world size is a multiple of etp x ep x pp" is checked on world/cp.
-  Layouts with cp > 1 are marked "needs TE".
+* Context parallelism. Without Transformer Engine (a planning machine, usually)
+  ``validate`` accepts ``parallel.cp > 1`` only for what megavlm's own ring attention runs
+  (MRoPE models, p2p); the planner plans for GPUs with TE, so it validates the layout with
+  CP folded away -- ``parallel.cp=1`` on ``world_size / cp`` ranks, which keeps DP (and so
+  the batch rules) unchanged -- and checks the CP-specific rules itself: ``cp`` divides the
+  GPUs, and ``seq_length`` is a multiple of ``2 * cp`` (two chunks per CP rank) and, with
+  sequence parallelism, of ``2 * cp * tp``. One megavlm rule gets stricter this way: MoE's
+  "world size is a multiple of etp x ep x pp" is checked on world/cp.
 """
 
 from __future__ import annotations
@@ -20,6 +19,7 @@ from __future__ import annotations
 from dataclasses import dataclass, replace
 
 from megavlm.config import Config, ConfigError, ParallelConfig, load_config, validate
+from megavlm.config.schema import RecomputeConfig
 from megavlm.planning.models import PlanModel
 
 RECOMPUTE = ("none", "selective", "full")
@@ -38,7 +38,7 @@ class Layout:
     micro_batch_size: int = 1
     sequence_parallel: bool | None = None  # None: on whenever tp > 1
     distributed_optimizer: bool = True
-    recompute: str = "none"  # planner-only today: megavlm has no recompute option yet
+    recompute: str = "none"  # train.recompute: none, selective, or full (every layer)
 
     @property
     def sp(self) -> bool:
@@ -83,6 +83,10 @@ class Layout:
         ]
         if self.vpp > 1:
             out.append(f"parallel.vpp={self.vpp}")
+        if self.recompute != "none":
+            out.append(f"train.recompute.granularity={self.recompute}")
+            if self.recompute == "full":  # the planner's model: every layer recomputed
+                out += ["train.recompute.method=uniform", "train.recompute.num_layers=1"]
         if self.etp is not None:
             out.append(f"parallel.etp={self.etp}")
         return out
@@ -146,8 +150,16 @@ def _fast_config(model: PlanModel, layout: Layout, *, seq_length: int, global_ba
         base,
         parallel=parallel,
         data=replace(base.data, seq_length=seq_length),
-        train=replace(base.train, micro_batch_size=layout.micro_batch_size, global_batch_size=global_batch_size),
+        train=replace(base.train, micro_batch_size=layout.micro_batch_size, global_batch_size=global_batch_size,
+                      recompute=_recompute_config(layout.recompute)),
     )
+
+
+def _recompute_config(recompute: str) -> RecomputeConfig:
+    """``train.recompute`` of a planner recompute choice (as ``Layout.overrides`` writes it)."""
+    if recompute == "none":
+        return RecomputeConfig()
+    return RecomputeConfig(granularity=recompute, method="uniform", num_layers=1)
 
 
 def check_layout(model: PlanModel, layout: Layout, *, gpus: int, seq_length: int, global_batch_size: int) -> list[str]:

@@ -77,12 +77,7 @@ class Plan:
 
     @property
     def notes(self) -> list[str]:
-        out = []
-        if self.layout.cp > 1:
-            out.append("needs TE (CP)")
-        if self.layout.recompute != "none":
-            out.append("recompute not in megavlm yet")
-        return out
+        return []  # every layout the planner ranks runs (CP and recompute included)
 
 
 def estimate(

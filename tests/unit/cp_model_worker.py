@@ -33,20 +33,17 @@ BASE = [
     "data.pack_align=8", "train.micro_batch_size=1", "data.min_pixels=4096", "data.max_pixels=16384",
     "train.seed=3",
 ]
-CASES = {"plain": [], "vision_split": ["parallel.vision_cp_split=true"], "rank1_all_masked": []}
+CASES = {"plain": [], "vision_split": ["parallel.vision_cp_split=true"], "one_rank_all_masked": []}
 
 
 def _batch(cfg, case: str):
     rows = training_rows(cfg)
     batch = rows[1]
-    if case == "rank1_all_masked":
+    # supervise every token of the packed samples (the synthetic answers are a few tokens at the
+    # end of a sample, which would all sit on one CP rank): both ranks then carry loss
+    batch.loss_mask = (batch.sample_ids >= 0).float()
+    if case == "one_rank_all_masked":
         # supervise only tokens that CP rank 0 holds (in the padded layout) -> rank 1 has none
-        shard = shard_for_cp(
-            tokens=batch.tokens, labels=batch.labels, loss_mask=batch.loss_mask, loss_weights=None,
-            position_ids=batch.position_ids, cu_seqlens=batch.cu_seqlens, sample_ids=batch.sample_ids,
-            cp_size=2, cp_rank=1, pad_token_id=0,
-        )
-        assert shard.loss_mask.sum() > 0
         keep = torch.zeros(batch.tokens.shape[1], dtype=torch.bool)
         # map padded-layout indices of rank 1 back to the original positions by marking tokens
         marker = torch.arange(batch.tokens.shape[1]).unsqueeze(0).float()
@@ -57,7 +54,8 @@ def _batch(cfg, case: str):
         ).loss_mask  # original index + 1 of each of rank 1's tokens, 0 for padding
         keep[(moved[moved > 0] - 1).long()] = True
         mask = batch.loss_mask.clone()
-        mask[:, keep] = 0
+        mask[:, keep] = 0  # rank 1 supervises nothing
+        assert 0 < mask.sum() < batch.loss_mask.sum(), "the case needs supervised tokens on both ranks first"
         batch.loss_mask = mask
     return batch
 
