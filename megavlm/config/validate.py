@@ -162,6 +162,13 @@ def _collect_errors(cfg: Config, world_size: int) -> list[str]:
             "with sequence parallelism"
         )
     r = t.recompute
+    if r.granularity == "full" and cfg.model.vision is not None and cfg.model.vision.deepstack_layers:
+        # DeepStack adds visual features inside the decoder layers; megatron's full recompute
+        # replays those additions in backward and would backpropagate into the vision graph twice
+        errors.append(
+            "train.recompute.granularity=full is not supported with DeepStack (model.vision.deepstack_layers); "
+            "use train.recompute.granularity=selective"
+        )
     if r.num_layers < 1:
         errors.append(f"train.recompute.num_layers must be >= 1, got {r.num_layers}")
     elif r.granularity == "full" and r.method == "uniform" and lm.num_layers // (p.pp * vpp) % r.num_layers:
