@@ -217,7 +217,6 @@ class GenerationEngine:
         # mask is all it needs (no mask: the fast kernels).
         pad_key = torch.arange(total, device=dev)[None, :] < torch.tensor(pad, device=dev)[:, None]  # [b, total]
         media = {k: None if v is None else v.to(dev) for k, v in concat_media(prompts).items()}
-        text_only = torch.zeros(b, 1, dtype=torch.bool, device=dev)  # generated tokens are never media
         stop_ids = torch.tensor(params.stop_token_ids or [-1], device=dev)
         temperature = params.temperature if params.temperature > 0 else 1.0
         generator = torch.Generator(device=dev).manual_seed(params.seed)
@@ -254,7 +253,8 @@ class GenerationEngine:
                 logits = model(
                     next_tokens[:, None], positions[..., :end], inference_context=context, runtime_gather_output=True,
                     # a generated query is never padding: the key padding alone is its mask
-                    attention_mask=pad_key[:, None, None, :end] if padded else None, media_mask=text_only,
+                    attention_mask=pad_key[:, None, None, :end] if padded else None,
+                    media_mask=False,  # generated tokens are never media
                 )  # [b, 1, vocab (padded)]
         model.train(was_training)
         n_new, stopped = n_new.tolist(), stopped.tolist()

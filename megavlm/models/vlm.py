@@ -100,7 +100,7 @@ class VLMModel(MegatronModule):
         attention_mask: Tensor | None = None,
         runtime_gather_output: bool | None = None,
         inference_context=None,
-        media_mask: Tensor | None = None,
+        media_mask: Tensor | bool | None = None,
     ) -> Tensor:
         """Per-token loss ``[b, s]`` with labels on the last stage, logits without, else hidden states.
 
@@ -108,7 +108,8 @@ class VLMModel(MegatronModule):
         patches ``[N, C*T*P*P]`` with one ``grid_thw`` row per image / video block;
         ``attention_mask`` (bool, True = masked out) only for padded inference batches;
         ``media_mask [b, s]`` (bool) marks the placeholder tokens that take media features (default:
-        every placeholder id): a generated ``<image_pad>`` is a plain token, not media.
+        every placeholder id; ``False``: none, so no scan): a generated ``<image_pad>`` is a plain
+        token, not media.
         """
         if self.model_cfg.vision is None and (pixel_values is not None or pixel_values_videos is not None):
             raise ValueError("the batch has image or video pixels but model.vision is not configured")
@@ -137,6 +138,10 @@ class VLMModel(MegatronModule):
         ]
         addends = None
         for mask, pixels, grid_thw, kind, token in media:
+            if media_mask is False:  # text only: no placeholder count (a host sync on GPU, every decoding step)
+                if pixels is not None:
+                    raise ValueError(f"media_mask=False (no media tokens) but the batch has {kind} pixels")
+                continue
             if media_mask is not None:
                 mask = mask & media_mask
             n_placeholders = int(mask.sum())
