@@ -9,7 +9,7 @@ import torch
 import torch.distributed as dist
 
 from megavlm.config import Config
-from megavlm.inference.hf_inputs import forward_logits, read_hf_inputs
+from megavlm.inference.hf_inputs import forward_logits, prompts_from_hf_inputs, read_hf_inputs
 
 
 def dump_logits(cfg: Config, model, inputs_path: str, out_path: str) -> None:
@@ -19,6 +19,22 @@ def dump_logits(cfg: Config, model, inputs_path: str, out_path: str) -> None:
         Path(out_path).parent.mkdir(parents=True, exist_ok=True)
         torch.save(logits.cpu(), out_path)
         print(f"megavlm: logits {list(logits.shape)} written to {out_path}", flush=True)
+
+
+def generate_from_inputs(cfg: Config, model, args) -> None:
+    """Generate for every row of saved processor inputs (a left-padded batch) through the KV
+    engine; writes ``{"tokens": [...], "logprobs": [...], "finish_reason": [...]}``, one entry per row."""
+    from megavlm.inference.engine import GenerationEngine, SamplingParams
+
+    prompts = prompts_from_hf_inputs(read_hf_inputs(args.inputs, cfg.model), cfg.model)
+    params = SamplingParams(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p,
+                            seed=args.seed, stop_token_ids=args.stop_token_id)
+    completions = GenerationEngine(model).rollout(prompts, params)
+    if dist.get_rank() == 0:
+        Path(args.dump_tokens).parent.mkdir(parents=True, exist_ok=True)
+        torch.save({"tokens": [c.tokens for c in completions], "logprobs": [c.logprobs for c in completions],
+                    "finish_reason": [c.finish_reason for c in completions]}, args.dump_tokens)
+        print(f"megavlm: {len(completions)} completions written to {args.dump_tokens}", flush=True)
 
 
 def generate_from_prompt(cfg: Config, model, args) -> None:

@@ -25,6 +25,7 @@ from dataclasses import dataclass, field
 import torch
 from megatron.core import parallel_state
 from megatron.core.inference.contexts import StaticInferenceContext
+from megatron.core.transformer.enums import AttnMaskType
 from megatron.core.utils import unwrap_model
 from torch import Tensor
 
@@ -83,17 +84,68 @@ def sequence_parallel_off(model: torch.nn.Module):
 
 def padding_mask(pad: Tensor, start: int, end: int) -> Tensor:
     """``[b, 1, end - start, end]`` bool attention mask (True = masked out) for the queries at
-    ``start..end`` of left/right-padded rows: padding keys are masked, except each position
-    to itself, so a padding query never has an empty softmax row (NaN). ``pad``: ``[b, >= end]``."""
+    ``start..end`` of left/right-padded rows: padding keys and future keys are masked, except
+    each position to itself, so a padding query never has an empty softmax row (NaN).
+    ``pad``: ``[b, >= end]``. The mask is complete (causal too), so an attention that reads it
+    *instead of* a causal mask (TE's ``arbitrary`` type) computes the same as one that adds it."""
     b = pad.shape[0]
-    mask = pad[:, None, None, :end].expand(b, 1, end - start, end).clone()
-    queries = torch.arange(end - start, device=pad.device)
-    mask[:, 0, queries, queries + start] = False
-    return mask
+    queries = torch.arange(start, end, device=pad.device)[:, None]  # [q, 1]
+    keys = torch.arange(end, device=pad.device)[None, :]  # [1, end]
+    mask = pad[:, None, None, :end] | (keys > queries)  # [b, 1, q, end]
+    return mask & (keys != queries)
+
+
+def te_mask_type(*, masked: bool, query_len: int, key_len: int) -> AttnMaskType:
+    """The mask type Transformer Engine's attention must be given for one call.
+
+    TE reads ``attention_mask`` only for padding-aware types: with ``causal`` (what megatron
+    passes for a prompt) or ``no_mask`` (what it passes for every decoding step) a padded row
+    would attend to its padding. TE's ``padding*`` types turn the mask into per-row lengths
+    counted from the start of each row (``cu_seqlens``, right padding), while prompts here are
+    left-padded; ``arbitrary`` applies the mask exactly as given, and ``padding_mask`` makes it
+    complete (padding and causality). Without a mask the fast types stay: ``causal`` for a
+    prompt, ``no_mask`` for one new token (it may see every cached key), bottom-right causal
+    for several new tokens after a cache.
+    """
+    if masked:
+        return AttnMaskType.arbitrary
+    if query_len == key_len:
+        return AttnMaskType.causal
+    if query_len == 1:
+        return AttnMaskType.no_mask
+    return AttnMaskType.causal_bottom_right
+
+
+def _te_attentions(model: torch.nn.Module) -> list[torch.nn.Module]:
+    """megatron's ``TEDotProductAttention`` modules (they carry ``te_forward_mask_type``)."""
+    return [m for m in model.modules() if hasattr(m, "te_forward_mask_type")]
+
+
+@contextlib.contextmanager
+def te_mask_types(model: torch.nn.Module):
+    """Give every TE attention of ``model`` the mask type ``te_mask_type`` selects (TE only;
+    megavlm's local attention applies a given mask on top of any type)."""
+    attentions = _te_attentions(model)
+    for attention in attentions:
+        if not attention.te_forward_mask_type:
+            raise RuntimeError("Transformer Engine >= 0.12 is needed to pass the attention mask type per call")
+        original = attention.forward
+
+        def forward(query, key, value, attention_mask, attn_mask_type=None, *args, _original=original, **kwargs):
+            attn_mask_type = te_mask_type(masked=attention_mask is not None, query_len=query.shape[0],
+                                          key_len=key.shape[0])
+            return _original(query, key, value, attention_mask, attn_mask_type, *args, **kwargs)
+
+        attention.forward = forward
+    try:
+        yield
+    finally:
+        for attention in attentions:
+            del attention.forward
 
 
 def _sample(logits: Tensor, params: SamplingParams, generator: torch.Generator) -> Tensor:
-    """Next token per row from ``[b, vocab]`` float logits."""
+    """Next token per row from ``[b, vocab]`` float logits (the generator on their device)."""
     if params.temperature <= 0:
         return logits.argmax(-1)
     probs = torch.softmax(logits / params.temperature, dim=-1)
@@ -102,7 +154,12 @@ def _sample(logits: Tensor, params: SamplingParams, generator: torch.Generator) 
         outside = sorted_probs.cumsum(-1) - sorted_probs > params.top_p  # keep the smallest nucleus
         sorted_probs = sorted_probs.masked_fill(outside, 0.0)
         probs = torch.zeros_like(probs).scatter(-1, order, sorted_probs)
-    return torch.multinomial(probs.cpu(), 1, generator=generator).squeeze(-1).to(logits.device)
+    return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+
+
+# How many decoding steps run between two checks that every row has stopped: the check
+# waits for the device, and a finished row only costs its share of a batched step.
+STOP_CHECK_EVERY = 8
 
 
 class GenerationEngine:
@@ -144,60 +201,66 @@ class GenerationEngine:
         was_training = model.training
         model.eval()
         dev = next(model.parameters()).device
+        b, new = len(prompts), params.max_new_tokens
         lengths = [p.tokens.numel() for p in prompts]
         longest = max(lengths)
         pad = [longest - n for n in lengths]
-        total = longest + params.max_new_tokens
-        b = len(prompts)
+        total = longest + new
 
-        tokens = torch.full((b, total), self.pad_token_id, dtype=torch.long)
+        prompt_tokens = torch.full((b, longest), self.pad_token_id, dtype=torch.long)
         for i, prompt in enumerate(prompts):
-            tokens[i, pad[i]:longest] = prompt.tokens
-        positions = self._positions(prompts, pad, total).to(dev)
-        tokens = tokens.to(dev)
+            prompt_tokens[i, pad[i]:] = prompt.tokens
+        prompt_tokens = prompt_tokens.to(dev)
+        positions = self._positions(prompts, pad, total).to(dev)  # [3, b, total] or [b, total]
+        padded = any(pad)
+        # Left padding is masked for every query; without padding the attention's own causal
+        # mask is all it needs (no mask: the fast kernels).
         pad_key = torch.arange(total, device=dev)[None, :] < torch.tensor(pad, device=dev)[:, None]  # [b, total]
         media = {k: None if v is None else v.to(dev) for k, v in concat_media(prompts).items()}
-        decode_media_mask = torch.zeros(b, 1, dtype=torch.bool, device=dev)  # generated tokens are text
         stop_ids = torch.tensor(params.stop_token_ids or [-1], device=dev)
         temperature = params.temperature if params.temperature > 0 else 1.0
+        generator = torch.Generator(device=dev).manual_seed(params.seed)
 
-        context = StaticInferenceContext(max_batch_size=b, max_sequence_length=total)
-        generator = torch.Generator().manual_seed(params.seed)
+        out = torch.full((b, new), self.pad_token_id, dtype=torch.long, device=dev)
+        logprobs = torch.zeros(b, new, dtype=torch.float32, device=dev)
         done = torch.zeros(b, dtype=torch.bool, device=dev)
         stopped = torch.zeros(b, dtype=torch.bool, device=dev)
         n_new = torch.zeros(b, dtype=torch.long, device=dev)  # tokens generated per row, stop included
-        logprobs = torch.zeros(b, params.max_new_tokens, dtype=torch.float32, device=dev)
-        start = 0
+        pad_token = torch.full((b,), self.pad_token_id, dtype=torch.long, device=dev)
+        context = StaticInferenceContext(max_batch_size=b, max_sequence_length=total)
         steps = 0
-        with sequence_parallel_off(model):
-            for end in range(longest, total):
-                prefill = start == 0
-                logits = model(
-                    tokens[:, start:end], positions[..., :end], attention_mask=padding_mask(pad_key, start, end),
-                    runtime_gather_output=True, inference_context=context,
-                    media_mask=~pad_key[:, :end] if prefill else decode_media_mask,
-                    **(media if prefill else {}),
-                )  # [b, end - start, vocab (padded)]
-                context.sequence_len_offset += end - start
-                start = end
+        with sequence_parallel_off(model), te_mask_types(model):
+            logits = model(
+                prompt_tokens, positions[..., :longest], inference_context=context, runtime_gather_output=True,
+                attention_mask=padding_mask(pad_key, 0, longest) if padded else None,
+                media_mask=~pad_key[:, :longest], **media,
+            )  # [b, longest, vocab (padded)]
+            for step in range(new):
                 last = logits[:, -1, : self.vocab_size].float()  # [b, vocab]
                 next_tokens = _sample(last, params, generator)
-                logprobs[:, steps] = torch.log_softmax(last / temperature, dim=-1).gather(-1, next_tokens[:, None])[:, 0]
-                next_tokens = torch.where(done, torch.full_like(next_tokens, self.pad_token_id), next_tokens)
-                tokens[:, end] = next_tokens
+                logprobs[:, step] = torch.log_softmax(last / temperature, dim=-1).gather(-1, next_tokens[:, None])[:, 0]
+                next_tokens = torch.where(done, pad_token, next_tokens)
+                out[:, step] = next_tokens
                 n_new += ~done
-                steps += 1
                 hit = ~done & torch.isin(next_tokens, stop_ids)
                 stopped |= hit
                 done |= hit
-                if bool(done.all()):
+                steps = step + 1
+                if steps == new or (params.stop_token_ids and steps % STOP_CHECK_EVERY == 0 and bool(done.all())):
                     break
+                end = longest + steps  # the sequence after this token
+                context.sequence_len_offset = end - 1  # the cache holds every token before this one
+                logits = model(
+                    next_tokens[:, None], positions[..., :end], inference_context=context, runtime_gather_output=True,
+                    # a generated query is never padding: the key padding alone is its mask
+                    attention_mask=pad_key[:, None, None, :end] if padded else None,
+                    media_mask=False,  # generated tokens are never media
+                )  # [b, 1, vocab (padded)]
         model.train(was_training)
         n_new, stopped = n_new.tolist(), stopped.tolist()
-        out_tokens = tokens[:, longest:longest + steps].cpu()
-        logprobs = logprobs[:, :steps].cpu()
+        out, logprobs = out[:, :steps].cpu(), logprobs[:, :steps].cpu()
         return [
-            Completion(tokens=out_tokens[i, :n].clone(), logprobs=logprobs[i, :n].clone(),
+            Completion(tokens=out[i, :n].clone(), logprobs=logprobs[i, :n].clone(),
                        finish_reason="stop" if stopped[i] else "length")
             for i, n in enumerate(n_new)
         ]

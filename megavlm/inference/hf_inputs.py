@@ -14,7 +14,7 @@ import torch
 from torch import Tensor
 
 from megavlm.config.schema import ModelConfig
-from megavlm.inference.engine import padding_mask, sequence_parallel_off
+from megavlm.inference.engine import Prompt, padding_mask, sequence_parallel_off, te_mask_types
 from megavlm.positions import batched_mrope_position_ids
 
 KNOWN_KEYS = ("input_ids", "attention_mask", "mm_token_type_ids", "pixel_values", "image_grid_thw",
@@ -116,7 +116,39 @@ def forward_logits(model_chunks, inputs: dict[str, Tensor], model_cfg: ModelConf
     media = {k: inputs[k].to(dev) for k in KNOWN_KEYS[3:] if k in inputs}
     was_training = model.training
     model.eval()
-    with sequence_parallel_off(model):
+    with sequence_parallel_off(model), te_mask_types(model):
         logits = model(ids, positions.to(dev), attention_mask=mask, runtime_gather_output=True, **media)
     model.train(was_training)
     return logits[..., : model_cfg.language.vocab_size].float()
+
+
+def prompts_from_hf_inputs(inputs: dict[str, Tensor], model: ModelConfig) -> list[Prompt]:
+    """One engine prompt per row of checked processor inputs: the row's real tokens (padding
+    dropped, on either side) and its own images and videos (the processor concatenates them in
+    batch order; a row takes as many grids as its placeholders need)."""
+    ids, keep = inputs["input_ids"], inputs.get("attention_mask", torch.ones_like(inputs["input_ids"])).bool()
+    merge = model.projector.spatial_merge_size if model.projector else 2
+    tok = model.token_ids
+    rows = [row[k] for row, k in zip(ids, keep)]
+    per_kind = {}
+    for kind, pixels_key, grid_key, token_id in (("image", "pixel_values", "image_grid_thw", tok.image_token_id),
+                                                 ("video", "pixel_values_videos", "video_grid_thw", tok.video_token_id)):
+        if grid_key not in inputs:
+            per_kind[kind] = [(None, None)] * len(rows)
+            continue
+        grid = inputs[grid_key]
+        tokens_per_grid = (grid.prod(-1) // merge ** 2).tolist()
+        patches = torch.split(inputs[pixels_key], grid.prod(-1).tolist())
+        split, g = [], 0
+        for row in rows:
+            need, first = int((row == token_id).sum()), g
+            while need > 0:
+                need -= tokens_per_grid[g]
+                g += 1
+            split.append((torch.cat(patches[first:g]), grid[first:g]) if g > first else (None, None))
+        per_kind[kind] = split
+    return [
+        Prompt(tokens=row, pixel_values=image[0], image_grid_thw=image[1], pixel_values_videos=video[0],
+               video_grid_thw=video[1])
+        for row, image, video in zip(rows, per_kind["image"], per_kind["video"])
+    ]

@@ -104,7 +104,7 @@ class VLMModel(MegatronModule):
         attention_mask: Tensor | None = None,
         runtime_gather_output: bool | None = None,
         inference_context=None,
-        media_mask: Tensor | None = None,
+        media_mask: Tensor | bool | None = None,
         cp_partition: CPPartition | None = None,
     ) -> Tensor:
         """Per-token loss ``[b, s]`` with labels on the last stage, logits without, else hidden states.
@@ -113,7 +113,8 @@ class VLMModel(MegatronModule):
         patches ``[N, C*T*P*P]`` with one ``grid_thw`` row per image / video block;
         ``attention_mask`` (bool, True = masked out) only for padded inference batches;
         ``media_mask [b, s]`` (bool) marks the placeholder tokens that take media features (default:
-        every placeholder id): a generated ``<image_pad>`` is a plain token, not media.
+        every placeholder id; ``False``: none, so no scan): a generated ``<image_pad>`` is a plain
+        token, not media.
         Context parallelism (``cp_partition``, ``megavlm.parallel.context``): ``tokens`` are the
         whole row, everything else is this CP rank's share; media features are scattered into
         the whole row, then the embeddings and DeepStack addends are split by the partition.
@@ -148,7 +149,12 @@ class VLMModel(MegatronModule):
             (tokens == ids.image_token_id, pixel_values, image_grid_thw, "image", "<image_pad>"),
             (tokens == ids.video_token_id, pixel_values_videos, video_grid_thw, "video", "<video_pad>"),
         ]
-        if media_mask is not None:
+        if media_mask is False:  # text only: no placeholder count (a host sync on GPU, every decoding step)
+            for _, pixels, _, kind, _ in media:
+                if pixels is not None:
+                    raise ValueError(f"media_mask=False (no media tokens) but the batch has {kind} pixels")
+            media = []
+        elif media_mask is not None:
             media = [(mask & media_mask, *rest) for mask, *rest in media]
         encoded = self._encode_media(media)
         addends = None

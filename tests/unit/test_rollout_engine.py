@@ -7,10 +7,12 @@ import contextlib
 
 import pytest
 import torch
+from megatron.core.transformer.enums import AttnMaskType
 from megatron.core.utils import unwrap_model
 
 from megavlm.config import load_config
-from megavlm.inference.engine import GenerationEngine, Prompt, SamplingParams
+from megavlm.inference import engine as engine_module
+from megavlm.inference.engine import GenerationEngine, Prompt, SamplingParams, padding_mask, te_mask_type
 from megavlm.models.build import build_model_chunks
 from megavlm.positions import sample_position_ids
 from tests.parity.qwen3vl_case import processor_inputs
@@ -105,3 +107,61 @@ def test_stop_token_ends_a_row_with_finish_reason_stop(model):
     assert [t.tolist() for t in generated] == [c.tokens.tolist() for c in got]
     # greedy log-probs are those of T = 1: each is the max log-prob, so <= 0 and finite
     assert all(bool((c.logprobs <= 0).all() and c.logprobs.isfinite().all()) for c in free)
+
+
+def test_te_mask_type_selection():
+    """TE reads the mask only for padding-aware types; left padding needs it read as given."""
+    assert te_mask_type(masked=True, query_len=7, key_len=7) == AttnMaskType.arbitrary
+    assert te_mask_type(masked=True, query_len=1, key_len=9) == AttnMaskType.arbitrary
+    assert te_mask_type(masked=False, query_len=7, key_len=7) == AttnMaskType.causal
+    assert te_mask_type(masked=False, query_len=1, key_len=9) == AttnMaskType.no_mask
+    assert te_mask_type(masked=False, query_len=3, key_len=9) == AttnMaskType.causal_bottom_right
+    # the complete mask: row 0 left-padded by 2, queries 0..3 of a prompt
+    mask = padding_mask(torch.tensor([[True, True, False, False], [False] * 4]), 0, 4)[:, 0]
+    keep = ~mask
+    assert keep[0].int().tolist() == [[1, 0, 0, 0], [0, 1, 0, 0], [0, 0, 1, 0], [0, 0, 1, 1]]
+    assert keep[1].int().tolist() == [[1, 0, 0, 0], [1, 1, 0, 0], [1, 1, 1, 0], [1, 1, 1, 1]]
+
+
+class TEStandIn(torch.nn.Module):
+    """Transformer Engine's reading of the mask, on CPU: ``causal`` and ``no_mask`` ignore
+    ``attention_mask``; ``arbitrary`` applies it alone (no causal mask added)."""
+
+    def __init__(self, local):
+        super().__init__()
+        self.local = local
+        self.te_forward_mask_type = True  # the attribute megatron's TEDotProductAttention has
+        self.seen = set()
+
+    def forward(self, query, key, value, attention_mask, attn_mask_type, attention_bias=None, packed_seq_params=None):
+        self.seen.add(attn_mask_type)
+        if attn_mask_type == AttnMaskType.arbitrary:
+            return self.local(query, key, value, attention_mask, AttnMaskType.no_mask)
+        assert attn_mask_type in (AttnMaskType.causal, AttnMaskType.no_mask)
+        return self.local(query, key, value, None, attn_mask_type)
+
+
+def test_padded_batch_is_correct_under_te_mask_semantics(model, monkeypatch):
+    """With every layer's attention reading masks as TE does, a left-padded batch decodes what
+    the local attention decodes; without the mask-type selection it would not."""
+    cfg, chunk = model
+    prompts = _prompts(cfg)
+    params = SamplingParams(max_new_tokens=5)
+    want = GenerationEngine([chunk]).rollout(prompts, params)
+    layers = chunk.language.decoder.layers
+    local = [layer.self_attention.core_attention for layer in layers]
+    try:
+        for layer, attention in zip(layers, local):
+            layer.self_attention.core_attention = TEStandIn(attention)
+        got = GenerationEngine([chunk]).rollout(prompts, params)
+        seen = set().union(*(layer.self_attention.core_attention.seen for layer in layers))
+        monkeypatch.setattr(engine_module, "te_mask_types", lambda model: contextlib.nullcontext())
+        unselected = GenerationEngine([chunk]).rollout(prompts, params)
+    finally:
+        for layer, attention in zip(layers, local):
+            layer.self_attention.core_attention = attention
+    assert seen == {AttnMaskType.arbitrary}
+    for g, w in zip(got, want):
+        assert g.tokens.tolist() == w.tokens.tolist()
+        torch.testing.assert_close(g.logprobs, w.logprobs, atol=1e-5, rtol=0)
+    assert any(not torch.allclose(u.logprobs, w.logprobs, atol=1e-3) for u, w in zip(unselected, want))
