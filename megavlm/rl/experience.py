@@ -48,6 +48,7 @@ class MicroBatch:
     position_ids: Tensor  # [b, S] or [3, b, S]
     labels: Tensor  # [b, S] next token
     mask: Tensor  # [b, S] 1 where the label is a response token
+    media_mask: Tensor  # [b, S] bool, the prompt's positions: only there is a placeholder media
     media: dict
     index: list[int]  # which experience each real row is (rows beyond are padding rows)
     per_token: dict[str, Tensor]  # name -> [b, S] in the label frame
@@ -55,7 +56,7 @@ class MicroBatch:
     def to(self, device) -> "MicroBatch":
         move = lambda x: x.to(device) if isinstance(x, Tensor) else x  # noqa: E731
         return MicroBatch(move(self.tokens), move(self.position_ids), move(self.labels), move(self.mask),
-                          {k: move(v) for k, v in self.media.items()}, self.index,
+                          move(self.media_mask), {k: move(v) for k, v in self.media.items()}, self.index,
                           {k: move(v) for k, v in self.per_token.items()})
 
 
@@ -70,6 +71,7 @@ def make_micro_batch(experiences: list[Experience], index: list[int], *, rows: i
     tokens = torch.full((rows, seq_length), pad_token_id, dtype=torch.long)
     labels = torch.zeros(rows, seq_length, dtype=torch.long)
     mask = torch.zeros(rows, seq_length)
+    media_mask = torch.zeros(rows, seq_length, dtype=torch.bool)
     positions = torch.zeros((3, rows, seq_length) if mrope else (rows, seq_length), dtype=torch.long)
     per_token = {name: torch.zeros(rows, seq_length) for name in PER_TOKEN}
     for row, i in enumerate(index):
@@ -79,6 +81,7 @@ def make_micro_batch(experiences: list[Experience], index: list[int], *, rows: i
         tokens[row, : p + n] = seq
         labels[row, : p + n - 1] = seq[1:]
         mask[row, p - 1: p + n - 1] = 1
+        media_mask[row, :p] = True  # a generated <image_pad> is text (as in the engine)
         ids = sample_position_ids(e.prompt.tokens, e.prompt.image_grid_thw, e.prompt.video_grid_thw, model,
                                   new_tokens=n)
         positions[..., row, : p + n] = ids
@@ -87,7 +90,7 @@ def make_micro_batch(experiences: list[Experience], index: list[int], *, rows: i
             if value is not None:
                 per_token[name][row, p - 1: p + n - 1] = value.float()
     media = concat_media([experiences[i].prompt for i in index])
-    return MicroBatch(tokens, positions, labels, mask, media, list(index), per_token)
+    return MicroBatch(tokens, positions, labels, mask, media_mask, media, list(index), per_token)
 
 
 def from_label_frame(batch: MicroBatch, values: Tensor, experiences: list[Experience]) -> dict[int, Tensor]:

@@ -1,9 +1,10 @@
 """Rewards behind one interface and a registry (REFERENCE 7).
 
-A reward is a callable ``(response, targets, prompt) -> float | None``: ``response`` the
-decoded completion, ``targets`` the sample's exact answers (the synthetic data's
+A reward is a callable ``(response, targets, prompt, sample) -> float | None``: ``response``
+the decoded completion, ``targets`` the sample's exact answers (the synthetic data's
 ``{"answer": ...}``, ``{"box": [x0, y0, x1, y1]}``, ``{"point": [x, y]}``, coordinates as
-integers in 0..1000), ``prompt`` the decoded prompt text. ``None`` means "does not apply
+integers in 0..1000), ``prompt`` the prompt's text, ``sample`` the whole ``data.sample.Sample`` (media included,
+for the generative judge). ``None`` means "does not apply
 to this sample" (a box reward on a counting question), which the combination skips.
 
 ``rl.rewards`` lists terms ``{name, weight}``; the score of a completion is the weighted
@@ -27,7 +28,7 @@ Targets = dict
 
 
 class Reward(Protocol):
-    def __call__(self, response: str, targets: Targets, prompt: str = "") -> float | None: ...
+    def __call__(self, response: str, targets: Targets, prompt: str = "", sample=None) -> float | None: ...
 
 
 REGISTRY: dict[str, Callable[..., Reward]] = {}
@@ -92,7 +93,7 @@ def _same_answer(got: str, expected: str) -> bool:
 @register("math")
 def math_reward():
     """1 if the final answer (last boxed, else last number, normalized) equals ``answer``."""
-    def score(response: str, targets: Targets, prompt: str = "") -> float | None:
+    def score(response: str, targets: Targets, prompt: str = "", sample=None) -> float | None:
         if "answer" not in targets:
             return None
         got = final_answer(response)
@@ -112,7 +113,7 @@ def parse_count(text: str) -> int | None:
 @register("counting")
 def counting_reward():
     """1 if the last count in the response equals an integer ``answer``."""
-    def score(response: str, targets: Targets, prompt: str = "") -> float | None:
+    def score(response: str, targets: Targets, prompt: str = "", sample=None) -> float | None:
         answer = str(targets.get("answer", ""))
         if not answer.isdigit():
             return None
@@ -138,7 +139,7 @@ def box_iou(a: list[float], b: list[float]) -> float:
 @register("iou")
 def iou_reward():
     """IoU of the last 4 integers (0..1000 coordinates) with the target ``box``."""
-    def score(response: str, targets: Targets, prompt: str = "") -> float | None:
+    def score(response: str, targets: Targets, prompt: str = "", sample=None) -> float | None:
         if "box" not in targets:
             return None
         box = parse_ints(response, 4)
@@ -150,7 +151,7 @@ def iou_reward():
 def point_reward(scale: float = 100.0):
     """``max(0, 1 - d / scale)`` with d the Euclidean distance (0..1000 coordinates) of the
     last 2 integers to the target ``point``: 1 on the spot, 0 at ``scale`` or farther."""
-    def score(response: str, targets: Targets, prompt: str = "") -> float | None:
+    def score(response: str, targets: Targets, prompt: str = "", sample=None) -> float | None:
         if "point" not in targets:
             return None
         point = parse_ints(response, 2)
@@ -165,7 +166,7 @@ def point_reward(scale: float = 100.0):
 def format_reward():
     """1 if the response holds an answer of the target's kind (box: 4 integers, point: 2,
     integer answer: a number, other: any word), else 0: the answer is parseable."""
-    def score(response: str, targets: Targets, prompt: str = "") -> float | None:
+    def score(response: str, targets: Targets, prompt: str = "", sample=None) -> float | None:
         if "box" in targets:
             return float(parse_ints(response, 4) is not None)
         if "point" in targets:
@@ -184,9 +185,9 @@ def verifiable_reward(point_scale: float = 100.0):
     (integer answer), exact answer (any other answer)."""
     iou, point, count, exact = iou_reward(), point_reward(point_scale), counting_reward(), math_reward()
 
-    def score(response: str, targets: Targets, prompt: str = "") -> float | None:
+    def score(response: str, targets: Targets, prompt: str = "", sample=None) -> float | None:
         for reward in (iou, point, count, exact):
-            value = reward(response, targets, prompt)
+            value = reward(response, targets, prompt, sample)
             if value is not None:
                 return value
         return None
@@ -206,7 +207,7 @@ def script_of(char: str) -> str | None:
 def language_consistency_reward():
     """Fraction of the response's letters written in the prompt's dominant script (a
     behavioural term: answering a Chinese prompt in English costs reward)."""
-    def score(response: str, targets: Targets, prompt: str = "") -> float | None:
+    def score(response: str, targets: Targets, prompt: str = "", sample=None) -> float | None:
         prompt_scripts = [s for s in map(script_of, prompt) if s]
         response_scripts = [s for s in map(script_of, response) if s]
         if not prompt_scripts or not response_scripts:
@@ -222,10 +223,10 @@ class CombinedReward:
     def __init__(self, terms: list[tuple[str, float, Reward]]):
         self.terms = terms
 
-    def __call__(self, response: str, targets: Targets, prompt: str = "") -> tuple[float, dict[str, float]]:
+    def __call__(self, response: str, targets: Targets, prompt: str = "", sample=None) -> tuple[float, dict[str, float]]:
         total, parts = 0.0, {}
         for name, weight, reward in self.terms:
-            value = reward(response, targets, prompt)
+            value = reward(response, targets, prompt, sample)
             if value is not None:
                 parts[name] = value
                 total += weight * value

@@ -102,7 +102,7 @@ class PPOTrainer:
             self._log(f"megavlm: resumed PPO from {resume[0].parent.parent} at iteration {self.state.iteration}")
         self.forward_backward = get_forward_backward_func()
         self._engine = None
-        self._prompts = None
+        self._data = None
 
     # --- setup ----------------------------------------------------------------------------
     def _resume_dirs(self) -> tuple[Path, Path | None] | None:
@@ -152,7 +152,7 @@ class PPOTrainer:
 
     @staticmethod
     def _forward(model, batch: MicroBatch):
-        return model(batch.tokens, batch.position_ids, **batch.media)
+        return model(batch.tokens, batch.position_ids, media_mask=batch.media_mask, **batch.media)
 
     def _per_token(self, model: list, experiences: list[Experience], what: str) -> dict[int, tuple]:
         """Forward-only pass over every experience: ``{index: (values [n], entropy [n] | None)}``
@@ -326,3 +326,183 @@ class PPOTrainer:
             returns = torch.cat([e.returns for e in experiences])
             out["explained_variance"] = explained_variance(values, returns, mask)
         return out
+
+    # --- rollouts -------------------------------------------------------------------------
+    def _setup_data(self):
+        """Prompt source, encoder, reward and engine, built on first use (the layout test
+        drives ``update`` alone and needs none of them)."""
+        if self._data is not None:
+            return self._data
+        from megavlm.data.build import sample_encoder
+        from megavlm.data.shards import ShardDataset
+        from megavlm.data.synthetic import SyntheticMultimodalDataset
+        from megavlm.inference.engine import GenerationEngine
+        from megavlm.rl.judge import GenerativeJudge
+        from megavlm.rl.rewards import build_reward
+
+        cfg, r = self.cfg, self.cfg.rl
+        if parallel_state.get_pipeline_model_parallel_world_size() > 1:
+            raise ValueError("PPO rollouts run the KV-cache engine, which needs parallel.pp=1 "
+                             "(the update itself runs at any PP: PPOTrainer.update)")
+        encoder = sample_encoder(cfg)
+        if cfg.data.dataset == "synthetic_multimodal":
+            train = SyntheticMultimodalDataset(seed=cfg.data.seed, tasks=tuple(r.tasks))
+            held_out = SyntheticMultimodalDataset(seed=cfg.data.seed + 1, tasks=tuple(r.tasks))
+        elif cfg.data.dataset == "shards":
+            train = held_out = ShardDataset(cfg.data.path)  # held-out: the last rl.eval_prompts samples
+        else:
+            raise ValueError(f"data.dataset={cfg.data.dataset!r}: PPO needs prompts with targets "
+                             "(synthetic_multimodal or shards)")
+        judge = GenerativeJudge(cfg, encoder, mode=r.judge_mode) if r.judge else None
+        reward = build_reward(r.rewards, point_scale=r.point_scale, judge=judge)
+        engine = GenerationEngine(self.actor.model, pad_token_id=0)
+        tokenizer = encoder.template.tok
+        self._data = (encoder, train, held_out, reward, engine, tokenizer)
+        return self._data
+
+    def _generate(self, samples: list, *, k: int, temperature: float, seed: int) -> list[Experience]:
+        """K completions of each sample's prompt with the actor's live weights, scored."""
+        from megavlm.inference.engine import Prompt, SamplingParams
+
+        encoder, _, _, reward, engine, tokenizer = self._setup_data()
+        r = self.cfg.rl
+        stop = tokenizer.token_id("<|im_end|>")
+        prompts = []
+        for sample in samples:
+            tokens, media = encoder.prompt(sample)
+            prompts.append(Prompt(tokens=tokens, **media))
+        batch = [p for p in prompts for _ in range(k)]
+        params = SamplingParams(max_new_tokens=r.max_new_tokens, temperature=temperature, top_p=r.top_p,
+                                stop_token_ids=[stop], seed=seed)
+        completions = engine.rollout(batch, params)
+        out = []
+        for j, c in enumerate(completions):
+            sample = samples[j // k]
+            text = tokenizer.decode([t for t in c.tokens.tolist() if t != stop])
+            question = " ".join(p["text"] for m in sample.messages if m.role == "user" for p in m.content
+                                if p["type"] == "text")
+            score, parts = reward(text, sample.targets, question, sample)
+            out.append(Experience(prompt=batch[j], response=c.tokens, rollout_logp=c.logprobs.float().cpu(),
+                                  group=j // k, score=score, task=sample.id.rsplit("-", 1)[-1],
+                                  finish_reason=c.finish_reason, reward_parts=parts))
+        return out
+
+    def _gather_dp(self, local: list) -> list:
+        """Every DP rank's list, concatenated in DP rank order (the same on all ranks)."""
+        group = parallel_state.get_data_parallel_group()
+        gathered = [None] * dist.get_world_size(group)
+        dist.all_gather_object(gathered, local, group=group)
+        return [x for part in gathered for x in part]
+
+    def rollout(self) -> list[Experience]:
+        """This iteration's P x K scored rollouts (global list, prompt groups renumbered)."""
+        _, train, _, _, _, _ = self._setup_data()
+        r = self.cfg.rl
+        dp, rank = parallel_state.get_data_parallel_world_size(), parallel_state.get_data_parallel_rank()
+        per = r.prompts_per_iter // dp
+        first = self.state.consumed_samples + rank * per
+        samples = [train[(first + j) % len(train)] for j in range(per)]
+        # the seed is a function of (run seed, iteration, DP rank): a resumed run samples alike
+        seed = (self.cfg.train.seed * 1_000_003 + self.state.iteration * 1_009 + rank) % (2**63)
+        local = self._generate(samples, k=r.rollouts_per_prompt, temperature=r.temperature, seed=seed)
+        for e in local:
+            e.group += rank * per
+        return self._gather_dp(local)
+
+    def evaluate(self) -> dict[str, float]:
+        """Greedy reward on ``rl.eval_prompts`` held-out prompts (split over DP ranks)."""
+        _, _, held_out, _, _, _ = self._setup_data()
+        n = self.cfg.rl.eval_prompts
+        dp, rank = parallel_state.get_data_parallel_world_size(), parallel_state.get_data_parallel_rank()
+        offset = len(held_out) - n if self.cfg.data.dataset == "shards" else 0
+        mine = [held_out[offset + i] for i in range(rank, n, dp)]
+        local = self._generate(mine, k=1, temperature=0.0, seed=0) if mine else []
+        done = self._gather_dp([(e.score, e.response.numel()) for e in local])
+        if not done:
+            return {}
+        return {"eval/reward": sum(s for s, _ in done) / len(done),
+                "eval/response_length": sum(n for _, n in done) / len(done)}
+
+    @staticmethod
+    def difficulty_filter(experiences: list[Experience], threshold: float) -> list[Experience]:
+        """The rollouts of prompts whose pass rate (score > threshold) is strictly in (0, 1)."""
+        passed: dict[int, list[bool]] = {}
+        for e in experiences:
+            passed.setdefault(e.group, []).append(e.score > threshold)
+        keep = {g for g, p in passed.items() if 0 < sum(p) < len(p)}
+        return [e for e in experiences if e.group in keep]
+
+    def step(self) -> dict[str, float]:
+        """One PPO iteration: rollouts, filter, update; returns its metrics (same on all ranks)."""
+        r, it = self.cfg.rl, self.state.iteration
+        start = time.perf_counter()
+        experiences = self.rollout()
+        metrics = {"time/rollout": time.perf_counter() - start}
+        metrics.update(self._reward_stats(experiences))
+        kept = self.difficulty_filter(experiences, r.pass_threshold) if r.difficulty_filter else experiences
+        metrics["filter/kept_fraction"] = len(kept) / len(experiences)
+        metrics["lr/actor"] = self.actor.schedule.apply(self.actor.optimizer, it + 1)
+        if self.critic is not None:
+            metrics["lr/critic"] = self.critic.schedule.apply(self.critic.optimizer, it + 1)
+        if kept:
+            metrics.update(self.update(kept))
+        self.state.iteration += 1
+        self.state.consumed_samples += r.prompts_per_iter
+        metrics["time/iteration"] = time.perf_counter() - start
+        return metrics
+
+    @staticmethod
+    def _reward_stats(experiences: list[Experience]) -> dict[str, float]:
+        out = {"reward": sum(e.score for e in experiences) / len(experiences),
+               "response_length": sum(e.response.numel() for e in experiences) / len(experiences),
+               "truncated_fraction": sum(e.finish_reason == "length" for e in experiences) / len(experiences)}
+        groups: dict[int, list[float]] = {}
+        for e in experiences:
+            groups.setdefault(e.group, []).append(e.score)
+        for task in sorted({e.task for e in experiences}):
+            mine = [e for e in experiences if e.task == task]
+            out[f"reward/{task}"] = sum(e.score for e in mine) / len(mine)
+            out[f"response_length/{task}"] = sum(e.response.numel() for e in mine) / len(mine)
+            # mean negative rollout log-prob per token: a sampled estimate of the policy's entropy
+            tokens = sum(e.response.numel() for e in mine)
+            out[f"entropy/{task}"] = -sum(float(e.rollout_logp.sum()) for e in mine) / max(tokens, 1)
+        parts = sorted({k for e in experiences for k in e.reward_parts})
+        for name in parts:
+            values = [e.reward_parts[name] for e in experiences if name in e.reward_parts]
+            out[f"reward_terms/{name}"] = sum(values) / len(values)
+        return out
+
+    # --- checkpoints and the run ----------------------------------------------------------
+    def save(self) -> Path:
+        """Actor to ``<save>/actor/iter_N`` (a plain megavlm checkpoint: generate.py and
+        checkpoint.pretrained read it), critic to ``<save>/critic/iter_N``; each with its
+        optimizer, the train state and RNG states."""
+        root = Path(self.cfg.checkpoint.save)
+        if self.critic is not None:  # the actor's marker last: a resumable pair is complete
+            save_checkpoint(root / "critic", self.cfg, self.state, self.critic.model, self.critic.optimizer,
+                            assets=self.assets)
+        path = save_checkpoint(root / "actor", self.cfg, self.state, self.actor.model, self.actor.optimizer,
+                               assets=self.assets)
+        self._log(f"megavlm: saved PPO checkpoint {path}")
+        return path
+
+    def run(self) -> list[dict[str, float]]:
+        """PPO to ``train.iters``: log every ``logging.interval`` (with the held-out reward),
+        checkpoint on ``checkpoint.interval`` and at the end. Returns every iteration's metrics."""
+        cfg = self.cfg
+        logger = MetricsLogger(cfg.logging.dir, total_iters=cfg.train.iters, enabled=dist.get_rank() == 0,
+                               tensorboard=cfg.logging.tensorboard)
+        history = []
+        while self.state.iteration < cfg.train.iters:
+            metrics = self.step()
+            it = self.state.iteration
+            if cfg.rl.eval_prompts and (it % cfg.logging.interval == 0 or it == cfg.train.iters):
+                metrics.update(self.evaluate())
+            history.append(metrics)
+            if it % cfg.logging.interval == 0 or it == cfg.train.iters:
+                logger.log(it, metrics)
+            if cfg.checkpoint.save and ((cfg.checkpoint.interval and it % cfg.checkpoint.interval == 0)
+                                        or it == cfg.train.iters):
+                self.save()
+        logger.close()
+        return history
