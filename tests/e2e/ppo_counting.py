@@ -10,15 +10,18 @@ on each of 32 prompts never trained on: the expected reward PPO maximizes.
 from __future__ import annotations
 
 import json
+import shutil
 import sys
 import time
 from pathlib import Path
 
 import torch
+from megatron.core import parallel_state
 
 from megavlm.config import load_config
 from megavlm.data.synthetic import SyntheticMultimodalDataset
 from megavlm.inference.engine import Prompt
+from megavlm.models.full_tensors import gather_full_tensors
 from megavlm.rl.experience import Experience
 from megavlm.rl.models import token_logprobs
 from megavlm.rl.trainer import PPOTrainer
@@ -26,10 +29,10 @@ from megavlm.rl.trainer import PPOTrainer
 OVERRIDES = [
     "model.preset=qwen3vl-tiny", "data.dataset=synthetic_multimodal", "data.min_pixels=4096",
     "data.max_pixels=4096", "data.seq_length=128", "train.micro_batch_size=16", "train.global_batch_size=32",
-    "train.lr=3e-3", "train.lr_decay=constant", "train.adam_eps=1e-6", "train.weight_decay=0.0",
+    "train.lr=3e-3", "train.min_lr=3e-3", "train.lr_decay=constant", "train.adam_eps=1e-6", "train.weight_decay=0.0",
     "rl.critic_lr=3e-3", "rl.prompts_per_iter=8", "rl.rollouts_per_prompt=4", "rl.mini_batches=2",
-    "rl.max_new_tokens=4", "rl.temperature=1.0", "rl.tasks=[count]", "checkpoint.save=null",
-    "logging.tensorboard=false", "parallel.distributed_optimizer=false", "train.seed=5", "data.seed=5",
+    "rl.max_new_tokens=4", "rl.temperature=1.0", "rl.tasks=[count]",
+    "parallel.distributed_optimizer=false", "train.seed=5", "data.seed=5",
 ]
 
 
@@ -65,26 +68,39 @@ def held_out_reward(trainer: PPOTrainer, prompts: int = 32, k: int = 8) -> float
 
 
 def main() -> None:
+    """Warm-up, held-out reward, PPO ``run()`` (checkpoints at iters - 1 and iters), held-out
+    reward; then the iters - 1 checkpoint is resumed in a fresh trainer, which must reach
+    bit-identical actor and critic weights after its one iteration (exact resume)."""
     out = Path(sys.argv[1])
     sft_steps = int(sys.argv[2]) if len(sys.argv) > 2 else 20
     iters = int(sys.argv[3]) if len(sys.argv) > 3 else 10
-    cfg = load_config(None, OVERRIDES + [f"train.iters={iters}", f"logging.dir={out / 'logs'}",
-                                         "logging.interval=1", "rl.eval_prompts=0"])
-    trainer = PPOTrainer(cfg)
+    ckpt = out / "ckpt"
+    common = OVERRIDES + [f"train.iters={iters}", "logging.interval=1", f"checkpoint.save={ckpt}"]
+    trainer = PPOTrainer(load_config(None, common + [f"logging.dir={out / 'logs'}",
+                                                     f"checkpoint.interval={iters - 1}"]))
     start = time.perf_counter()
     supervised_warmup(trainer, sft_steps)
     sft_time = time.perf_counter() - start
     before = held_out_reward(trainer)
     start = time.perf_counter()
-    curve = []
-    for _ in range(iters):
-        metrics = trainer.step()
-        curve.append(round(metrics["reward"], 4))
+    history = trainer.run()
     ppo_time = time.perf_counter() - start
     after = held_out_reward(trainer)
-    print(json.dumps({"before": before, "after": after, "train_reward": curve,
+    final = {**gather_full_tensors(trainer.actor.model), **{"critic." + k: v for k, v in
+                                                          gather_full_tensors(trainer.critic.model).items()}}
+    parallel_state.destroy_model_parallel()
+    for part in ("actor", "critic"):  # keep the iters - 1 checkpoints only
+        shutil.rmtree(ckpt / part / f"iter_{iters:07d}")
+    resumed = PPOTrainer(load_config(None, common + [f"logging.dir={out / 'logs_resumed'}", f"checkpoint.load={ckpt}"]))
+    resumed_from = resumed.state.iteration
+    resumed.run()
+    again = {**gather_full_tensors(resumed.actor.model), **{"critic." + k: v for k, v in
+                                                          gather_full_tensors(resumed.critic.model).items()}}
+    exact = set(final) == set(again) and all(torch.equal(final[k], again[k]) for k in final)
+    print(json.dumps({"before": before, "after": after, "train_reward": [round(m["reward"], 4) for m in history],
+                      "resumed_from": resumed_from, "resume_exact": exact,
                       "sft_s": round(sft_time, 1), "ppo_s": round(ppo_time, 1)}), flush=True)
 
 
-if __name__ == "__main__":
+if __name__ == "__main__":  # dist_checkpointing spawns a process that re-imports this file
     main()
