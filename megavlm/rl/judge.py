@@ -67,9 +67,13 @@ class GenerativeJudge:
             return min(max(float(numbers[-1]) / 10.0, 0.0), 1.0) if numbers else 0.0
         first, second = self._ask(sample, [PAIRWISE.format(question=question, a=response, b=reference),
                                            PAIRWISE.format(question=question, a=reference, b=response)])
-        pick = lambda text, letter: float(re.search(r"\b([AB])\b", text.upper() + " ") is not None  # noqa: E731
-                                          and re.search(r"\b([AB])\b", text.upper()).group(1) == letter)
-        return 0.5 * (pick(first, "A") + pick(second, "B"))
+        return 0.5 * ((_letter(first) == "A") + (_letter(second) == "B"))
+
+
+def _letter(text: str) -> str | None:
+    """The first standalone A or B of the judge's answer."""
+    found = re.search(r"\b([AB])\b", text.upper())
+    return found.group(1) if found else None
 
 
 @register("judge")

@@ -320,7 +320,9 @@ class PPOTrainer:
         rollout = torch.cat([e.rollout_logp for e in experiences])
         _, oob = tis_weights(old, rollout, mask, cap=self.cfg.rl.tis_cap)
         out = {"tis/out_of_bound_fraction": float(oob),
-               "tis/mean_abs_logp_diff": float((old - rollout).abs().mean())}
+               # engine vs trainer log-probs at the same weights: ~0 unless they disagree
+               "tis/mean_abs_logp_diff": float((old - rollout).abs().mean()),
+               "tis/max_abs_logp_diff": float((old - rollout).abs().max())}
         if self.critic is not None:
             values = torch.cat([e.values for e in experiences])
             returns = torch.cat([e.returns for e in experiences])
@@ -409,19 +411,21 @@ class PPOTrainer:
             e.group += rank * per
         return self._gather_dp(local)
 
-    def evaluate(self) -> dict[str, float]:
-        """Greedy reward on ``rl.eval_prompts`` held-out prompts (split over DP ranks)."""
+    def held_out_reward(self, prompts: int, *, k: int = 1, temperature: float = 0.0, seed: int = 0) -> tuple[float, float]:
+        """Mean reward and response length of ``k`` completions of each of ``prompts`` held-out
+        prompts (split over DP ranks); greedy by default."""
         _, _, held_out, _, _, _ = self._setup_data()
-        n = self.cfg.rl.eval_prompts
         dp, rank = parallel_state.get_data_parallel_world_size(), parallel_state.get_data_parallel_rank()
-        offset = len(held_out) - n if self.cfg.data.dataset == "shards" else 0
-        mine = [held_out[offset + i] for i in range(rank, n, dp)]
-        local = self._generate(mine, k=1, temperature=0.0, seed=0) if mine else []
+        offset = len(held_out) - prompts if self.cfg.data.dataset == "shards" else 0
+        mine = [held_out[offset + i] for i in range(rank, prompts, dp)]
+        local = self._generate(mine, k=k, temperature=temperature, seed=seed + rank) if mine else []
         done = self._gather_dp([(e.score, e.response.numel()) for e in local])
-        if not done:
-            return {}
-        return {"eval/reward": sum(s for s, _ in done) / len(done),
-                "eval/response_length": sum(n for _, n in done) / len(done)}
+        return sum(s for s, _ in done) / len(done), sum(n for _, n in done) / len(done)
+
+    def evaluate(self) -> dict[str, float]:
+        """Greedy reward on the first ``rl.eval_prompts`` held-out prompts."""
+        reward, length = self.held_out_reward(self.cfg.rl.eval_prompts)
+        return {"eval/reward": reward, "eval/response_length": length}
 
     @staticmethod
     def difficulty_filter(experiences: list[Experience], threshold: float) -> list[Experience]:

@@ -2,7 +2,8 @@
 
 Usage (repository root): torchrun --nproc_per_node 2 -m tests.parallel.ppo_worker OUT_DIR SCENARIO [...]
 Rank 0 writes ``OUT_DIR/<scenario>.pt``: the update's metrics and the full actor and
-critic parameters after it.
+critic parameters after it; ``e2e_counting`` (tests.parallel.ppo_counting) writes the
+end-to-end result.
 """
 
 from __future__ import annotations
@@ -31,14 +32,13 @@ BASE = [
     "rl.prompts_per_iter=4", "rl.rollouts_per_prompt=2", "rl.mini_batches=2", "train.lr=1e-3",
     "rl.critic_lr=1e-3", "train.adam_eps=1e-4", "train.seed=3", "checkpoint.save=null",
     "logging.tensorboard=false", "parallel.distributed_optimizer=false", "rl.temperature=0.7",
+    # every term on: KL to the reference policy and the (vocabulary-parallel) entropy bonus
+    "rl.kl_coef=0.1", "rl.entropy_coef=0.01",
 ]
 LAYOUTS = {
     "ref_dp2": [],
     "tp2": ["parallel.tp=2", "parallel.sequence_parallel=true"],
     "pp2": ["parallel.pp=2"],
-    "grpo_ref_dp2": ["rl.advantage=grpo", "rl.kl_coef=0.1", "rl.entropy_coef=0.01"],
-    "grpo_tp2": ["rl.advantage=grpo", "rl.kl_coef=0.1", "rl.entropy_coef=0.01", "parallel.tp=2",
-                 "parallel.sequence_parallel=true"],
 }
 
 
@@ -75,7 +75,16 @@ def run_update(name: str, out: Path) -> None:
 def main() -> None:
     out = Path(sys.argv[1])
     for name in sys.argv[2:]:
-        run_update(name, out)
+        if name.startswith("e2e_counting"):  # e2e_counting[:SFT_STEPS:ITERS[:EVAL_PROMPTS]]
+            from tests.parallel.ppo_counting import run
+
+            args = [int(x) for x in name.split(":")[1:]] or [10, 6]
+            result = run(out / "e2e", *args)
+            if dist.get_rank() == 0:
+                torch.save(result, out / "e2e_counting.pt")
+                print(result, flush=True)
+        else:
+            run_update(name, out)
     dist.barrier()
     dist.destroy_process_group()
 

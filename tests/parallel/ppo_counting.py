@@ -1,7 +1,8 @@
-"""PPO end to end on a tiny VLM (one process): supervised warm-up on synthetic counting,
-then PPO; prints a JSON line with the held-out reward before and after.
+"""PPO end to end on a tiny VLM: supervised warm-up on synthetic counting, then PPO.
 
-Usage (repository root): python -m tests.e2e.ppo_counting OUT_DIR [sft_steps] [ppo_iters]
+Run by tests.parallel.ppo_worker (scenario ``e2e_counting``, DP=2 in the layouts' launch)
+or alone for a longer curve: torchrun --nproc_per_node 2 -m tests.parallel.ppo_worker OUT
+e2e_counting:SFT_STEPS:ITERS.
 
 The held-out reward is the mean counting reward of 8 sampled answers (T = 1, fixed seed)
 on each of 32 prompts never trained on: the expected reward PPO maximizes.
@@ -9,13 +10,12 @@ on each of 32 prompts never trained on: the expected reward PPO maximizes.
 
 from __future__ import annotations
 
-import json
 import shutil
-import sys
 import time
 from pathlib import Path
 
 import torch
+import torch.distributed as dist
 from megatron.core import parallel_state
 
 from megavlm.config import load_config
@@ -61,21 +61,17 @@ def supervised_warmup(trainer: PPOTrainer, steps: int) -> None:
         trainer._train_step(trainer.actor, ce_loss, trainer._micro_batches(experiences, list(range(len(experiences)))))
 
 
-def held_out_reward(trainer: PPOTrainer, prompts: int = 32, k: int = 8) -> float:
-    _, _, held_out, _, _, _ = trainer._setup_data()
-    done = trainer._generate([held_out[i] for i in range(prompts)], k=k, temperature=1.0, seed=1234)
-    return sum(e.score for e in done) / len(done)
+def held_out_reward(trainer: PPOTrainer) -> float:
+    return trainer.held_out_reward(32, k=8, temperature=1.0, seed=1234)[0]
 
 
-def main() -> None:
+def run(out: Path, sft_steps: int, iters: int, eval_prompts: int = 0) -> dict:
     """Warm-up, held-out reward, PPO ``run()`` (checkpoints at iters - 1 and iters), held-out
     reward; then the iters - 1 checkpoint is resumed in a fresh trainer, which must reach
     bit-identical actor and critic weights after its one iteration (exact resume)."""
-    out = Path(sys.argv[1])
-    sft_steps = int(sys.argv[2]) if len(sys.argv) > 2 else 20
-    iters = int(sys.argv[3]) if len(sys.argv) > 3 else 10
     ckpt = out / "ckpt"
-    common = OVERRIDES + [f"train.iters={iters}", "logging.interval=1", f"checkpoint.save={ckpt}"]
+    common = OVERRIDES + [f"train.iters={iters}", "logging.interval=1", f"checkpoint.save={ckpt}",
+                          f"rl.eval_prompts={eval_prompts}"]
     trainer = PPOTrainer(load_config(None, common + [f"logging.dir={out / 'logs'}",
                                                      f"checkpoint.interval={iters - 1}"]))
     start = time.perf_counter()
@@ -89,18 +85,18 @@ def main() -> None:
     final = {**gather_full_tensors(trainer.actor.model), **{"critic." + k: v for k, v in
                                                           gather_full_tensors(trainer.critic.model).items()}}
     parallel_state.destroy_model_parallel()
-    for part in ("actor", "critic"):  # keep the iters - 1 checkpoints only
-        shutil.rmtree(ckpt / part / f"iter_{iters:07d}")
+    if dist.get_rank() == 0:
+        for part in ("actor", "critic"):  # keep the iters - 1 checkpoints only
+            shutil.rmtree(ckpt / part / f"iter_{iters:07d}")
+    dist.barrier()
     resumed = PPOTrainer(load_config(None, common + [f"logging.dir={out / 'logs_resumed'}", f"checkpoint.load={ckpt}"]))
     resumed_from = resumed.state.iteration
     resumed.run()
     again = {**gather_full_tensors(resumed.actor.model), **{"critic." + k: v for k, v in
                                                           gather_full_tensors(resumed.critic.model).items()}}
     exact = set(final) == set(again) and all(torch.equal(final[k], again[k]) for k in final)
-    print(json.dumps({"before": before, "after": after, "train_reward": [round(m["reward"], 4) for m in history],
-                      "resumed_from": resumed_from, "resume_exact": exact,
-                      "sft_s": round(sft_time, 1), "ppo_s": round(ppo_time, 1)}), flush=True)
-
-
-if __name__ == "__main__":  # dist_checkpointing spawns a process that re-imports this file
-    main()
+    parallel_state.destroy_model_parallel()
+    return {"before": before, "after": after, "train_reward": [round(m["reward"], 4) for m in history],
+            "eval_reward": [round(m["eval/reward"], 4) for m in history if "eval/reward" in m],
+            "resumed_from": resumed_from, "resume_exact": exact, "sft_s": round(sft_time, 1),
+            "ppo_s": round(ppo_time, 1), "metrics_file": str(out / "logs" / "metrics.jsonl")}
