@@ -201,6 +201,53 @@ class LoggingConfig:
 
 
 @dataclass(kw_only=True)
+class RewardTerm:
+    """One reward term of ``rl.rewards`` (megavlm.rl.rewards.REGISTRY names)."""
+
+    name: str
+    weight: float = 1.0
+
+
+@dataclass(kw_only=True)
+class RLConfig:
+    """PPO (tools/train_ppo.py, REFERENCE 7). The actor trains at train.lr with train's
+    schedule; one iteration = P prompts x K rollouts, then rl.mini_batches optimizer steps
+    of each model. train.iters counts iterations; train.global_batch_size must be P x K."""
+
+    advantage: str = "gae"  # "gae" (actor + critic) or "grpo" (critic-free, group-normalized)
+    prompts_per_iter: int = 8  # P
+    rollouts_per_prompt: int = 4  # K
+    mini_batches: int = 4
+    max_new_tokens: int = 32
+    temperature: float = 1.0
+    top_p: float = 1.0
+    critic_lr: float = 5e-6
+    gamma: float = 1.0
+    lam: float = 1.0
+    whiten_advantages: bool = False
+    clip_eps: float = 0.2
+    clip_eps_high: float | None = None  # asymmetric upper clip; None: clip_eps
+    dual_clip: float | None = 3.0  # bound -c*A for A < 0; None: off
+    value_clip_eps: float | None = 0.2  # None: unclipped value loss
+    tis_cap: float = 8.0  # C of the truncated importance weights
+    kl_coef: float = 0.0  # KL to the initial policy (k3); 0: no reference model is built
+    entropy_coef: float = 0.0
+    # Keep only prompts whose K rollouts have 0 < pass rate < 1 (reward > pass_threshold).
+    difficulty_filter: bool = True
+    pass_threshold: float = 0.5
+    # Critic weights: a megavlm checkpoint with a value head; None: the actor's weights.
+    critic_pretrained: str | None = None
+    rewards: list[RewardTerm] = field(default_factory=lambda: [RewardTerm(name="verifiable")])
+    point_scale: float = 100.0  # point reward: 1 - distance / scale (0..1000 coordinates)
+    # Generative reward model (reward name "judge"): a megavlm checkpoint prompted as judge.
+    judge: str | None = None
+    judge_mode: str = "pointwise"  # "pointwise" or "pairwise" (against the group's first rollout)
+    # Synthetic tasks the prompts come from (data.dataset=synthetic_multimodal).
+    tasks: list[str] = field(default_factory=lambda: ["count"])
+    eval_prompts: int = 0  # held-out prompts scored greedily every logging.interval; 0: none
+
+
+@dataclass(kw_only=True)
 class Config:
     model: ModelConfig = field(default_factory=ModelConfig)
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
@@ -208,3 +255,4 @@ class Config:
     train: TrainConfig = field(default_factory=TrainConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
+    rl: RLConfig = field(default_factory=RLConfig)

@@ -310,3 +310,43 @@ def _fp8_shape_errors(cfg: Config) -> list[str]:
         dims["model.language.moe.ffn_hidden_size / parallel.etp"] = lm.moe.ffn_hidden_size // etp
     return [f"model.fp8: {name} = {value} must be a multiple of 16 for FP8 GEMMs"
             for name, value in dims.items() if value % 16]
+
+
+def validate_rl(cfg: Config, world_size: int) -> None:
+    """The ``rl`` section's rules (PPO runs only), on top of ``validate``."""
+    validate(cfg, world_size)
+    r, t, p = cfg.rl, cfg.train, cfg.parallel
+    errors = []
+    for key, choices in {"advantage": ("gae", "grpo"), "judge_mode": ("pointwise", "pairwise")}.items():
+        if getattr(r, key) not in choices:
+            errors.append(f"rl.{key}: {getattr(r, key)!r} is not one of {', '.join(choices)}")
+    for key in ("prompts_per_iter", "rollouts_per_prompt", "mini_batches", "max_new_tokens"):
+        if getattr(r, key) < 1:
+            errors.append(f"rl.{key} must be >= 1, got {getattr(r, key)}")
+    rollouts = r.prompts_per_iter * r.rollouts_per_prompt
+    if t.global_batch_size != rollouts:
+        errors.append(f"train.global_batch_size ({t.global_batch_size}) must equal rl.prompts_per_iter x "
+                      f"rl.rollouts_per_prompt ({r.prompts_per_iter} x {r.rollouts_per_prompt} = {rollouts}): "
+                      "the rollouts of one iteration are its global batch")
+    dp = data_parallel_size(cfg, world_size)
+    if r.prompts_per_iter % dp:
+        errors.append(f"rl.prompts_per_iter ({r.prompts_per_iter}) must be a multiple of the data-parallel "
+                      f"size ({dp}): each DP rank generates rollouts for its own prompts")
+    if r.advantage == "grpo" and r.rollouts_per_prompt < 2:
+        errors.append("rl.advantage=grpo needs rl.rollouts_per_prompt >= 2 (advantages are normalized per group)")
+    if r.tis_cap <= 1:
+        errors.append(f"rl.tis_cap ({r.tis_cap}) must be > 1")
+    if r.dual_clip is not None and r.dual_clip <= 1:
+        errors.append(f"rl.dual_clip ({r.dual_clip}) must be > 1 (or null: off)")
+    if r.temperature < 0:
+        errors.append(f"rl.temperature must be >= 0, got {r.temperature}")
+    if any(term.name == "judge" for term in r.rewards) and not r.judge:
+        errors.append("rl.rewards has a 'judge' term but rl.judge (the judge model's checkpoint) is not set")
+    if r.advantage == "gae" and cfg.model.language.tie_embeddings and p.pp > 1:
+        errors.append("the critic replaces the output layer with a value head, which cannot share the embedding "
+                      "across pipeline stages: model.language.tie_embeddings=true needs parallel.pp=1 "
+                      "(or rl.advantage=grpo)")
+    if p.cp > 1:
+        errors.append("PPO does not support parallel.cp > 1 yet (set parallel.cp=1)")
+    if errors:
+        raise ConfigError("invalid configuration:\n  - " + "\n  - ".join(errors))

@@ -1,0 +1,1 @@
+"""PPO for VLMs: actor and critic in the training layout, rollouts, GAE, losses, rewards."""
