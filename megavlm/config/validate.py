@@ -274,6 +274,10 @@ def _pacore_errors(cfg: Config) -> list[str]:
                       f"<= pool_size ({c.pool_size})")
     if c.context_budget < 0:
         errors.append(f"pacore.context_budget must be >= 0 (0: the model's positions), got {c.context_budget}")
+    lm = cfg.model.language
+    if lm is not None and c.context_budget > lm.max_position_embeddings:
+        errors.append(f"pacore.context_budget ({c.context_budget}) exceeds model.language.max_position_embeddings "
+                      f"({lm.max_position_embeddings})")
     if not 0 < c.stage1_max_accuracy <= 1:
         errors.append(f"pacore.stage1_max_accuracy must be in (0, 1], got {c.stage1_max_accuracy}")
     return errors

@@ -20,6 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Sequence
 
+from megavlm.config.schema import PaCoReConfig
 from megavlm.data.sample import Sample
 from megavlm.inference.engine import Prompt, SamplingParams
 from megavlm.rl.pacore import PromptBuilder, answer_reward, compact, order_references, sample_texts
@@ -139,3 +140,17 @@ def synthesis_accuracy(engine, data: PaCoReTrainingData, params: SamplingParams,
 def stage2_filter(pools: Sequence[MessagePool], accuracy: Sequence[float]) -> list[MessagePool]:
     """Problems with 0 < synthesis accuracy < 1."""
     return [p for p, a in zip(pools, accuracy) if 0 < a < 1]
+
+
+def stage1_training_data(cfg: PaCoReConfig, engine, builder: PromptBuilder, samples: Sequence[Sample],
+                         params: SamplingParams, *, reward_fn: Callable = answer_reward,
+                         ) -> tuple[PaCoReTrainingData, list[MessagePool]]:
+    """``pacore.*`` end to end for stage 1: the actor's pools (``pool_size``), the stage-1
+    filtration (``stage1_max_accuracy``) and the synthesis-prompt source (``min_messages``,
+    ``max_messages``, ``shuffle_seed``, ``seed``). Returns the data and every pool (to cache)."""
+    pools = build_message_pools(engine, builder, samples, params, pool_size=cfg.pool_size,
+                                max_batch_size=cfg.max_batch_size, reward_fn=reward_fn)
+    data = PaCoReTrainingData(stage1_filter(pools, cfg.stage1_max_accuracy), builder, min_messages=cfg.min_messages,
+                              max_messages=cfg.max_messages, shuffle_seed=cfg.shuffle_seed, seed=cfg.seed,
+                              reward_fn=reward_fn)
+    return data, pools

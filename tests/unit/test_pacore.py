@@ -90,6 +90,21 @@ def test_config_rules_name_the_key():
         validate(load_config(None, ["model.preset=qwen3-tiny", "pacore.rounds=[8]"]), 1)
     with pytest.raises(ConfigError, match="min_messages"):
         validate(load_config(None, ["model.preset=qwen3-tiny", "pacore.min_messages=30"]), 1)
+    with pytest.raises(ConfigError, match="pacore.context_budget"):
+        validate(load_config(None, ["model.preset=qwen3-tiny", "pacore.context_budget=100000"]), 1)
+
+
+def test_recipes_are_valid_overrides():
+    from pathlib import Path
+
+    from megavlm.rl.pacore_cli import recipe_overrides
+
+    root = Path(__file__).parents[2] / "examples"
+    for effort, rounds in [("low", [4, 1]), ("medium", [16, 1]), ("high", [32, 4, 1])]:
+        cfg = load_config(None, ["model.preset=step3vl-10b", *recipe_overrides(root / f"step3vl_10b/pacore_{effort}.yaml")])
+        validate(cfg, 8)
+        assert round_schedule(cfg.pacore.effort, cfg.pacore.rounds) == rounds
+    validate(load_config(root / "tiny/pacore_counting.yaml"), 1)
 
 
 def test_answer_reward_and_vote():
@@ -254,3 +269,48 @@ def test_message_pools_filtrations_and_synthesis_draws():
                             [Sample(id="x", messages=[Message("user", [{"type": "text", "text": "(5)"}])])],
                             _params(), pool_size=1, max_batch_size=1)
     assert isinstance(pools[0], MessagePool)
+
+
+# --- the real engine ------------------------------------------------------------------------
+@pytest.mark.usefixtures("single_rank_megatron")
+def test_counting_problems_through_the_generation_engine(tmp_path):
+    """tools/pacore.py's library path on a tiny random Qwen3-VL: images decoded from the
+    JSONL's files ride along into the synthesis round; traces and baselines are written."""
+    import json
+
+    from megatron.core.utils import unwrap_model
+
+    from megavlm.models.build import build_model_chunks
+    from megavlm.rl.pacore_cli import run_file, write_counting_problems
+
+    write_counting_problems(tmp_path / "p.jsonl", 3, seed=99)
+    cfg = load_config(None, ["model.preset=qwen3vl-tiny", "data.min_pixels=4096", "data.max_pixels=16384",
+                             "pacore.effort=custom", "pacore.rounds=[2]", "pacore.max_new_tokens=3",
+                             "pacore.context_budget=512", "pacore.max_batch_size=4"])
+    (chunk,), _ = build_model_chunks(cfg)
+    metrics = run_file(cfg, [unwrap_model(chunk)], str(tmp_path / "p.jsonl"), str(tmp_path / "out.jsonl"),
+                       compare=True)
+    traces = [json.loads(line) for line in (tmp_path / "out.jsonl").read_text().splitlines()]
+    assert [t["id"] for t in traces] == [f"synthetic-99-{i}-count" for i in range(3)]
+    for t in traces:
+        first, final = t["rounds"]
+        assert (first["k"], final["k"], len(first["responses"]), len(final["responses"])) == (2, 1, 2, 1)
+        assert final["prompt_tokens"] > first["prompt_tokens"] + 200  # the synthesis template
+        assert t["answer"] == final["compacted"][0] and t["reward"] in (0.0, 1.0)
+    assert metrics["schedule"] == [2, 1] and len(metrics["accuracy_per_round"]) == 2
+    assert metrics["baselines"]["rollouts"] == 3
+
+
+def test_stage1_from_the_config():
+    from megavlm.rl.pacore_train import stage1_training_data
+
+    cfg = load_config(None, ["model.preset=qwen3-tiny", "pacore.pool_size=8", "pacore.min_messages=4",
+                             "pacore.max_messages=6", "pacore.stage1_max_accuracy=0.5", "pacore.max_batch_size=5"])
+    answers = {0: ["0"] * 8, 1: ["1"] * 3 + ["9"] * 5, 2: ["9"] * 8, 3: ["3"] * 4 + ["9"] * 4}
+    builder = PromptBuilder(_encoder(), context_budget=4096, max_new_tokens=8)
+    engine = ScriptedEngine(answers)
+    data, pools = stage1_training_data(cfg.pacore, engine, builder, [_problem(i) for i in range(4)], _params())
+    assert [len(p.responses) for p in pools] == [8] * 4
+    assert max(len(call) for call, _ in engine.calls) == 5
+    assert [p.sample.id for p in data.pools] == ["p1"]  # 0 < 3/8 < 0.5; 4/8 is not below 0.5
+    assert all(4 <= len(d.messages) <= 6 for d in data.draw(0, 6))
