@@ -8,6 +8,11 @@ lockstep at one cache offset. MRoPE positions are explicit: each row's prompt ge
 rope_delta`` on all three axes (REFERENCE 1). megatron slices the rotary table by cache
 offset, so each step passes the positions of the whole sequence so far.
 
+``rollout`` returns each completion with the log-prob of every token (fp32, over the real
+vocabulary, at the sampling temperature, before top-p): the rollout log-probs of RL.
+Only the prompts' placeholders are media (``media_mask``): a generated ``<image_pad>`` is a
+plain token, embedded and positioned as text.
+
 Sampling is identical on every TP rank: the logits are gathered over the vocabulary and
 the random draws come from one generator seeded the same everywhere.
 """
@@ -36,6 +41,17 @@ class Prompt:
     image_grid_thw: Tensor | None = None
     pixel_values_videos: Tensor | None = None
     video_grid_thw: Tensor | None = None
+
+
+@dataclass
+class Completion:
+    """One prompt's generated tokens, each with its log-probability (fp32) under
+    ``log_softmax(logits / T)`` over the real vocabulary (T = temperature, 1 when greedy),
+    taken before top-p truncation: what a policy-gradient importance ratio compares with."""
+
+    tokens: Tensor  # [n] int64, the stop token included when one ended the row
+    logprobs: Tensor  # [n] float32
+    finish_reason: str  # "stop" | "length"
 
 
 @dataclass(kw_only=True)
@@ -117,6 +133,13 @@ class GenerationEngine:
     @torch.no_grad()
     def generate(self, prompts: list[Prompt], params: SamplingParams) -> list[Tensor]:
         """The generated tokens of each prompt (stop token included, if one was produced)."""
+        return [c.tokens for c in self.rollout(prompts, params)]
+
+    @torch.no_grad()
+    def rollout(self, prompts: list[Prompt], params: SamplingParams) -> list[Completion]:
+        """Each prompt's completion: tokens, their log-probs under the sampling distribution
+        (before top-p) and why it ended. Only the prompts' placeholders are media: a generated
+        ``<image_pad>`` is embedded and positioned as text."""
         model = self.model
         was_training = model.training
         model.eval()
@@ -134,29 +157,47 @@ class GenerationEngine:
         tokens = tokens.to(dev)
         pad_key = torch.arange(total, device=dev)[None, :] < torch.tensor(pad, device=dev)[:, None]  # [b, total]
         media = {k: None if v is None else v.to(dev) for k, v in concat_media(prompts).items()}
+        decode_media_mask = torch.zeros(b, 1, dtype=torch.bool, device=dev)  # generated tokens are text
+        stop_ids = torch.tensor(params.stop_token_ids or [-1], device=dev)
+        temperature = params.temperature if params.temperature > 0 else 1.0
 
         context = StaticInferenceContext(max_batch_size=b, max_sequence_length=total)
         generator = torch.Generator().manual_seed(params.seed)
         done = torch.zeros(b, dtype=torch.bool, device=dev)
-        out: list[list[int]] = [[] for _ in range(b)]
+        stopped = torch.zeros(b, dtype=torch.bool, device=dev)
+        n_new = torch.zeros(b, dtype=torch.long, device=dev)  # tokens generated per row, stop included
+        logprobs = torch.zeros(b, params.max_new_tokens, dtype=torch.float32, device=dev)
         start = 0
+        steps = 0
         with sequence_parallel_off(model):
             for end in range(longest, total):
-                step_tokens = tokens[:, start:end]
+                prefill = start == 0
                 logits = model(
-                    step_tokens, positions[..., :end], attention_mask=padding_mask(pad_key, start, end), runtime_gather_output=True,
-                    inference_context=context, **(media if start == 0 else {}),
-                )  # [b, 1, vocab (padded)]
+                    tokens[:, start:end], positions[..., :end], attention_mask=padding_mask(pad_key, start, end),
+                    runtime_gather_output=True, inference_context=context,
+                    media_mask=~pad_key[:, :end] if prefill else decode_media_mask,
+                    **(media if prefill else {}),
+                )  # [b, end - start, vocab (padded)]
                 context.sequence_len_offset += end - start
                 start = end
-                next_tokens = _sample(logits[:, -1, : self.vocab_size].float(), params, generator)
+                last = logits[:, -1, : self.vocab_size].float()  # [b, vocab]
+                next_tokens = _sample(last, params, generator)
+                logprobs[:, steps] = torch.log_softmax(last / temperature, dim=-1).gather(-1, next_tokens[:, None])[:, 0]
                 next_tokens = torch.where(done, torch.full_like(next_tokens, self.pad_token_id), next_tokens)
                 tokens[:, end] = next_tokens
-                for i in range(b):
-                    if not done[i]:
-                        out[i].append(int(next_tokens[i]))
-                done |= torch.isin(next_tokens, torch.tensor(params.stop_token_ids or [-1], device=dev))
+                n_new += ~done
+                steps += 1
+                hit = ~done & torch.isin(next_tokens, stop_ids)
+                stopped |= hit
+                done |= hit
                 if bool(done.all()):
                     break
         model.train(was_training)
-        return [torch.tensor(t, dtype=torch.long) for t in out]
+        n_new, stopped = n_new.tolist(), stopped.tolist()
+        out_tokens = tokens[:, longest:longest + steps].cpu()
+        logprobs = logprobs[:, :steps].cpu()
+        return [
+            Completion(tokens=out_tokens[i, :n].clone(), logprobs=logprobs[i, :n].clone(),
+                       finish_reason="stop" if stopped[i] else "length")
+            for i, n in enumerate(n_new)
+        ]

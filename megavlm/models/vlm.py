@@ -100,18 +100,23 @@ class VLMModel(MegatronModule):
         attention_mask: Tensor | None = None,
         runtime_gather_output: bool | None = None,
         inference_context=None,
+        media_mask: Tensor | None = None,
     ) -> Tensor:
         """Per-token loss ``[b, s]`` with labels on the last stage, logits without, else hidden states.
 
         ``tokens [b, s]``; ``position_ids [3, b, s]`` (MRoPE) or ``[b, s]``; media as flattened
         patches ``[N, C*T*P*P]`` with one ``grid_thw`` row per image / video block;
-        ``attention_mask`` (bool, True = masked out) only for padded inference batches.
+        ``attention_mask`` (bool, True = masked out) only for padded inference batches;
+        ``media_mask [b, s]`` (bool) marks the placeholder tokens that take media features (default:
+        every placeholder id): a generated ``<image_pad>`` is a plain token, not media.
         """
         if self.model_cfg.vision is None and (pixel_values is not None or pixel_values_videos is not None):
             raise ValueError("the batch has image or video pixels but model.vision is not configured")
         decoder_input = None
         if self.pre_process and self.model_cfg.vision is not None:
-            decoder_input = self._embed(tokens, pixel_values, image_grid_thw, pixel_values_videos, video_grid_thw)
+            decoder_input = self._embed(
+                tokens, pixel_values, image_grid_thw, pixel_values_videos, video_grid_thw, media_mask,
+            )
         output = self.language(
             tokens, position_ids, attention_mask, decoder_input=decoder_input, labels=labels,
             packed_seq_params=packed_seq_params, runtime_gather_output=runtime_gather_output,
@@ -121,7 +126,7 @@ class VLMModel(MegatronModule):
             output = self.deepstack.attach_to_output(output)
         return output
 
-    def _embed(self, tokens, pixel_values, image_grid_thw, pixel_values_videos, video_grid_thw) -> Tensor:
+    def _embed(self, tokens, pixel_values, image_grid_thw, pixel_values_videos, video_grid_thw, media_mask) -> Tensor:
         """Token embeddings with media features at their placeholders; DeepStack addends set."""
         ids = self.model_cfg.token_ids
         embeds = self.language.embedding(input_ids=tokens, position_ids=None)  # [s, b, h]
@@ -132,6 +137,8 @@ class VLMModel(MegatronModule):
         ]
         addends = None
         for mask, pixels, grid_thw, kind, token in media:
+            if media_mask is not None:
+                mask = mask & media_mask
             n_placeholders = int(mask.sum())
             if pixels is None:
                 if n_placeholders:
