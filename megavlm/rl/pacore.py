@@ -34,7 +34,7 @@ import torch
 
 from megavlm.data.encode import SampleEncoder
 from megavlm.data.sample import Message, Sample
-from megavlm.inference.engine import Prompt, SamplingParams
+from megavlm.inference.engine import Completion, Prompt, SamplingParams
 
 EFFORTS = {"low": [4], "medium": [16], "high": [32, 4]}
 
@@ -252,14 +252,14 @@ def sample_texts(engine, tokenizer, prompts: Sequence[Prompt], params: SamplingP
     out = []
     for n, start in enumerate(range(0, len(prompts), max_batch_size)):
         chunk = list(prompts[start:start + max_batch_size])
-        out += [_decode(tokenizer, ids, params) for ids in
-                engine.generate(chunk, dataclasses.replace(params, seed=params.seed + n))]
+        out += [_decode(tokenizer, c) for c in engine.rollout(chunk, dataclasses.replace(params, seed=params.seed + n))]
     return out
 
 
-def _decode(tokenizer, ids: torch.Tensor, params: SamplingParams) -> tuple[str, bool]:
-    ids = ids.tolist()
-    finished = bool(ids) and ids[-1] in params.stop_token_ids
+def _decode(tokenizer, completion: Completion) -> tuple[str, bool]:
+    """The text without the stop token, and whether a stop token ended it."""
+    ids = completion.tokens.tolist()
+    finished = completion.finish_reason == "stop"
     return tokenizer.decode(ids[:-1] if finished else ids), finished
 
 
@@ -275,8 +275,8 @@ def run_pacore(
     max_batch_size: int, shuffle_seed: int = 0,
     reward_fn: Callable[[dict | None, str], float | None] = answer_reward,
 ) -> list[ProblemTrace]:
-    """Run the schedule on every sample; ``engine.generate(prompts, params)`` returns the
-    generated token ids of each prompt (``GenerationEngine``). Engine call ``n`` samples
+    """Run the schedule on every sample; ``engine.rollout(prompts, params)`` returns each
+    prompt's ``Completion`` (``GenerationEngine``). Engine call ``n`` samples
     with seed ``params.seed + n``. ``params.stop_token_ids`` must hold the turn's end token."""
     tokenizer = builder.tokenizer
     traces = [ProblemTrace(s.id, [], s.targets) for s in samples]
@@ -291,10 +291,10 @@ def run_pacore(
     calls = 0
     while queue:
         batch = [queue.popleft() for _ in range(min(max_batch_size, len(queue)))]
-        outputs = engine.generate([item.prompt for item in batch], dataclasses.replace(params, seed=params.seed + calls))
+        outputs = engine.rollout([item.prompt for item in batch], dataclasses.replace(params, seed=params.seed + calls))
         calls += 1
-        for item, ids in zip(batch, outputs):
-            text, finished = _decode(tokenizer, ids, params)
+        for item, completion in zip(batch, outputs):
+            text, finished = _decode(tokenizer, completion)
             trace = traces[item.problem].rounds[item.round]
             trace.responses.append(text)
             trace.finished.append(finished)

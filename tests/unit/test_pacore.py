@@ -15,7 +15,7 @@ from megavlm.data.chat_template import Qwen3VLChatTemplate
 from megavlm.data.encode import SampleEncoder
 from megavlm.data.sample import Media, Message, Sample
 from megavlm.data.tokenizer import synthetic_tokenizer
-from megavlm.inference.engine import SamplingParams
+from megavlm.inference.engine import Completion, SamplingParams
 from megavlm.rl.pacore import (
     PromptBuilder, answer_reward, compact, majority_answer, order_references, pacore_metrics, render_synthesis_prompt,
     round_schedule, run_pacore, synthesis_sample, vote_metrics,
@@ -141,7 +141,7 @@ class ScriptedEngine:
         self.first, self.synth_answer = first, synth_answer
         self.calls, self.seen = [], {}
 
-    def generate(self, prompts, params):
+    def rollout(self, prompts, params):
         out, call = [], []
         for prompt in prompts:
             text = TOK.decode(prompt.tokens.tolist())
@@ -151,7 +151,8 @@ class ScriptedEngine:
             self.seen[(i, synth)] += 1
             call.append((i, "synth" if synth else "orig"))
             answer = self.synth_answer(i, j) if synth else self.first[i][j]
-            out.append(torch.tensor(TOK.encode(answer) + [IM_END]))
+            ids = torch.tensor(TOK.encode(answer) + [IM_END])
+            out.append(Completion(tokens=ids, logprobs=torch.zeros(len(ids)), finish_reason="stop"))
         self.calls.append((call, params.seed))
         return out
 
