@@ -126,11 +126,11 @@ def extract_answer(text: str) -> str:
     return final.lower().rstrip(".").strip()
 
 
-def answer_reward(targets: dict | None, text: str) -> float | None:
+def answer_reward(text: str, targets: dict | None) -> float | None:
     """Terminal reward in [0, 1] for the synthetic tasks with an exact answer (``count``,
     ``ocr``, ``motion``, ``text``, ...): 1 when the extracted answer equals the target.
-    None when the sample has no ``answer`` target. (The PPO reward registry will own this
-    once it lands; until then it lives here.)"""
+    None when the sample has no ``answer`` target. The signature is that of the PPO reward
+    registry's rewards (``response, targets``): any of them can stand in as ``reward_fn``."""
     if not targets or "answer" not in targets:
         return None
     return float(extract_answer(text) == extract_answer(str(targets["answer"])))
@@ -160,13 +160,16 @@ class PromptBuilder:
         self.encoder = encoder
         self.tokenizer = encoder.template.tok
         self.max_prompt = context_budget - max_new_tokens
-        self._media: dict[str, tuple[dict, list]] = {}
+        # keyed by the media list, which a synthesis sample shares with its problem (ids in a
+        # JSONL need not be unique); the list is kept so its id is never reused
+        self._media: dict[int, tuple[list, dict, list]] = {}
 
     def _media_of(self, sample: Sample):
-        if sample.id not in self._media:
+        key = id(sample.media)
+        if key not in self._media:
             # SampleEncoder.prompt() would decode the media again for every synthesis prompt
-            self._media[sample.id] = self.encoder._media(sample)
-        return self._media[sample.id]
+            self._media[key] = (sample.media, *self.encoder._media(sample))
+        return self._media[key][1:]
 
     def _tokens(self, sample: Sample) -> torch.Tensor:
         _, layouts = self._media_of(sample)
@@ -273,7 +276,7 @@ class _Item:
 def run_pacore(
     engine, builder: PromptBuilder, samples: Sequence[Sample], schedule: Sequence[int], params: SamplingParams, *,
     max_batch_size: int, shuffle_seed: int = 0,
-    reward_fn: Callable[[dict | None, str], float | None] = answer_reward,
+    reward_fn: Callable[[str, dict], float | None] = answer_reward,
 ) -> list[ProblemTrace]:
     """Run the schedule on every sample; ``engine.rollout(prompts, params)`` returns each
     prompt's ``Completion`` (``GenerationEngine``). Engine call ``n`` samples
@@ -299,7 +302,7 @@ def run_pacore(
             trace.responses.append(text)
             trace.finished.append(finished)
             trace.compacted.append(compact(text))
-            trace.rewards.append(reward_fn(samples[item.problem].targets, text))
+            trace.rewards.append(reward_fn(text, samples[item.problem].targets or {}))
             if len(trace.responses) == trace.k and item.round + 1 < len(schedule):
                 references = order_references(trace.compacted, shuffle_seed)
                 prompt, cap = builder.synthesis(samples[item.problem], references)
@@ -339,9 +342,9 @@ def pacore_metrics(traces: Sequence[ProblemTrace]) -> dict:
     }
 
 
-def vote_metrics(traces: Sequence[ProblemTrace]) -> dict:
+def vote_metrics(traces: Sequence[ProblemTrace], reward_fn: Callable[[str, dict], float | None] = answer_reward) -> dict:
     """Single pass (mean reward of the first round's rollouts) and majority vote over them,
     for traces run with a one-round schedule ``[n]``."""
     single = _mean(r for t in traces for r in t.rounds[0].rewards)
-    majority = _mean(answer_reward(t.targets, majority_answer(t.rounds[0].responses)) for t in traces)
+    majority = _mean(reward_fn(majority_answer(t.rounds[0].responses), t.targets or {}) for t in traces)
     return {"rollouts": traces[0].rounds[0].k, "single_pass": single, "majority_vote": majority}

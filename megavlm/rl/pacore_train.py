@@ -38,7 +38,7 @@ class MessagePool:
 
 
 def _reward(fn, sample: Sample, text: str) -> float:
-    r = fn(sample.targets, text)
+    r = fn(text, sample.targets or {})
     if r is None:
         raise ValueError(f"sample {sample.id}: no verifiable target (targets={sample.targets}); "
                          "PaCoRe training needs one per problem")

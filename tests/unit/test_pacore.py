@@ -108,10 +108,10 @@ def test_recipes_are_valid_overrides():
 
 
 def test_answer_reward_and_vote():
-    assert answer_reward({"answer": "3"}, "<think>maybe 2</think>There are 3 red shapes.") == 1.0
-    assert answer_reward({"answer": "3"}, "2") == 0.0
-    assert answer_reward({"answer": "cat"}, "Cat.") == 1.0
-    assert answer_reward(None, "3") is None
+    assert answer_reward("<think>maybe 2</think>There are 3 red shapes.", {"answer": "3"}) == 1.0
+    assert answer_reward("2", {"answer": "3"}) == 0.0
+    assert answer_reward("Cat.", {"answer": "cat"}) == 1.0
+    assert answer_reward("3", None) is None and answer_reward("3", {"box": [1, 2, 3, 4]}) is None
     assert majority_answer(["1", "2", "two: 2", "1"]) == "1"  # tie 1 vs 2: seen first
 
 
