@@ -4,8 +4,8 @@ One process, one tiny random Qwen3-VL (``qwen3vl-tiny``), the same synthetic cou
 (each with its image) and the same schedule. ``parallel``: one ``run_pacore`` over every
 problem, whose queue fills each engine call with up to ``--batch`` rollouts from any problem
 and round; ``sequential``: ``run_pacore`` on each problem alone (its own rollouts still share
-a call). Timing alternates the two for ``--repeats`` rounds after a warm-up; the printed
-ratio is the best parallel rollouts/s over the best sequential one.
+a call). Timing alternates the two for ``--repeats`` rounds; the printed
+ratio is the best parallel rollouts/s over the best sequential one (a one-problem warm-up first).
 
 Usage: ``python bench/pacore_throughput.py [--problems 8 --rounds 4 --new-tokens 16 --batch 64]``
 """
@@ -71,17 +71,17 @@ def main() -> None:
                 for s in samples:
                     run_pacore(engine, builder, [s], schedule, params, max_batch_size=args.batch)
 
+            print(f"schedule {schedule}, {args.problems} problems, {rollouts} rollouts of {args.new_tokens} tokens, "
+                  f"max_batch_size {args.batch}, {args.threads} threads", flush=True)
+            run_pacore(engine, builder, samples[:1], schedule, params, max_batch_size=args.batch)  # warm-up
             best = {}
-            for name, fn in [("parallel", parallel), ("sequential", sequential)]:
-                fn()  # warm-up
-            for _ in range(args.repeats):
+            for r in range(args.repeats):
                 for name, fn in [("parallel", parallel), ("sequential", sequential)]:
                     start = time.perf_counter()
                     fn()
-                    rate = rollouts / (time.perf_counter() - start)
-                    best[name] = max(best.get(name, 0.0), rate)
-        print(f"schedule {schedule}, {args.problems} problems, {rollouts} rollouts of {args.new_tokens} tokens, "
-              f"max_batch_size {args.batch}, {args.threads} threads")
+                    seconds = time.perf_counter() - start
+                    print(f"  repeat {r} {name}: {seconds:.2f} s", flush=True)
+                    best[name] = max(best.get(name, 0.0), rollouts / seconds)
         for name, rate in best.items():
             print(f"{name:>10}: {rate:7.2f} rollouts/s  {rate * args.new_tokens:8.1f} tokens/s")
         print(f"parallel / sequential: {best['parallel'] / best['sequential']:.2f}x")
