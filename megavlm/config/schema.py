@@ -248,6 +248,30 @@ class RLConfig:
 
 
 @dataclass(kw_only=True)
+class PaCoReConfig:
+    """PaCoRe test-time scaling and its training data (REFERENCE 8; megavlm.rl.pacore)."""
+
+    # Parallel rollouts per round before the final single answer: low [4], medium [16],
+    # high [32, 4]; "custom" takes ``rounds``.
+    effort: str = "medium"
+    rounds: list[int] = field(default_factory=list)
+    temperature: float = 1.0
+    top_p: float = 1.0
+    max_new_tokens: int = 1024
+    # Prompt + max_new_tokens must fit here (0: model.language.max_position_embeddings); the
+    # references of a synthesis prompt are cut to their last c tokens, c as large as fits.
+    context_budget: int = 0
+    shuffle_seed: int = 0  # order of the references shown in a synthesis prompt
+    seed: int = 0  # sampling
+    max_batch_size: int = 64  # rollouts per engine call, across problems and rounds
+    # Training (message pool and filtrations)
+    pool_size: int = 24
+    min_messages: int = 16
+    max_messages: int = 24
+    stage1_max_accuracy: float = 0.375  # keep 0 < message accuracy < 9/24
+
+
+@dataclass(kw_only=True)
 class Config:
     model: ModelConfig = field(default_factory=ModelConfig)
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
@@ -256,3 +280,4 @@ class Config:
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
     rl: RLConfig = field(default_factory=RLConfig)
+    pacore: PaCoReConfig = field(default_factory=PaCoReConfig)

@@ -104,6 +104,7 @@ def _collect_errors(cfg: Config, world_size: int) -> list[str]:
         if value not in choices:
             shown = ", ".join("null" if c is None else str(c) for c in choices)
             errors.append(f"{key}: {value!r} is not one of {shown}")
+    errors += _pacore_errors(cfg)
     for i, phase in enumerate(t.lr_phases):
         if phase.decay not in _CHOICES["train.lr_decay"]:
             errors.append(f"train.lr_phases[{i}].decay: {phase.decay!r} is not one of cosine, linear, constant")
@@ -350,3 +351,29 @@ def validate_rl(cfg: Config, world_size: int) -> None:
         errors.append("PPO does not support parallel.cp > 1 yet (set parallel.cp=1)")
     if errors:
         raise ConfigError("invalid configuration:\n  - " + "\n  - ".join(errors))
+
+
+def _pacore_errors(cfg: Config) -> list[str]:
+    c = cfg.pacore
+    errors = []
+    if c.effort not in ("low", "medium", "high", "custom"):
+        errors.append(f"pacore.effort: {c.effort!r} is not one of low, medium, high, custom")
+    elif (c.effort == "custom") != bool(c.rounds):
+        errors.append(f"pacore.rounds ({c.rounds}) is set exactly when pacore.effort=custom (got {c.effort!r})")
+    if any(k < 1 for k in c.rounds):
+        errors.append(f"pacore.rounds: every round needs >= 1 rollout, got {c.rounds}")
+    for key in ("max_new_tokens", "max_batch_size", "pool_size", "min_messages"):
+        if getattr(c, key) < 1:
+            errors.append(f"pacore.{key} must be >= 1, got {getattr(c, key)}")
+    if not c.min_messages <= c.max_messages <= c.pool_size:
+        errors.append(f"pacore: need min_messages ({c.min_messages}) <= max_messages ({c.max_messages}) "
+                      f"<= pool_size ({c.pool_size})")
+    if c.context_budget < 0:
+        errors.append(f"pacore.context_budget must be >= 0 (0: the model's positions), got {c.context_budget}")
+    lm = cfg.model.language
+    if lm is not None and c.context_budget > lm.max_position_embeddings:
+        errors.append(f"pacore.context_budget ({c.context_budget}) exceeds model.language.max_position_embeddings "
+                      f"({lm.max_position_embeddings})")
+    if not 0 < c.stage1_max_accuracy <= 1:
+        errors.append(f"pacore.stage1_max_accuracy must be in (0, 1], got {c.stage1_max_accuracy}")
+    return errors
