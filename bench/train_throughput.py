@@ -64,7 +64,7 @@ def parse_args() -> argparse.Namespace:
 
 def add_common_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--compile", action="store_true",
-                   help="also time HF with torch.compile and megavlm with train.compile=true")
+                   help="also time HF with torch.compile on its decoder and vision layers")
     p.add_argument("--profile-top", type=int, default=0, help="also print the top operators of each profile")
 
 
@@ -246,7 +246,7 @@ def print_phase_profiles(profiles: dict[str, dict[str, float]]) -> None:
 
 def compile_hf(model: torch.nn.Module) -> None:
     """torch.compile every decoder (and vision) layer of an HF model in place, the same
-    granularity megavlm's ``train.compile`` uses."""
+    granularity a layer-wise compile of megavlm would use."""
     for module in model.modules():
         layers = getattr(module, "layers", None) or getattr(module, "blocks", None)
         if isinstance(layers, torch.nn.ModuleList):
@@ -327,8 +327,7 @@ def main() -> None:
         f"head_dim {a.head_dim} vocab {a.vocab} | batch {a.mbs}x{a.seq} fp32 | "
         f"{a.rounds} rounds x {a.steps} steps after {a.warmup} warmup"
     )
-    trainer, mega_params, cfg = build_megavlm(a, iters=a.warmup + a.rounds * a.steps + 1,
-                                              extra=("train.compile=true",) if a.compile else ())
+    trainer, mega_params, cfg = build_megavlm(a, iters=a.warmup + a.rounds * a.steps + 1)
     hf_step, hf_params, _ = build_hf(a, cfg)
     print(f"parameters: megavlm {mega_params:,} | hf {hf_params:,}")
     steps = {"megavlm": lambda: trainer.step()["loss"], "hf": hf_step}

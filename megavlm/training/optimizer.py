@@ -39,6 +39,11 @@ def _fuse(optimizer: torch.optim.Optimizer) -> None:
     for group in optimizer.param_groups:
         group["fused"], group["foreach"] = True, False
     optimizer.defaults["fused"], optimizer.defaults["foreach"] = True, False
+    # torch keeps a fused optimizer's step counts as fp32 on the parameter's device (its
+    # load_state_dict does so only when the saved groups were fused already)
+    for param, state in optimizer.state.items():
+        if isinstance(state.get("step"), torch.Tensor):
+            state["step"] = state["step"].to(device=param.device, dtype=torch.float32)
 
 
 def use_fused_torch_adam(optimizer: MegatronOptimizer) -> list[torch.optim.Optimizer]:
