@@ -58,7 +58,14 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--warmup", type=int, default=2, help="untimed steps per framework")
     p.add_argument("--rounds", type=int, default=4, help="interleaved megavlm/HF block pairs")
     p.add_argument("--threads", type=int, default=_default_threads())
+    add_common_args(p)
     return p.parse_args()
+
+
+def add_common_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--compile", action="store_true",
+                   help="also time HF with torch.compile on its decoder and vision layers")
+    p.add_argument("--profile-top", type=int, default=0, help="also print the top operators of each profile")
 
 
 def _free_port() -> int:
@@ -67,8 +74,8 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def build_megavlm(a: argparse.Namespace, iters: int):
-    """A megavlm Trainer; returns its step function (-> loss), parameter count and config."""
+def build_megavlm(a: argparse.Namespace, iters: int, extra: tuple[str, ...] = ()):
+    """A megavlm Trainer (``extra``: more config overrides); returns it, its parameter count and config."""
     os.environ.setdefault("MASTER_PORT", str(_free_port()))
     from megavlm.config import load_config
     from megavlm.training.loop import Trainer
@@ -93,12 +100,13 @@ def build_megavlm(a: argparse.Namespace, iters: int):
             f"{lm}head_dim={a.head_dim}",
             f"{lm}vocab_size={a.vocab}",
             f"{lm}max_position_embeddings={max(a.seq, 4096)}",
+            *extra,
         ],
     )
     with contextlib.redirect_stdout(io.StringIO()):  # the Trainer prints its resolved config
         trainer = Trainer(cfg)
     num_params = sum(p.numel() for chunk in trainer.model for p in chunk.parameters())
-    return lambda: trainer.step()["loss"], num_params, cfg
+    return trainer, num_params, cfg
 
 
 @contextlib.contextmanager
@@ -112,7 +120,7 @@ def _no_torch_function_modes():
 
 def build_hf(a: argparse.Namespace, cfg):
     """HF Qwen3ForCausalLM with megavlm's shapes and optimizer settings; returns its step
-    function (-> loss) and parameter count."""
+    function (-> loss), parameter count and the model (``compile_hf`` compiles it)."""
     import transformers
 
     from megavlm.data.sampler import micro_batches
@@ -153,55 +161,151 @@ def build_hf(a: argparse.Namespace, cfg):
     )
 
     def step() -> float:
-        input_ids = next(data).tokens
+        with phase("data"):
+            input_ids = next(data).tokens
         with _no_torch_function_modes():
-            optimizer.zero_grad(set_to_none=True)
-            loss = model(input_ids=input_ids, labels=input_ids).loss
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(model.parameters(), t.clip_grad)
-            optimizer.step()
+            with phase("optimizer"):
+                optimizer.zero_grad(set_to_none=True)
+            with phase("forward"):
+                loss = model(input_ids=input_ids, labels=input_ids).loss
+            with phase("backward"):
+                loss.backward()
+            with phase("optimizer"):
+                torch.nn.utils.clip_grad_norm_(model.parameters(), t.clip_grad)
+                optimizer.step()
         return loss.item()
 
-    return step, sum(p.numel() for p in params)
+    return step, sum(p.numel() for p in params), model
 
 
-def step_times(step, n: int) -> tuple[list[float], float]:
-    """Wall seconds of each of ``n`` steps (CPU work is synchronous), and the last loss."""
-    times = []
+PHASES = ("data", "forward", "backward", "optimizer")
+_profiling = False
+
+
+def phase(name: str):
+    """A named profiler range while ``phase_profile`` runs, else nothing (no cost in the timing)."""
+    return torch.profiler.record_function(name) if _profiling else contextlib.nullcontext()
+
+
+@contextlib.contextmanager
+def megavlm_phases(trainer):
+    """Name megavlm's phases for the profiler without touching the library: the step's
+    micro-batches (data), megatron's forward and backward steps (the forward includes the
+    loss function), and the optimizer step (gradient clipping included, as for HF)."""
+    from megatron.core.pipeline_parallel import schedules
+
+    def named(name, fn):
+        def wrapper(*args, **kwargs):
+            with phase(name):
+                return fn(*args, **kwargs)
+        return wrapper
+
+    saved = schedules.forward_step, schedules.backward_step
+    schedules.forward_step, schedules.backward_step = named("forward", saved[0]), named("backward", saved[1])
+    trainer._step_data = named("data", trainer._step_data)
+    trainer.optimizer.step = named("optimizer", trainer.optimizer.step)
+    try:
+        yield
+    finally:
+        schedules.forward_step, schedules.backward_step = saved
+        del trainer._step_data, trainer.optimizer.step  # back to the class's methods
+
+
+def phase_profile(step, *, top: int = 0) -> dict[str, float]:
+    """Milliseconds of each phase of one ``step`` under torch.profiler (CPU), ``other`` the
+    rest of the step (zeroing gradient buffers, loss and finiteness reductions, Python).
+    With ``top``, also prints the ``top`` operators by self CPU time."""
+    global _profiling
+    _profiling = True
+    try:
+        with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+            start = time.perf_counter()
+            step()
+            total = (time.perf_counter() - start) * 1e3
+    finally:
+        _profiling = False
+    averages = prof.key_averages()
+    ms = {name: 0.0 for name in PHASES}
+    for event in averages:
+        if event.key in ms:
+            ms[event.key] += event.cpu_time_total / 1e3
+    ms["other"] = max(total - sum(ms.values()), 0.0)
+    ms["total"] = total
+    if top:
+        print(averages.table(sort_by="self_cpu_time_total", row_limit=top))
+    return ms
+
+
+def print_phase_profiles(profiles: dict[str, dict[str, float]]) -> None:
+    columns = (*PHASES, "other", "total")
+    print("\nprofile of one step (ms, torch.profiler; the profiler adds overhead)")
+    print(f"{'':14}" + "".join(f"{c:>10}" for c in columns))
+    for name, ms in profiles.items():
+        print(f"{name:14}" + "".join(f"{ms[c]:10.1f}" for c in columns))
+
+
+def compile_hf(model: torch.nn.Module) -> None:
+    """torch.compile every decoder (and vision) layer of an HF model in place, the same
+    granularity a layer-wise compile of megavlm would use."""
+    for module in model.modules():
+        layers = getattr(module, "layers", None) or getattr(module, "blocks", None)
+        if isinstance(layers, torch.nn.ModuleList):
+            for layer in layers:
+                layer.compile()
+
+
+def step_times(step, n: int) -> tuple[list[float], list[float], float]:
+    """Wall seconds and process CPU seconds of each of ``n`` steps (CPU work is
+    synchronous), and the last loss."""
+    wall, cpu = [], []
     for _ in range(n):
-        start = time.perf_counter()
+        start, start_cpu = time.perf_counter(), time.process_time()
         loss = step()
-        times.append(time.perf_counter() - start)
-    return times, loss
+        wall.append(time.perf_counter() - start)
+        cpu.append(time.process_time() - start_cpu)
+    return wall, cpu, loss
 
 
-def compare(steps: dict, *, tokens: int, warmup: int, rounds: int, steps_per_block: int) -> float:
-    """Interleaved timing of ``steps`` ({"megavlm": fn, "hf": fn}); prints the table, returns the ratio."""
+def compare(steps: dict, *, tokens: int, warmup: int, rounds: int, steps_per_block: int) -> dict[str, float]:
+    """Interleaved timing of ``steps`` ({"megavlm": fn, "hf": fn, ...}); prints the table and
+    returns megavlm's ratio over every other contender: the median over rounds of the
+    per-round ratio of median-step tokens/s (a round runs every contender back to back, so
+    load from other processes hits both sides of each ratio alike)."""
     for step in steps.values():
         for _ in range(warmup):
             step()
     times: dict[str, list[list[float]]] = {name: [] for name in steps}
+    cpu_times: dict[str, list[list[float]]] = {name: [] for name in steps}
     losses: dict[str, float] = {}
     for r in range(rounds):
         for name in steps if r % 2 == 0 else reversed(steps):
-            block, losses[name] = step_times(steps[name], steps_per_block)
+            block, cpu_block, losses[name] = step_times(steps[name], steps_per_block)
             times[name].append(block)
+            cpu_times[name].append(cpu_block)
 
     def rate(ts: list[float]) -> float:  # tokens/s of the median step
         return tokens / statistics.median(ts)
 
     header = "".join(f"{f'round {i + 1}':>9}" for i in range(rounds))
-    print(f"\ntokens/s  {header}{'median':>9}{'best':>9}{'last loss':>11}")
-    summary = {}
+    print(f"\ntokens/s      {header}{'median':>9}{'best':>9}{'last loss':>11}")
     for name, per_round in times.items():
         flat = [t for ts in per_round for t in ts]
-        summary[name] = rate(flat), tokens / min(flat)
-        print(f"{name:10}" + "".join(f"{rate(ts):9.0f}" for ts in per_round)
-              + f"{summary[name][0]:9.0f}{summary[name][1]:9.0f}{losses[name]:11.3f}")
-    print(f"(best-step ratio {summary['megavlm'][1] / summary['hf'][1]:.2f}x)")
-    ratio = summary["megavlm"][0] / summary["hf"][0]
-    print(f"ratio megavlm/hf: {ratio:.2f}x")
-    return ratio
+        print(f"{name:14}" + "".join(f"{rate(ts):9.0f}" for ts in per_round)
+              + f"{rate(flat):9.0f}{tokens / min(flat):9.0f}{losses[name]:11.3f}")
+    ratios = {}
+    for name in steps:
+        if name == "megavlm":
+            continue
+        per_round = [rate(m) / rate(o) for m, o in zip(times["megavlm"], times[name])]
+        ratios[name] = statistics.median(per_round)
+        print(f"ratio megavlm/{name}: {ratios[name]:.2f}x (median of rounds "
+              + " ".join(f"{x:.2f}" for x in per_round) + ")")
+        # Process CPU time (all threads) per step: less sensitive to other processes on a
+        # shared machine than wall time, though not to their effect on caches.
+        cpu = [rate(m) / rate(o) for m, o in zip(cpu_times["megavlm"], cpu_times[name])]
+        print(f"  by process CPU time per step: {statistics.median(cpu):.2f}x (median of rounds "
+              + " ".join(f"{x:.2f}" for x in cpu) + ")")
+    return ratios
 
 
 def main() -> None:
@@ -210,6 +314,8 @@ def main() -> None:
     torch.set_num_threads(a.threads)
     import transformers
     from megatron.core import __version__ as mcore_version
+
+    from megavlm.platform import device
 
     print(
         f"torch {torch.__version__} | transformers {transformers.__version__} | "
@@ -221,13 +327,26 @@ def main() -> None:
         f"head_dim {a.head_dim} vocab {a.vocab} | batch {a.mbs}x{a.seq} fp32 | "
         f"{a.rounds} rounds x {a.steps} steps after {a.warmup} warmup"
     )
-    mega_step, mega_params, cfg = build_megavlm(a, iters=a.warmup + a.rounds * a.steps)
-    hf_step, hf_params = build_hf(a, cfg)
+    trainer, mega_params, cfg = build_megavlm(a, iters=a.warmup + a.rounds * a.steps + 1)
+    hf_step, hf_params, _ = build_hf(a, cfg)
     print(f"parameters: megavlm {mega_params:,} | hf {hf_params:,}")
-    steps = {"megavlm": mega_step, "hf": hf_step}
-    tokens = a.mbs * a.seq
+    steps = {"megavlm": lambda: trainer.step()["loss"], "hf": hf_step}
+    if a.compile:
+        steps["hf+compile"], _, hf_model = build_hf(a, cfg)
+        compile_hf(hf_model)
+    run_bench(a, steps, trainer, tokens=a.mbs * a.seq)
 
+
+def run_bench(a: argparse.Namespace, steps: dict, trainer, *, tokens: int) -> None:
+    """Interleaved timing, then the per-phase profile of one more (warm) step of each."""
     compare(steps, tokens=tokens, warmup=a.warmup, rounds=a.rounds, steps_per_block=a.steps)
+    profiles = {}
+    for name, step in steps.items():
+        with megavlm_phases(trainer) if name == "megavlm" else contextlib.nullcontext():
+            if a.profile_top:
+                print(f"\n{name}: top operators by self CPU time")
+            profiles[name] = phase_profile(step, top=a.profile_top)
+    print_phase_profiles(profiles)
 
 
 if __name__ == "__main__":

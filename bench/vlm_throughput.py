@@ -29,7 +29,9 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
-from train_throughput import _default_threads, _free_port, _no_torch_function_modes, compare  # noqa: E402
+from train_throughput import (  # noqa: E402
+    _default_threads, _free_port, _no_torch_function_modes, add_common_args, compile_hf, phase, run_bench,
+)
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -43,6 +45,7 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--warmup", type=int, default=1)
     p.add_argument("--rounds", type=int, default=4)
     p.add_argument("--threads", type=int, default=_default_threads())
+    add_common_args(p)
     return p.parse_args()
 
 
@@ -105,36 +108,46 @@ def main() -> None:
     from megavlm.models.full_tensors import gather_full_tensors
     from megavlm.training.loop import Trainer
 
-    iters = a.warmup + a.rounds * a.steps + 1
+    iters = a.warmup + a.rounds * a.steps + 2
     cfg = load_config(None, OVERRIDES + [f"train.iters={iters}", f"data.seq_length={a.seq}",
                                          f"train.micro_batch_size={a.mbs}", f"train.global_batch_size={a.mbs}"])
     with contextlib.redirect_stdout(io.StringIO()):
         trainer = Trainer(cfg)
     batch, hf_inputs = make_batch(cfg, a)
     trainer.data = itertools.repeat(batch)  # the same micro-batch every step, as for HF
-
     full = gather_full_tensors(trainer.model)
-    hf_cfg = hf_config_from_model(cfg.model)
-    config = transformers.Qwen3VLConfig(**{k: v for k, v in hf_cfg.items() if k not in ("model_type", "architectures")})
-    config._attn_implementation = "sdpa"
-    hf = transformers.Qwen3VLForConditionalGeneration(config).train()
-    hf.load_state_dict(megavlm_to_hf(full, qwen3vl_rules(cfg.model), num_layers=cfg.model.language.num_layers),
-                       strict=not cfg.model.language.tie_embeddings)
     t = cfg.train
-    params = list(hf.parameters())
-    optimizer = torch.optim.AdamW(
-        [{"params": [p for p in params if p.ndim > 1]}, {"params": [p for p in params if p.ndim <= 1], "weight_decay": 0.0}],
-        lr=t.lr, betas=(t.adam_beta1, t.adam_beta2), eps=t.adam_eps, weight_decay=t.weight_decay,
-    )
 
-    def hf_step() -> float:
-        with _no_torch_function_modes():
-            optimizer.zero_grad(set_to_none=True)
-            loss = hf(**hf_inputs).loss
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(params, t.clip_grad)
-            optimizer.step()
-        return loss.item()
+    def build_hf():
+        hf_cfg = hf_config_from_model(cfg.model)
+        config = transformers.Qwen3VLConfig(**{k: v for k, v in hf_cfg.items() if k not in ("model_type", "architectures")})
+        config._attn_implementation = "sdpa"
+        hf = transformers.Qwen3VLForConditionalGeneration(config).train()
+        hf.load_state_dict(megavlm_to_hf(full, qwen3vl_rules(cfg.model), num_layers=cfg.model.language.num_layers),
+                           strict=not cfg.model.language.tie_embeddings)
+        params = list(hf.parameters())
+        optimizer = torch.optim.AdamW(
+            [{"params": [p for p in params if p.ndim > 1]},
+             {"params": [p for p in params if p.ndim <= 1], "weight_decay": 0.0}],
+            lr=t.lr, betas=(t.adam_beta1, t.adam_beta2), eps=t.adam_eps, weight_decay=t.weight_decay,
+        )
+
+        def hf_step() -> float:
+            with _no_torch_function_modes():
+                with phase("optimizer"):
+                    optimizer.zero_grad(set_to_none=True)
+                with phase("forward"):
+                    loss = hf(**hf_inputs).loss
+                with phase("backward"):
+                    loss.backward()
+                with phase("optimizer"):
+                    torch.nn.utils.clip_grad_norm_(params, t.clip_grad)
+                    optimizer.step()
+            return loss.item()
+
+        return hf_step, hf
+
+    hf_step, _ = build_hf()
 
     def megavlm_step() -> float:
         return trainer.step()["loss"]
@@ -145,8 +158,12 @@ def main() -> None:
           f"{lm.hidden_size} vocab {lm.vocab_size} | batch {a.mbs}x{a.seq} with one {a.image_patches}x"
           f"{a.image_patches}-patch image each | fp32")
     print(f"first-step loss: megavlm {megavlm_step():.6f} | hf {hf_step():.6f} (same weights and inputs)")
-    compare({"megavlm": megavlm_step, "hf": hf_step}, tokens=a.mbs * a.seq, warmup=a.warmup - 1 if a.warmup else 0,
-            rounds=a.rounds, steps_per_block=a.steps)
+    steps = {"megavlm": megavlm_step, "hf": hf_step}
+    if a.compile:
+        steps["hf+compile"], hf_compiled = build_hf()
+        compile_hf(hf_compiled)
+    a.warmup = max(a.warmup - 1, 0)  # the first step above was one
+    run_bench(a, steps, trainer, tokens=a.mbs * a.seq)
 
 
 if __name__ == "__main__":

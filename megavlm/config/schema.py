@@ -109,6 +109,19 @@ class ParallelConfig:
     # Spread the vision encoder's images and frames over the CP ranks and all-gather the
     # features, instead of every CP rank encoding all media of the micro-batch.
     vision_cp_split: bool = False
+    # Overlap of data-parallel communication with compute (megatron-core DDP): gradient
+    # reduce-scatter/all-reduce with the backward, parameter all-gather (distributed optimizer
+    # only) with the next forward. None: on with CUDA (param gather: with the distributed
+    # optimizer too), off on CPU.
+    overlap_grad_reduce: bool | None = None
+    overlap_param_gather: bool | None = None
+    # TP all-gather / reduce-scatter overlapped with the GEMMs of the decoder (Transformer
+    # Engine userbuffers; needs tp > 1 and sequence_parallel).
+    tp_comm_overlap: bool = False
+    # Uneven pipeline split: decoder layers on the first / last stage (the first stage also
+    # carries the vision encoder); the other stages split the rest evenly. None: even split.
+    first_stage_layers: int | None = None
+    last_stage_layers: int | None = None
 
 
 @dataclass(kw_only=True)

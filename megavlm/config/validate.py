@@ -149,7 +149,9 @@ def _collect_errors(cfg: Config, world_size: int) -> list[str]:
     vpp = p.vpp or 1
     if p.vpp is not None and p.vpp > 1 and p.pp < 2:
         errors.append(f"parallel.vpp={p.vpp} needs parallel.pp >= 2, got {p.pp}")
-    if lm.num_layers % (p.pp * vpp):
+    uneven = _uneven_stage_errors(p, lm.num_layers)
+    errors += uneven
+    if p.first_stage_layers is None and p.last_stage_layers is None and lm.num_layers % (p.pp * vpp):
         errors.append(
             f"model.language.num_layers ({lm.num_layers}) must be a multiple of "
             f"parallel.pp x parallel.vpp ({p.pp} x {vpp} = {p.pp * vpp})"
@@ -157,6 +159,7 @@ def _collect_errors(cfg: Config, world_size: int) -> list[str]:
     errors += _context_parallel_errors(cfg)
     if p.sequence_parallel and p.tp == 1:
         errors.append("parallel.sequence_parallel=true needs parallel.tp > 1")
+    errors += _overlap_errors(cfg)
     if p.sequence_parallel and cfg.data.seq_length % p.tp:
         errors.append(
             f"data.seq_length ({cfg.data.seq_length}) must be a multiple of parallel.tp ({p.tp}) "
@@ -377,3 +380,48 @@ def _pacore_errors(cfg: Config) -> list[str]:
     if not 0 < c.stage1_max_accuracy <= 1:
         errors.append(f"pacore.stage1_max_accuracy must be in (0, 1], got {c.stage1_max_accuracy}")
     return errors
+
+
+def _uneven_stage_errors(p, num_layers: int) -> list[str]:
+    """parallel.first_stage_layers / last_stage_layers: megatron-core's uneven split rules."""
+    set_keys = {k: v for k, v in (("first_stage_layers", p.first_stage_layers),
+                                  ("last_stage_layers", p.last_stage_layers)) if v is not None}
+    if not set_keys:
+        return []
+    errors = []
+    if p.pp < 2:
+        errors.append(f"parallel.{next(iter(set_keys))} needs parallel.pp >= 2, got {p.pp}")
+    if p.vpp is not None and p.vpp > 1:
+        errors.append("parallel.first_stage_layers / last_stage_layers are not supported with parallel.vpp > 1")
+    for key, value in set_keys.items():
+        if value < 1:
+            errors.append(f"parallel.{key} must be >= 1, got {value}")
+    if errors:
+        return errors
+    rest_layers = num_layers - sum(set_keys.values())
+    rest_stages = p.pp - len(set_keys)
+    if rest_layers < rest_stages or (rest_stages == 0 and rest_layers) or (rest_stages and rest_layers % rest_stages):
+        errors.append(
+            f"parallel.first_stage_layers / last_stage_layers ({p.first_stage_layers} / {p.last_stage_layers}) "
+            f"leave {rest_layers} of model.language.num_layers ({num_layers}) for the other {rest_stages} "
+            f"pipeline stage(s); that must be a positive multiple of their count"
+        )
+    return errors
+
+
+def _overlap_errors(cfg: Config) -> list[str]:
+    """Communication-overlap keys (resolved defaults: megavlm.training.data_parallel)."""
+    p, errors = cfg.parallel, []
+    if p.overlap_param_gather and not p.distributed_optimizer:
+        errors.append("parallel.overlap_param_gather=true needs parallel.distributed_optimizer=true")
+    if p.tp_comm_overlap:
+        from megavlm.platform.device import has_cuda, has_transformer_engine
+
+        if p.tp < 2 or not p.sequence_parallel:
+            errors.append("parallel.tp_comm_overlap=true needs parallel.tp > 1 and parallel.sequence_parallel=true")
+        if not (has_cuda() and has_transformer_engine()):
+            errors.append("parallel.tp_comm_overlap=true needs CUDA and Transformer Engine (userbuffers)")
+        if cfg.model.transformer_impl == "local":
+            errors.append("parallel.tp_comm_overlap=true needs Transformer Engine layers; model.transformer_impl=local has none")
+    return errors
+

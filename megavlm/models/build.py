@@ -12,7 +12,7 @@ from megatron.core.transformer.transformer_config import TransformerConfig
 
 from megavlm.config.schema import Config
 from megavlm.models.full_tensors import initialize_layout_invariant
-from megavlm.models.transformer_config import transformer_config
+from megavlm.models.transformer_config import initialize_tp_comm_overlap, transformer_config
 from megavlm.models.vlm import VLMModel
 from megavlm.platform import device
 
@@ -24,10 +24,11 @@ def num_model_chunks(cfg: Config) -> int:
 def build_model_chunks(cfg: Config) -> tuple[list[torch.nn.Module], TransformerConfig]:
     """Unwrapped model chunks (one per virtual pipeline stage) on this rank's device."""
     use_te = device.use_transformer_engine(cfg.model.transformer_impl)
-    tconfig = transformer_config(
-        cfg.model, cfg.parallel, dtype=device.default_dtype(cfg.train.precision), use_te=use_te,
-        recompute=cfg.train.recompute,
-    )
+    dtype = device.default_dtype(cfg.train.precision)
+    tconfig = transformer_config(cfg.model, cfg.parallel, dtype=dtype, use_te=use_te, recompute=cfg.train.recompute)
+    if cfg.parallel.tp_comm_overlap:
+        initialize_tp_comm_overlap(cfg.model, cfg.parallel, seq_length=cfg.data.seq_length,
+                                   micro_batch_size=cfg.train.micro_batch_size, dtype=dtype)
     vpp = num_model_chunks(cfg)
     chunks = [
         VLMModel(cfg.model, cfg.parallel, tconfig, use_te=use_te, vp_stage=i if vpp > 1 else None)

@@ -18,10 +18,11 @@ import torch
 from torch import Tensor
 
 
-def late_levels(*, levels: int, num_layers: int, pp: int, vpp: int | None) -> int:
-    """Levels whose target decoder layer is not in the first (virtual) pipeline stage."""
+def late_levels(*, levels: int, num_layers: int, pp: int, vpp: int | None, first_stage_layers: int | None = None) -> int:
+    """Levels whose target decoder layer is not in the first (virtual) pipeline stage
+    (``first_stage_layers``: parallel.first_stage_layers of an uneven split)."""
     chunks = pp * (vpp if vpp and vpp > 1 else 1)
-    first_chunk_layers = num_layers // chunks
+    first_chunk_layers = num_layers // chunks if first_stage_layers is None else first_stage_layers
     return max(0, levels - first_chunk_layers) if chunks > 1 else 0
 
 

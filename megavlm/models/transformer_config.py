@@ -77,6 +77,10 @@ def transformer_config(
         sequence_parallel=parallel.sequence_parallel,
         cp_comm_type=parallel.cp_comm_type if parallel.cp > 1 else None,
         **recompute_fields(recompute),
+        num_layers_in_first_pipeline_stage=parallel.first_stage_layers,
+        num_layers_in_last_pipeline_stage=parallel.last_stage_layers,
+        # TE userbuffers (initialize_tp_comm_overlap) for the decoder's TP communication
+        tp_comm_overlap=parallel.tp_comm_overlap,
         # The loss is a token sum; megatron divides by the global token count (all DP ranks
         # and micro-batches), which makes the result independent of the layout.
         calculate_per_token_loss=True,
@@ -102,3 +106,19 @@ def transformer_config(
         moe_layer_freq=moe.layer_freq if moe else 1,
         moe_permute_fusion=False,
     )
+
+
+def initialize_tp_comm_overlap(model: ModelConfig, parallel: ParallelConfig, *, seq_length: int,
+                               micro_batch_size: int, dtype: torch.dtype) -> None:
+    """Transformer Engine's userbuffers for ``parallel.tp_comm_overlap``, before the layers are
+    built (what Megatron-LM's ``_initialize_tp_communicators`` does): one buffer of the
+    decoder's sequence-parallel activations, ``[seq * micro_batch / cp, hidden]``."""
+    from transformer_engine.pytorch import module as te_module
+
+    te_module.base.initialize_ub(
+        shape=[seq_length * micro_batch_size // parallel.cp, model.language.hidden_size],
+        tp_size=parallel.tp,
+        use_fp8=model.fp8.format is not None,
+        dtype=dtype,
+    )
+

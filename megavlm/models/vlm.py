@@ -62,7 +62,8 @@ class VLMModel(MegatronModule):
         levels = len(model.vision.deepstack_layers) if model.vision else 0
         self.deepstack = DeepStackInjector(
             self.language.decoder.layers, levels=levels,
-            late=late_levels(levels=levels, num_layers=lm.num_layers, pp=parallel.pp, vpp=parallel.vpp),
+            late=late_levels(levels=levels, num_layers=lm.num_layers, pp=parallel.pp, vpp=parallel.vpp,
+                             first_stage_layers=parallel.first_stage_layers),
         )
         self._freeze(model.freeze)
 
@@ -231,4 +232,5 @@ def pipeline_seq_multiplier(model: ModelConfig, parallel: ParallelConfig) -> int
     if model.vision is None:
         return 1
     levels = len(model.vision.deepstack_layers)
-    return 1 + late_levels(levels=levels, num_layers=model.language.num_layers, pp=parallel.pp, vpp=parallel.vpp)
+    return 1 + late_levels(levels=levels, num_layers=model.language.num_layers, pp=parallel.pp, vpp=parallel.vpp,
+                           first_stage_layers=parallel.first_stage_layers)

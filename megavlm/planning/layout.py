@@ -39,6 +39,18 @@ class Layout:
     sequence_parallel: bool | None = None  # None: on whenever tp > 1
     distributed_optimizer: bool = True
     recompute: str = "none"  # train.recompute: none, selective, or full (every layer)
+    # Uneven pipeline split (parallel.first_stage_layers / last_stage_layers); None: even.
+    first_stage_layers: int | None = None
+    last_stage_layers: int | None = None
+
+    def stage_layers(self, num_layers: int) -> list[int]:
+        """Decoder layers per pipeline rank (vpp = 1 when uneven; megatron-core's split)."""
+        fixed = {0: self.first_stage_layers, self.pp - 1: self.last_stage_layers}
+        fixed = {r: n for r, n in fixed.items() if n is not None}
+        if not fixed:
+            return [num_layers // self.pp] * self.pp
+        rest = (num_layers - sum(fixed.values())) // max(self.pp - len(fixed), 1)
+        return [fixed.get(r, rest) for r in range(self.pp)]
 
     @property
     def sp(self) -> bool:
@@ -68,6 +80,10 @@ class Layout:
             parts.append(f"ep{self.ep}")
         if self.etp is not None and self.etp != self.tp:
             parts.append(f"etp{self.etp}")
+        if self.first_stage_layers is not None:
+            parts.append(f"first{self.first_stage_layers}")
+        if self.last_stage_layers is not None:
+            parts.append(f"last{self.last_stage_layers}")
         return " ".join(parts)
 
     def overrides(self) -> list[str]:
@@ -89,6 +105,10 @@ class Layout:
                 out += ["train.recompute.method=uniform", "train.recompute.num_layers=1"]
         if self.etp is not None:
             out.append(f"parallel.etp={self.etp}")
+        if self.first_stage_layers is not None:
+            out.append(f"parallel.first_stage_layers={self.first_stage_layers}")
+        if self.last_stage_layers is not None:
+            out.append(f"parallel.last_stage_layers={self.last_stage_layers}")
         return out
 
     @staticmethod
@@ -105,6 +125,8 @@ class Layout:
             sequence_parallel=p.sequence_parallel,
             distributed_optimizer=p.distributed_optimizer,
             recompute=recompute,
+            first_stage_layers=p.first_stage_layers,
+            last_stage_layers=p.last_stage_layers,
         )
 
 

@@ -71,6 +71,10 @@ def moe_layer_pattern(lm: LanguageModelConfig) -> list[int]:
 
 
 def chunk_layer_range(num_layers: int, layout: Layout, pp_rank: int, vp_stage: int) -> range:
+    if layout.first_stage_layers is not None or layout.last_stage_layers is not None:
+        sizes = layout.stage_layers(num_layers)  # uneven: vpp = 1
+        start = sum(sizes[:pp_rank])
+        return range(start, start + sizes[pp_rank])
     per_chunk = num_layers // (layout.pp * layout.vpp)
     start = (vp_stage * layout.pp + pp_rank) * per_chunk
     return range(start, start + per_chunk)

@@ -209,6 +209,21 @@ def _divisors(n: int) -> list[int]:
     return [d for d in range(1, n + 1) if n % d == 0]
 
 
+def _stage_splits(num_layers: int, pp: int, vpp: int, fixed: dict) -> list[tuple[int | None, int | None]]:
+    """(first_stage_layers, last_stage_layers) to try: the even split and, with pp > 1 and no
+    interleaving, the first stage one step lighter (it also runs the vision encoder and the
+    embedding): the most layers below the even share that leave the other stages an even
+    split. Pinned by ``fixed``."""
+    if "first_stage_layers" in fixed or "last_stage_layers" in fixed:
+        return [(fixed.get("first_stage_layers"), fixed.get("last_stage_layers"))]
+    splits: list[tuple[int | None, int | None]] = [(None, None)]
+    if pp > 1 and vpp == 1:
+        lighter = [f for f in range(1, num_layers // pp) if (num_layers - f) % (pp - 1) == 0]
+        if lighter:
+            splits.append((max(lighter), None))
+    return splits
+
+
 def candidate_layouts(lm: LanguageModelConfig, gpu: GPU, gpus: int, fixed: dict) -> Iterator[Layout]:
     """Every combination of degrees the search tries (before any validity rule).
 
@@ -216,7 +231,7 @@ def candidate_layouts(lm: LanguageModelConfig, gpu: GPU, gpus: int, fixed: dict)
     with pp * vpp dividing it; cp a power of two; ep a power-of-two divisor of the expert
     count and etp in {tp, 1}; micro-batch size in {1, 2, 4}; recompute in {none, full}
     (selective only when asked: with flash attention it saves next to nothing). Keys in
-    ``fixed`` (Layout field names) pin a value. Only combinations where tp*pp*cp divides
+    ``fixed`` (Layout field names) pin a value; uneven stages as ``_stage_splits``. Only combinations where tp*pp*cp divides
     the GPUs are yielded (DP must be a whole number); every other rule is megavlm's.
     """
 
@@ -228,7 +243,10 @@ def candidate_layouts(lm: LanguageModelConfig, gpu: GPU, gpus: int, fixed: dict)
     for tp in choices("tp", [t for t in (1, 2, 4, 8) if t <= min(gpu.gpus_per_node, gpus)]):
         for pp in choices("pp", [p for p in _divisors(lm.num_layers) if p <= gpus]):
             vpps = [v for v in (1, 2, 3, 4) if lm.num_layers % (pp * v) == 0]
-            for vpp in choices("vpp", [1] if pp == 1 else vpps):
+            for vpp, (first, last) in (
+                (v, split) for v in choices("vpp", [1] if pp == 1 else vpps)
+                for split in _stage_splits(lm.num_layers, pp, v, fixed)
+            ):
                 for cp in choices("cp", pow2):
                     if gpus % (tp * pp * cp):
                         continue
@@ -247,6 +265,8 @@ def candidate_layouts(lm: LanguageModelConfig, gpu: GPU, gpus: int, fixed: dict)
                                         distributed_optimizer=fixed.get("distributed_optimizer", True),
                                         sequence_parallel=fixed.get("sequence_parallel"),
                                         recompute=rc,
+                                        first_stage_layers=first,
+                                        last_stage_layers=last,
                                     )
 
 

@@ -27,7 +27,7 @@ from megavlm.training.checkpoint import TrainState, load_checkpoint, save_checkp
 from megavlm.training.losses import weight_micro_batches
 from megavlm.training.metrics import MetricsLogger
 from megavlm.models.build import build_model_chunks
-from megavlm.training.data_parallel import wrap_data_parallel
+from megavlm.training.data_parallel import parameters_in_sync, wrap_data_parallel
 from megavlm.training.optimizer import build_lr_schedule, build_optimizer
 from megavlm.training.step import forward_step
 
@@ -117,7 +117,7 @@ class Trainer:
             if dist.get_rank() == 0:
                 print(f"megavlm: weights from checkpoint.pretrained={cfg.checkpoint.pretrained}; "
                       "fresh optimizer, iteration 0", flush=True)
-        self.model = wrap_data_parallel(chunks, tconfig, distributed_optimizer=cfg.parallel.distributed_optimizer)
+        self.model = wrap_data_parallel(chunks, tconfig, cfg.parallel)
         tconfig.no_sync_func = [m.no_sync for m in self.model] if len(self.model) > 1 else self.model[0].no_sync
         tconfig.finalize_model_grads_func = finalize_model_grads
         self.optimizer = build_optimizer(cfg, self.model)
@@ -207,14 +207,16 @@ class Trainer:
         """Checkpoint the current state (collective). With ``checkpoint.async_save`` this only
         schedules the write: the directory is complete once ``finalize_saves`` reports it."""
         if self.async_saves is None:
-            path = save_checkpoint(self.cfg.checkpoint.save, self.cfg, self.state, self.model, self.optimizer,
-                                   assets=self.assets)
+            with parameters_in_sync(self.model):
+                path = save_checkpoint(self.cfg.checkpoint.save, self.cfg, self.state, self.model, self.optimizer,
+                                       assets=self.assets)
             self._log(f"megavlm: saved checkpoint {path}")
             return path
         self.finalize_saves(blocking=True)  # one save in flight at a time
         start = time.perf_counter()
-        path, request = save_checkpoint_async(self.cfg.checkpoint.save, self.cfg, self.state, self.model,
-                                              self.optimizer, assets=self.assets)
+        with parameters_in_sync(self.model):
+            path, request = save_checkpoint_async(self.cfg.checkpoint.save, self.cfg, self.state, self.model,
+                                                  self.optimizer, assets=self.assets)
         index = self.async_saves.schedule_async_request(request)
         self._pending_paths[index] = path
         self._log(f"megavlm: scheduled async save of {path} ({time.perf_counter() - start:.2f}s blocking)")

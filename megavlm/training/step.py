@@ -31,26 +31,35 @@ def token_loss_sum(loss_mask: torch.Tensor, loss_weights: torch.Tensor | None, o
     return loss_sum, num_tokens, {"lm loss": report}
 
 
-def packed_seq_params(cu_seqlens: torch.Tensor) -> PackedSeqParams:
+def packed_seq_params(cu_seqlens: torch.Tensor, target: torch.device | None = None) -> PackedSeqParams:
+    """megatron's thd parameters; the longest segment is read where ``cu_seqlens`` lives (the
+    CPU side of the data path) before the boundaries are copied to ``target``."""
     max_len = int((cu_seqlens[1:] - cu_seqlens[:-1]).max())
+    if target is not None:
+        cu_seqlens = cu_seqlens.to(target, non_blocking=True)
     return PackedSeqParams(
         qkv_format="thd", cu_seqlens_q=cu_seqlens, cu_seqlens_kv=cu_seqlens,
         max_seqlen_q=max_len, max_seqlen_kv=max_len,
     )
 
 
+# Small host-side tensors that only shape the computation: kept on the CPU so that reading
+# them (lengths, grid sizes) never synchronizes with the device in the forward.
+HOST_FIELDS = ("image_grid_thw", "video_grid_thw")
+
+
 def forward_step(data_iterator: Iterator[Batch], model: torch.nn.Module):
-    batch = next(data_iterator).to(device.device())
+    host = next(data_iterator)
+    batch = host.to(device.device())
+    media = {**batch.media(), **{name: getattr(host, name) for name in HOST_FIELDS}}
     if parallel_state.get_context_parallel_world_size() > 1:
-        return _forward_context_parallel(batch, model)
-    packed = None if batch.cu_seqlens is None else packed_seq_params(batch.cu_seqlens)
-    output = model(
-        batch.tokens, batch.position_ids, labels=batch.labels, packed_seq_params=packed, **batch.media()
-    )
+        return _forward_context_parallel(batch, model, media)
+    packed = None if host.cu_seqlens is None else packed_seq_params(host.cu_seqlens, batch.tokens.device)
+    output = model(batch.tokens, batch.position_ids, labels=batch.labels, packed_seq_params=packed, **media)
     return output, partial(token_loss_sum, batch.loss_mask, batch.loss_weights)
 
 
-def _forward_context_parallel(batch: Batch, model: torch.nn.Module):
+def _forward_context_parallel(batch: Batch, model: torch.nn.Module, media: dict):
     """This CP rank's share of the micro-batch through the model (megavlm.parallel.context);
     the loss is the token sum of the share, which megatron's per-token normalization turns
     into the global-batch loss over DP x CP."""
@@ -66,6 +75,6 @@ def _forward_context_parallel(batch: Batch, model: torch.nn.Module):
     )
     output = model(
         shard.tokens, shard.position_ids, labels=shard.labels, packed_seq_params=shard.packed_seq_params,
-        cp_partition=shard.partition, **batch.media(),
+        cp_partition=shard.partition, **media,
     )
     return output, partial(token_loss_sum, shard.loss_mask, shard.loss_weights)

@@ -23,9 +23,9 @@ WORKER_MODULE = "tests.parallel.worker"
 LAUNCHES = {
     1: ["ref", "ref_moe", "ref_packed", "ref_moe_no_aux", "ref_sqrt_mb1", "ref_sqrt_mb2", "ref_sqrt_mb4",
         "ref_per_token_mb1"],
-    2: ["tp2", "pp2", "pp2_vpp2", "dp2", "dp2_distopt", "ep2_moe", "ep2_moe_allgather", "tp2_packed", "resume_dp2", "resume_pp2", "resume_vlm_pp2",
-        "resume_async_dp2", "reshard_tp2_to_pp2", "nan_skip", "dp2_sqrt", "vlm_logits_tp2", "vlm_logits_pp2", "vlm_moe_logits_ep2",
-        "vlm_moe_logits_tp2", "vlm_moe_logits_pp2"],
+    2: ["tp2", "pp2", "pp2_vpp2", "pp2_uneven", "dp2", "dp2_distopt", "ep2_moe", "ep2_moe_allgather", "tp2_packed", "resume_dp2", "resume_pp2", "resume_vlm_pp2",
+        "resume_async_dp2", "reshard_tp2_to_pp2", "nan_skip", "dp2_sqrt", "vlm_logits_tp2", "vlm_logits_pp2", "vlm_logits_pp2_uneven",
+        "vlm_moe_logits_ep2", "vlm_moe_logits_tp2", "vlm_moe_logits_pp2"],
     4: ["tp2_pp2", "tp2_ep2_moe_no_aux"],
 }
 # the single-rank run each layout is compared with (default "ref")
@@ -70,7 +70,7 @@ def _max_diff(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> float:
 
 @pytest.mark.parametrize(
     "layout",
-    ["tp2", "pp2", "pp2_vpp2", "dp2", "dp2_distopt", "ep2_moe", "ep2_moe_allgather", "tp2_packed",
+    ["tp2", "pp2", "pp2_vpp2", "pp2_uneven", "dp2", "dp2_distopt", "ep2_moe", "ep2_moe_allgather", "tp2_packed",
      "tp2_pp2", "tp2_ep2_moe_no_aux", "ref_sqrt_mb2", "ref_sqrt_mb4", "dp2_sqrt"],
 )
 def test_layout_matches_single_rank(results, layout):
@@ -134,7 +134,7 @@ def test_nan_step_is_skipped_on_every_rank(results):
 
 
 @pytest.mark.parametrize(
-    "name", ["vlm_logits_tp2", "vlm_logits_pp2", "vlm_moe_logits_ep2", "vlm_moe_logits_tp2", "vlm_moe_logits_pp2"]
+    "name", ["vlm_logits_tp2", "vlm_logits_pp2", "vlm_logits_pp2_uneven", "vlm_moe_logits_ep2", "vlm_moe_logits_tp2", "vlm_moe_logits_pp2"]
 )
 def test_vlm_logits_match_hf_in_parallel_layouts(results, name):
     """HF Qwen3-VL and Qwen3-VL-MoE weights in TP=2+SP, PP=2 (DeepStack level 2 crosses the

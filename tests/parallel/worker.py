@@ -83,6 +83,7 @@ LAYOUTS = {
     "tp2": ["parallel.tp=2", "parallel.sequence_parallel=true"],
     "pp2": ["parallel.pp=2"],
     "pp2_vpp2": ["parallel.pp=2", "parallel.vpp=2"],
+    "pp2_uneven": ["parallel.pp=2", "parallel.first_stage_layers=1"],  # 1 + 3 decoder layers
     "dp2": [],
     "dp2_distopt": ["parallel.distributed_optimizer=true"],
     "ep2_moe": MOE + ["parallel.ep=2"],
@@ -243,6 +244,8 @@ def run_vlm_logits(name: str, out: Path, log_dir: Path) -> None:
     preset, layout = {
         "vlm_logits_tp2": ("qwen3vl-tiny", ["parallel.tp=2", "parallel.sequence_parallel=true"]),
         "vlm_logits_pp2": ("qwen3vl-tiny", ["parallel.pp=2"]),
+        # 1 + 3 decoder layers: DeepStack levels 2 and 3 cross the stage boundary
+        "vlm_logits_pp2_uneven": ("qwen3vl-tiny", ["parallel.pp=2", "parallel.first_stage_layers=1"]),
         "vlm_moe_logits_ep2": ("qwen3vl-moe-tiny", ["parallel.ep=2"]),
         "vlm_moe_logits_tp2": ("qwen3vl-moe-tiny", ["parallel.tp=2", "parallel.sequence_parallel=true"]),
         "vlm_moe_logits_pp2": ("qwen3vl-moe-tiny", ["parallel.pp=2"]),

@@ -15,7 +15,15 @@ from megavlm.config.vision import VisionConfig
 
 
 class PatchEmbed(torch.nn.Module):
-    """Conv3d with kernel = stride = (temporal_patch, patch, patch): one vector per patch."""
+    """Conv3d with kernel = stride = (temporal_patch, patch, patch): one vector per patch.
+
+    The parameters are those of the released Conv3d (same names and shapes, so checkpoints
+    and HF conversion are unchanged), but the forward is the equivalent linear layer over
+    the flattened patches: with kernel = stride every output is one dot product of the
+    weight with one ``C*T*P*P`` patch, in the ``(C, T, P, P)`` order of both flattenings.
+    One GEMM forward and backward instead of a convolution, whose backward (on CPU
+    especially) is several times slower.
+    """
 
     def __init__(self, vision: VisionConfig):
         super().__init__()
@@ -24,8 +32,9 @@ class PatchEmbed(torch.nn.Module):
         self.proj = torch.nn.Conv3d(vision.in_channels, vision.hidden_size, kernel_size=kernel, stride=kernel, bias=True)
 
     def forward(self, pixel_values: Tensor) -> Tensor:
-        x = pixel_values.view(-1, *self.shape).to(self.proj.weight.dtype)  # [N, C, T, P, P]
-        return self.proj(x).flatten(1)  # [N, hidden]
+        weight = self.proj.weight.flatten(1)  # [hidden, C*T*P*P]
+        x = pixel_values.reshape(-1, weight.shape[1]).to(weight.dtype)  # [N, C*T*P*P]
+        return F.linear(x, weight, self.proj.bias)  # [N, hidden]
 
 
 def merge_block_order(rows: Tensor, merge: int) -> Tensor:

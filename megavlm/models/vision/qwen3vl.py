@@ -113,12 +113,16 @@ class VisionModel(MegatronModule):
     def forward(self, pixel_values: Tensor, grid_thw: Tensor) -> tuple[Tensor, list[Tensor]]:
         """``[N, C*T*P*P]`` patches + ``[n, 3]`` grids -> ``[N/4, llm]`` and one ``[N/4, llm]``
         per DeepStack level, in input order."""
+        # Positions, RoPE angles and segment lengths depend on the grids only: computed on
+        # the CPU (training passes the grids there, see training.step) and copied over, so
+        # the forward never waits for the device to read a value back.
         grid_thw = grid_thw.cpu().long()
         x = self.patch_embed(pixel_values) + self.pos_embed(grid_thw).to(pixel_values.device)  # [N, H]
         head_dim = self.vision.hidden_size // self.vision.num_attention_heads
         rope = rope_2d(grid_thw, head_dim=head_dim, theta=self.vision.rope_theta, merge=self.merge).to(x.device)
-        cu = vision_cu_seqlens(grid_thw).to(x.device)
+        cu = vision_cu_seqlens(grid_thw)
         longest = int((cu[1:] - cu[:-1]).max())
+        cu = cu.to(x.device)
         packed = PackedSeqParams(qkv_format="thd", cu_seqlens_q=cu, cu_seqlens_kv=cu,
                                  max_seqlen_q=longest, max_seqlen_kv=longest)
         self._captured = {}
