@@ -41,9 +41,13 @@ def test_expand_slurm_nodelist_rejects_malformed(nodelist):
 
 
 def test_torchrun_env():
-    env = {"RANK": "5", "LOCAL_RANK": "1", "WORLD_SIZE": "8", "LOCAL_WORLD_SIZE": "4",
+    """torchrun inside an srun task (one per node): its ranks win over SLURM_PROCID (the node)."""
+    env = {"RANK": "5", "LOCAL_RANK": "1", "WORLD_SIZE": "8", "LOCAL_WORLD_SIZE": "4", "TORCHELASTIC_RUN_ID": "42",
            "MASTER_ADDR": "10.0.0.1", "MASTER_PORT": "29400", "SLURM_PROCID": "0"}
     assert detect_dist_env(env) == DistEnv(5, 1, 8, 4, "10.0.0.1", 29400, "torchrun")
+    # outside slurm, LOCAL_WORLD_SIZE alone marks a torchrun-style launch
+    del env["TORCHELASTIC_RUN_ID"], env["SLURM_PROCID"]
+    assert detect_dist_env(env).launcher == "torchrun"
 
 
 def _slurm_env(**overrides: str) -> dict[str, str]:
@@ -55,6 +59,33 @@ def _slurm_env(**overrides: str) -> dict[str, str]:
 
 def test_slurm_two_nodes_of_eight():
     assert detect_dist_env(_slurm_env()) == DistEnv(11, 3, 16, 8, "gpu07", 23456, "slurm")
+
+
+def test_slurm_under_the_pyxis_hook():
+    """enroot's 50-slurm-pytorch hook adds RANK, WORLD_SIZE, LOCAL_RANK, MASTER_* (no
+    LOCAL_WORLD_SIZE) to every srun task: still an srun launch, on the hook's address."""
+    env = _slurm_env(RANK="11", WORLD_SIZE="16", LOCAL_RANK="3", MASTER_ADDR="gpu07", MASTER_PORT="6000")
+    assert detect_dist_env(env) == DistEnv(11, 3, 16, 8, "gpu07", 6000, "slurm")
+
+
+@pytest.mark.parametrize(
+    ("stale", "message"),
+    [
+        ({"RANK": "0"}, "RANK=0 but SLURM_PROCID=11"),
+        ({"WORLD_SIZE": "1", "LOCAL_RANK": "0"}, "WORLD_SIZE=1 but SLURM_NTASKS=16; LOCAL_RANK=0 but SLURM_LOCALID=3"),
+        ({"LOCAL_WORLD_SIZE": "1"}, "LOCAL_WORLD_SIZE=1 but slurm runs 8 task"),
+        ({"MASTER_ADDR": "localhost", "SLURM_JOB_NUM_NODES": "2"}, "MASTER_ADDR=localhost but the job has"),
+    ],
+)
+def test_stale_variables_under_srun_are_named(stale, message):
+    with pytest.raises(ValueError, match="launcher variables disagree under srun") as err:
+        detect_dist_env(_slurm_env(**stale))
+    assert message in str(err.value) and "unset them" in str(err.value)
+
+
+def test_stale_rank_without_a_launcher_is_named():
+    with pytest.raises(ValueError, match=r"RANK=3, WORLD_SIZE=4 set, but no launcher.*unset RANK WORLD_SIZE"):
+        detect_dist_env({"RANK": "3", "WORLD_SIZE": "4", "MASTER_ADDR": "localhost"})
 
 
 def test_slurm_prefers_explicit_master_and_falls_back_to_slurm_nodelist():
@@ -90,7 +121,7 @@ def test_single_process_default():
           "MASTER_ADDR": "h", "MASTER_PORT": "1"}, "WORLD_SIZE='two' is not an integer"),
         ({"RANK": "0", "WORLD_SIZE": "1", "LOCAL_WORLD_SIZE": "1", "MASTER_ADDR": "h", "MASTER_PORT": "1"},
          "LOCAL_RANK is not set"),
-        ({"RANK": "0"}, "WORLD_SIZE is not set"),
+        ({"TORCHELASTIC_RUN_ID": "1", "RANK": "0", "LOCAL_RANK": "0"}, "WORLD_SIZE is not set"),
         ({"RANK": "4", "WORLD_SIZE": "4", "LOCAL_RANK": "0", "LOCAL_WORLD_SIZE": "1",
           "MASTER_ADDR": "h", "MASTER_PORT": "1"}, "rank 4 is not below world size 4"),
         (_slurm_env(SLURM_NTASKS="-1"), "SLURM_NTASKS='-1' must not be negative"),
