@@ -157,12 +157,13 @@ check_recipe_paths() {
         path=$value
         [[ "$path" == /* ]] || path="$WORKDIR/$path"
         if host=$(map_to_host "$path"); then
-            [[ "$key" == checkpoint.save ]] && ckpt_host=$host
+            if [[ "$key" == checkpoint.save ]]; then ckpt_host=$host; fi
         else
             echo "megavlm launch: warning: $key=$value is not under any container mount" \
                  "(${mounts[*]:-none}): it would live in each node's container and be lost; add it to MOUNTS"
         fi
     done <<<"$listing"
+    return 0
 }
 
 read -r -a overrides <<<"$OVERRIDES"

@@ -27,6 +27,7 @@ import signal
 import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
+from multiprocessing import resource_tracker
 
 import torch
 import torch.distributed as dist
@@ -60,6 +61,11 @@ def children_shielded() -> Iterator[None]:
     inherit the block (see the module docstring). Nests; restores the previous mask."""
     previous = signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS)
     try:
+        # multiprocessing's resource tracker, started with the first spawn-context child
+        # (e.g. the Manager), blocks and then *unblocks* SIGTERM around its own start, which
+        # undoes ours: start it now (it inherits the block too), then block again.
+        resource_tracker.ensure_running()
+        signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS)
         yield
     finally:
         signal.pthread_sigmask(signal.SIG_SETMASK, previous)

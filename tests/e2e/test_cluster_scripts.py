@@ -89,8 +89,9 @@ def fake_slurm(tmp_path_factory) -> Path:
 
 
 def _slurm_env(fake_slurm: Path, **extra: str) -> dict[str, str]:
-    env = _env(SLURM_JOB_ID="4242", SLURM_JOB_NODELIST="gpu[07-08]", SLURM_JOB_NUM_NODES="2",
-               SLURM_SUBMIT_DIR=str(REPO), HOST_PYTHON=sys.executable, **extra)
+    job = dict(SLURM_JOB_ID="4242", SLURM_JOB_NODELIST="gpu[07-08]", SLURM_JOB_NUM_NODES="2",
+               SLURM_SUBMIT_DIR=str(REPO), HOST_PYTHON=sys.executable)
+    env = _env(**{**job, **extra})
     # settings launch.sh passes with --container-env: only the test's own
     env = {k: v for k, v in env.items()
            if not k.startswith(("NCCL_", "UCX_", "NVTE_", "TORCH_NCCL_", "CUDA_DEVICE_MAX_CONNECTIONS"))
@@ -320,7 +321,7 @@ def test_torchrun_node_keeps_torchrun_alive_and_relays_usr1(tmp_path, spawn):
          str(tmp_path / "fake_train.py"), str(ready)],
         env=_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
     )
-    _wait_for(ready, proc, timeout=30)
+    _wait_for(ready, proc, timeout=120)
     (agent,) = psutil.Process(proc.pid).children()
     agent.send_signal(signal.SIGUSR1)  # as when slurm signals every process of the step
     time.sleep(0.3)
@@ -483,8 +484,9 @@ def _check_image():
     return module
 
 
-NGC_LIKE = {"python": "3.12.3", "torch": "2.8.0a0+5228986c39.nv25.6", "transformer_engine": "2.4.0+3cd6870c",
-            "megatron-core": "0.16.1", "nvidia-dali-cuda120": "2.4.0", "megavlm": "0.1.0", "cuda": "12.9"}
+NGC_LIKE = {"python": "3.12.3", "torch": "2.9.0a0+145a3a7bda.nv25.11", "transformer_engine": "2.9.0+70f53666",
+            "megatron-core": "0.16.1", "nvidia-dali-cuda130": "1.52.0", "nvidia-dali-cuda120": None,
+            "megavlm": "0.1.0", "cuda": "13.0", "fused_weight_gradient_mlp_cuda": "present", "amp_C": "present"}
 
 
 @pytest.mark.parametrize(
@@ -492,11 +494,14 @@ NGC_LIKE = {"python": "3.12.3", "torch": "2.8.0a0+5228986c39.nv25.6", "transform
     [
         ({}, None),
         ({"torch": "2.6.0a0+ecf3bae40a"}, None),  # NGC prerelease of 2.6 counts as 2.6
+        ({"cuda": "12.9", "nvidia-dali-cuda130": None, "nvidia-dali-cuda120": "1.50.0"}, None),  # NGC 25.06
         ({"transformer_engine": "1.14.0+abc"}, "Transformer Engine 1.14.0+abc"),  # NGC 25.01
         ({"python": "3.10.12"}, "Python 3.10.12"),  # NGC 24.xx
         ({"torch": "2.5.0a0+e000cf0ad9"}, "torch 2.5.0a0"),
-        ({"cuda": "13.0"}, "CUDA 13.0"),
-        ({"nvidia-dali-cuda120": None}, "DALI"),
+        ({"cuda": "11.8"}, "torch CUDA 11.8"),
+        ({"nvidia-dali-cuda130": None}, "DALI (nvidia-dali-cuda130, the build for torch's CUDA 13.0) is not installed"),
+        ({"nvidia-dali-cuda120": "1.50.0"}, "nvidia-dali-cuda120 (CUDA 12) is installed but torch has CUDA 13.0"),
+        ({"fused_weight_gradient_mlp_cuda": None}, "apex kernel fused_weight_gradient_mlp_cuda is missing"),
         ({"megatron-core": "0.15.0"}, "megatron-core 0.15.0"),
     ],
 )

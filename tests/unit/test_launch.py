@@ -10,8 +10,11 @@ import sys
 import textwrap
 
 import pytest
+from pathlib import Path
 
 from megavlm.platform.launch import DistEnv, detect_dist_env, expand_slurm_nodelist
+
+REPO = Path(__file__).resolve().parents[2]
 
 
 @pytest.mark.parametrize(
@@ -143,37 +146,54 @@ def test_bad_values_name_the_variable(env, message):
 
 _WORKER = textwrap.dedent(
     """
-    import torch, torch.distributed as dist
+    import sys, torch, torch.distributed as dist
     from megavlm.platform.launch import detect_dist_env, init_process_group
+    from megavlm.platform.storage import StorageNotSharedError, check_shared_directory
     env = detect_dist_env()
     assert env.launcher == "slurm", env
     init_process_group(env, "gloo", timeout_minutes=1)
     t = torch.tensor([env.rank + 1.0])
     dist.all_reduce(t)
     print(t.item(), flush=True)
+    check_shared_directory(sys.argv[1], "checkpoint.save", wait_s=0.5)  # the same directory for both
+    try:  # relative: each rank's own working directory, as with a path not mounted on every node
+        check_shared_directory("ckpt", "checkpoint.save", wait_s=0.5)
+    except StorageNotSharedError as e:
+        print(e, flush=True)
     dist.destroy_process_group()
     """
 )
 
 
-def test_two_process_gloo_job_from_slurm_env():
+def test_two_process_gloo_job_from_slurm_env(tmp_path):
+    """A slurm-style rendezvous, then the storage probe: passes on a shared directory, names
+    the rank, the path and the mount when the ranks see different directories."""
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         port = sock.getsockname()[1]
     torchrun_vars = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
     base = {k: v for k, v in os.environ.items() if not k.startswith("SLURM_") and k not in torchrun_vars}
     base.update(SLURM_NTASKS="2", SLURM_NTASKS_PER_NODE="2", SLURM_JOB_NODELIST="localhost",
-                SLURM_JOB_ID=str(random.randrange(1, 10**6)), MASTER_PORT=str(port))
-    procs = [
-        subprocess.Popen([sys.executable, "-c", _WORKER], env={**base, "SLURM_PROCID": str(i), "SLURM_LOCALID": str(i)},
-                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-        for i in range(2)
-    ]
+                SLURM_JOB_ID=str(random.randrange(1, 10**6)), MASTER_PORT=str(port),
+                PYTHONPATH=os.pathsep.join([str(REPO), base.get("PYTHONPATH", "")]))
+    shared = tmp_path / "shared"
+    cwds = [tmp_path / f"node{i}" for i in range(2)]
+    procs = []
+    for i, cwd in enumerate(cwds):
+        cwd.mkdir()
+        procs.append(subprocess.Popen([sys.executable, "-c", _WORKER, str(shared)], cwd=cwd,
+                                      env={**base, "SLURM_PROCID": str(i), "SLURM_LOCALID": str(i)},
+                                      stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
     try:
-        results = [p.communicate(timeout=60) for p in procs]
+        results = [p.communicate(timeout=180) for p in procs]
     finally:
         for p in procs:
             p.kill()
     for p, (out, err) in zip(procs, results):
         assert p.returncode == 0, err
-        assert out.strip() == "3.0", (out, err)
+        lines = out.strip().splitlines()
+        assert lines[0] == "3.0", (out, err)
+        assert lines[1].startswith("checkpoint.save=ckpt is not shared: rank 1 on "), out
+        assert "do not see the probe file rank 0 wrote there" in lines[1] and "path on mount" in lines[1]
+    assert list(shared.iterdir()) == []  # the probe is removed
+    assert (cwds[0] / "ckpt").is_dir() and not (cwds[1] / "ckpt").exists()
