@@ -24,18 +24,27 @@ _MINIMUMS = [
     ("Transformer Engine", "transformer_engine", (2, 2), "megatron-core's tensorwise FP8 recipe needs TE >= 2.2"),
 ]
 _EXACT = [("megatron-core", "megatron-core", "0.16.1", "megavlm is built on megatron-core 0.16.1")]
-_PRESENT = [("DALI", "nvidia-dali-cuda120"), ("megavlm", "megavlm")]
+_PRESENT = [("megavlm", "megavlm")]
+# DALI ships one wheel per CUDA major version; the one installed must match torch's CUDA.
+_DALI = {"12": "nvidia-dali-cuda120", "13": "nvidia-dali-cuda130"}
+# apex's CUDA extensions that megatron-core uses when present: the fused weight-gradient
+# GEMM (gradient_accumulation_fusion of megatron's local layers; megavlm turns it off
+# without it, megavlm.platform.device) and the multi-tensor kernels of its optimizers.
+_APEX_KERNELS = ("fused_weight_gradient_mlp_cuda", "amp_C")
 
 
 def installed_versions() -> dict[str, str | None]:
-    """Distribution name -> installed version (None if absent), plus python and CUDA."""
-    names = [d for _, d, *_ in _MINIMUMS + _EXACT] + [d for _, d in _PRESENT]
+    """Distribution name -> installed version (None if absent), python, torch's CUDA, and
+    "present" (None if absent) for each apex kernel module, found without importing it."""
+    names = [d for _, d, *_ in _MINIMUMS + _EXACT] + [d for _, d in _PRESENT] + list(_DALI.values())
     versions: dict[str, str | None] = {"python": platform.python_version()}
     for name in names:
         try:
             versions[name] = importlib.metadata.version(name)
         except importlib.metadata.PackageNotFoundError:
             versions[name] = None
+    for module in _APEX_KERNELS:
+        versions[module] = "present" if importlib.util.find_spec(module) is not None else None
     try:
         import torch  # loads without a GPU; CUDA is initialised lazily
 
@@ -71,8 +80,22 @@ def problems(versions: dict[str, str | None]) -> list[str]:
         if versions.get(dist) is None:
             found.append(f"{what} ({dist}) is not installed")
     cuda = versions.get("cuda")
-    if cuda is None or not cuda.startswith("12."):
-        found.append(f"torch CUDA {cuda}: nvidia-dali-cuda120 is DALI's CUDA 12 build; use a CUDA 12 base image")
+    major = cuda.split(".")[0] if cuda else None
+    if major not in _DALI:
+        found.append(f"torch CUDA {cuda}: megavlm's images are CUDA {' or '.join(_DALI)} (DALI wheels "
+                     f"{', '.join(_DALI.values())})")
+    else:
+        wanted = _DALI[major]
+        if versions.get(wanted) is None:
+            found.append(f"DALI ({wanted}, the build for torch's CUDA {cuda}) is not installed")
+        for other_major, other in _DALI.items():
+            if other_major != major and versions.get(other) is not None:
+                found.append(f"DALI {other} (CUDA {other_major}) is installed but torch has CUDA {cuda}: "
+                             f"pip uninstall {other} and install {wanted}")
+    for module in _APEX_KERNELS:
+        if versions.get(module) is None:
+            found.append(f"apex kernel {module} is missing (NGC PyTorch images build apex with it): megatron-core "
+                         "falls back to slower paths")
     return found
 
 

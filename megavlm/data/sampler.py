@@ -14,6 +14,7 @@ from typing import Iterator, Sequence
 import torch
 
 from megavlm.data.batch import Batch
+from megavlm.platform.signals import loader_worker_init
 
 
 class MicroBatchIndices:
@@ -47,5 +48,6 @@ def micro_batches(
         return (Batch.collate([dataset[i] for i in batch]) for batch in indices)
     loader = torch.utils.data.DataLoader(
         dataset, batch_sampler=indices, num_workers=num_workers, collate_fn=Batch.collate, persistent_workers=True,
+        worker_init_fn=loader_worker_init,  # slurm signals every process of the step
     )
     return iter(loader)

@@ -1,9 +1,15 @@
 """Find this process's place in a distributed job and start the process group.
 
-The same training script must run under ``torchrun`` (which exports ``RANK``,
-``WORLD_SIZE``, ...) and directly under slurm ``srun`` with one task per GPU (which
-exports only ``SLURM_*`` variables), so the launcher is detected from the environment
-instead of being configured by hand. A process with neither is a single-process run.
+The same training script must run under ``torchrun`` and directly under slurm ``srun``
+with one task per GPU, so the launcher is detected from the environment instead of being
+configured by hand. A process with neither is a single-process run.
+
+``RANK`` alone does not identify torchrun: enroot's ``50-slurm-pytorch`` hook (NGC images
+under pyxis) exports ``RANK``, ``WORLD_SIZE``, ``LOCAL_RANK``, ``MASTER_ADDR`` and
+``MASTER_PORT`` in every srun task, and a login shell may carry stale ones into a job. So
+torchrun is recognized by variables only its agent sets (``TORCHELASTIC_RUN_ID``,
+``LOCAL_WORLD_SIZE``), then slurm by ``SLURM_PROCID``; generic variables that are present
+too must agree with slurm's, and the error names the pair that does not.
 """
 
 from __future__ import annotations
@@ -15,9 +21,10 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from datetime import timedelta
 
-import torch
-import torch.distributed as dist
-
+# Set by torchrun's agent and not by the pyxis hook: these mean "torchrun started us".
+_TORCHRUN_OWN = ("TORCHELASTIC_RUN_ID", "LOCAL_WORLD_SIZE")
+# generic variable -> the slurm variable it must equal when both are set (srun mode)
+_GENERIC_TO_SLURM = (("RANK", "SLURM_PROCID"), ("WORLD_SIZE", "SLURM_NTASKS"), ("LOCAL_RANK", "SLURM_LOCALID"))
 _SINGLE_PROCESS_PORT = 29500
 _SLURM_PORT_BASE = 20000
 _SLURM_PORT_SPAN = 10000
@@ -92,10 +99,9 @@ def detect_dist_env(environ: Mapping[str, str] | None = None) -> DistEnv:
     of one job picks the same port without talking to each other.
     """
     env = os.environ if environ is None else environ
-    if ("RANK" in env) != ("WORLD_SIZE" in env):
-        missing = "WORLD_SIZE" if "RANK" in env else "RANK"
-        raise ValueError(f"{missing} is not set but the other torchrun variable is; set both or neither")
-    if "RANK" in env:
+    # LOCAL_WORLD_SIZE alone counts outside slurm (launchers that mimic torchrun); inside
+    # an srun task it may be stale, and is then checked against slurm's instead.
+    if "TORCHELASTIC_RUN_ID" in env or ("LOCAL_WORLD_SIZE" in env and "SLURM_PROCID" not in env):
         dist_env = DistEnv(
             rank=_int(env, "RANK"),
             local_rank=_int(env, "LOCAL_RANK"),
@@ -107,6 +113,7 @@ def detect_dist_env(environ: Mapping[str, str] | None = None) -> DistEnv:
             launcher="torchrun",
         )
     elif "SLURM_PROCID" in env:
+        _check_generic_agrees_with_slurm(env)
         job_id = _int(env, "SLURM_JOB_ID", default=0)
         dist_env = DistEnv(
             rank=_int(env, "SLURM_PROCID"),
@@ -118,6 +125,13 @@ def detect_dist_env(environ: Mapping[str, str] | None = None) -> DistEnv:
             launcher="slurm",
         )
     else:
+        stale = [name for name in ("RANK", "WORLD_SIZE", "LOCAL_RANK") if name in env]
+        if stale:
+            raise ValueError(
+                f"{', '.join(f'{n}={env[n]}' for n in stale)} set, but no launcher: neither torchrun "
+                f"({' nor '.join(_TORCHRUN_OWN)}) nor srun (SLURM_PROCID). Start with torchrun or srun, "
+                f"or unset {' '.join(stale)} (left over in this shell?) for a single-process run"
+            )
         dist_env = DistEnv(
             rank=0,
             local_rank=0,
@@ -129,6 +143,31 @@ def detect_dist_env(environ: Mapping[str, str] | None = None) -> DistEnv:
         )
     _check_consistent(dist_env)
     return dist_env
+
+
+def _check_generic_agrees_with_slurm(env: Mapping[str, str]) -> None:
+    """Generic rank variables next to slurm's come from the pyxis hook (then they agree) or
+    are stale (e.g. exported in the submitting shell); name any pair that disagrees."""
+    conflicts = [
+        f"{generic}={env[generic]} but {slurm}={env.get(slurm)}"
+        for generic, slurm in _GENERIC_TO_SLURM
+        if generic in env and slurm in env and env[generic].strip() != env[slurm].strip()
+    ]
+    if "LOCAL_WORLD_SIZE" in env and env["LOCAL_WORLD_SIZE"].strip() != str(_slurm_local_world_size(env)):
+        conflicts.append(f"LOCAL_WORLD_SIZE={env['LOCAL_WORLD_SIZE']} but slurm runs "
+                         f"{_slurm_local_world_size(env)} task(s) on this node")
+    addr = env.get("MASTER_ADDR", "")
+    if _is_loopback(addr) and _int(env, "SLURM_JOB_NUM_NODES", default=1) > 1:
+        conflicts.append(f"MASTER_ADDR={addr} but the job has SLURM_JOB_NUM_NODES={env['SLURM_JOB_NUM_NODES']} nodes")
+    if conflicts:
+        raise ValueError(
+            f"launcher variables disagree under srun: {'; '.join(conflicts)}. The generic ones are stale "
+            "(exported before sbatch/srun?): unset them, or start with torchrun"
+        )
+
+
+def _is_loopback(addr: str) -> bool:
+    return addr == "localhost" or addr.startswith("127.") or addr == "::1"
 
 
 def _int(env: Mapping[str, str], name: str, default: int | None = None) -> int:
@@ -202,6 +241,9 @@ def init_process_group(env: DistEnv, backend: str, timeout_minutes: int = 30) ->
     The rendezvous variables are exported too because megatron-core and
     dist_checkpointing read them from ``os.environ`` rather than from the process group.
     """
+    import torch  # here, so that the rest of this module loads without torch (slurm helpers)
+    import torch.distributed as dist
+
     if dist.is_initialized():
         return
     os.environ.update(

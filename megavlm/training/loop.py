@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import signal
 import time
 from pathlib import Path
 
@@ -20,6 +19,8 @@ from megavlm.data.vlm_dataset import BAD_REASONS
 from megavlm.platform import device
 from megavlm.platform.distributed import initialize
 from megavlm.platform.launch import detect_dist_env
+from megavlm.platform.signals import StopRequest, children_shielded
+from megavlm.platform.storage import check_shared_directory
 from megavlm.models.vlm import pipeline_seq_multiplier
 from megavlm.checkpointing import assets_of, latest_complete
 from megavlm.conversion.pretrained import load_pretrained_weights
@@ -30,24 +31,6 @@ from megavlm.models.build import build_model_chunks
 from megavlm.training.data_parallel import parameters_in_sync, wrap_data_parallel
 from megavlm.training.optimizer import build_lr_schedule, build_optimizer
 from megavlm.training.step import forward_step
-
-
-class _StopRequest:
-    """Remembers SIGTERM / SIGUSR1 (slurm preemption) until the next step boundary."""
-
-    def __init__(self):
-        self.requested = False
-        for sig in (signal.SIGTERM, signal.SIGUSR1):
-            signal.signal(sig, self._handle)
-
-    def _handle(self, signum, frame):
-        self.requested = True
-
-    def agreed(self) -> bool:
-        """True on every rank if any rank got a signal (they must stop together)."""
-        flag = torch.tensor([float(self.requested)], device=device.device())
-        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
-        return bool(flag.item())
 
 
 def _step_stats(losses_reduced: list[dict], model, data_counts: list[float]) -> tuple[float, float, bool, list[float]]:
@@ -99,10 +82,12 @@ class Trainer:
     """Owns the model, optimizer, data and state of one run; ``step()`` is one iteration."""
 
     def __init__(self, cfg: Config):
-        self.stop = _StopRequest()  # before the slow build, so an early preemption is kept
+        self.stop = StopRequest()  # before the slow build, so an early preemption is kept
         env = detect_dist_env()
         validate(cfg, env.world_size)
         initialize(cfg.parallel, cfg.train.seed, env)
+        if cfg.checkpoint.save:  # fail now, not at the first save, if nodes see different directories
+            check_shared_directory(cfg.checkpoint.save, "checkpoint.save")
         self.cfg = cfg
         if dist.get_rank() == 0:
             print(f"megavlm: world size {env.world_size} ({env.launcher}), resolved config:\n{dump_yaml(cfg)}", flush=True)
@@ -203,6 +188,7 @@ class Trainer:
             "skipped_steps": self.state.skipped_steps,
         }
 
+    @children_shielded()  # writers and megatron's cached Manager must not die of slurm's signals
     def save(self) -> Path:
         """Checkpoint the current state (collective). With ``checkpoint.async_save`` this only
         schedules the write: the directory is complete once ``finalize_saves`` reports it."""

@@ -65,13 +65,16 @@ def fake_slurm(tmp_path_factory) -> Path:
     """A bin directory with fake `scontrol` and `srun`; requeue requests go to bin/requeued."""
     bin_dir = tmp_path_factory.mktemp("fake_slurm")
     (bin_dir / "scontrol.py").write_text(textwrap.dedent(f"""
-        import sys
+        import os, sys
         args = sys.argv[1:]
         if args[:2] == ["show", "hostnames"] and len(args) == 3:
-            from megavlm.platform.launch import expand_slurm_nodelist
-            print("\\n".join(expand_slurm_nodelist(args[2])))
+            if "[" in args[2]:  # megavlm's parser imports torch: only when needed
+                from megavlm.platform.launch import expand_slurm_nodelist
+                print("\\n".join(expand_slurm_nodelist(args[2])))
+            else:
+                print("\\n".join(args[2].split(",")))
         elif args[:1] == ["requeue"] and len(args) == 2:
-            with open({str(bin_dir / "requeued")!r}, "a") as f:
+            with open(os.environ.get("FAKE_REQUEUE_LOG", {str(bin_dir / "requeued")!r}), "a") as f:
                 f.write(args[1] + "\\n")
         else:
             sys.exit(f"fake scontrol: unsupported arguments {{args}}")
@@ -86,8 +89,13 @@ def fake_slurm(tmp_path_factory) -> Path:
 
 
 def _slurm_env(fake_slurm: Path, **extra: str) -> dict[str, str]:
-    env = _env(SLURM_JOB_ID="4242", SLURM_JOB_NODELIST="gpu[07-08]", SLURM_JOB_NUM_NODES="2",
-               SLURM_SUBMIT_DIR=str(REPO), **extra)
+    job = dict(SLURM_JOB_ID="4242", SLURM_JOB_NODELIST="gpu[07-08]", SLURM_JOB_NUM_NODES="2",
+               SLURM_SUBMIT_DIR=str(REPO), HOST_PYTHON=sys.executable)
+    env = _env(**{**job, **extra})
+    # settings launch.sh passes with --container-env: only the test's own
+    env = {k: v for k, v in env.items()
+           if not k.startswith(("NCCL_", "UCX_", "NVTE_", "TORCH_NCCL_", "CUDA_DEVICE_MAX_CONNECTIONS"))
+           or k in extra}
     env["PATH"] = f"{fake_slurm}{os.pathsep}{env['PATH']}"
     return env
 
@@ -110,7 +118,6 @@ def test_shell_syntax(script):
 
 # --- DRY_RUN: the srun command line for 2 nodes x 8 GPUs ---------------------------------------
 
-IMAGE = "/shared/containers/megavlm+2501.sqsh"
 MOUNTS = "/lustre/data:/data:ro,/lustre/ckpt:/checkpoints"
 OVERRIDES = "logging.interval=1 parallel.tp=2"  # the variable: split on spaces
 ARGS = ["train.iters=10", "train.lr_phases=[{iters: 5, end_lr: 1e-5}]"]  # sbatch arguments: kept whole
@@ -118,13 +125,29 @@ TRAIN_ARGS = ["tools/pretrain_vlm.py", *TINY, "logging.interval=1", "parallel.tp
 
 
 @pytest.fixture(scope="module")
-def rendered(fake_slurm) -> dict[str, list[str]]:
-    """The srun command of pretrain.sbatch in both launch modes (rendered concurrently)."""
+def image(tmp_path_factory) -> str:
+    path = tmp_path_factory.mktemp("containers") / "megavlm+2501.sqsh"
+    path.write_bytes(b"hsqs")
+    return str(path)
+
+
+@pytest.fixture(scope="module")
+def site_env(tmp_path_factory) -> Path:
+    path = tmp_path_factory.mktemp("site") / "site.env"
+    path.write_text("NCCL_SOCKET_IFNAME=${NCCL_SOCKET_IFNAME:-ib0}\nNCCL_IB_TIMEOUT=22\n")
+    return path
+
+
+@pytest.fixture(scope="module")
+def rendered(fake_slurm, image, site_env) -> dict[str, list[str]]:
+    """The srun command of pretrain.sbatch in both launch modes (rendered concurrently), on
+    nodes with 4 GPUs, with a site env file and a user's NCCL setting."""
     procs = {
         mode: subprocess.Popen(
             ["bash", str(REPO / "slurm/pretrain.sbatch"), *ARGS],
-            env=_slurm_env(fake_slurm, DRY_RUN="1", LAUNCH_MODE=mode, IMAGE=IMAGE, MOUNTS=MOUNTS,
-                           OVERRIDES=OVERRIDES, SLURM_CPUS_ON_NODE="128", CONFIG="examples/tiny/pretrain.yaml"),
+            env=_slurm_env(fake_slurm, DRY_RUN="1", LAUNCH_MODE=mode, IMAGE=image, MOUNTS=MOUNTS,
+                           OVERRIDES=OVERRIDES, SLURM_CPUS_ON_NODE="128", SLURM_GPUS_ON_NODE="4",
+                           CONFIG="examples/tiny/pretrain.yaml", SITE_ENV=str(site_env), NCCL_DEBUG="WARN"),
             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=REPO,
         )
         for mode in ("srun", "torchrun")
@@ -133,6 +156,7 @@ def rendered(fake_slurm) -> dict[str, list[str]]:
     for mode, proc in procs.items():
         out, err = proc.communicate(timeout=60)
         assert proc.returncode == 0, err
+        assert "warning" not in out, out  # the tiny recipe's relative paths are in the mounted checkout
         lines = [line for line in out.splitlines() if line.startswith("srun ")]
         assert len(lines) == 1, out
         commands[mode] = shlex.split(lines[0])
@@ -145,47 +169,60 @@ def _split(cmd: list[str]) -> tuple[list[str], list[str]]:
     return cmd[1:i], cmd[i:]
 
 
-def _container_flags_ok(options: list[str]) -> None:
-    assert f"--container-image={IMAGE}" in options
+def _step_flags_ok(options: list[str], image: str) -> None:
+    assert f"--container-image={image}" in options
     assert f"--container-mounts={REPO}:/opt/megavlm,{MOUNTS}" in options
     assert "--container-workdir=/opt/megavlm" in options
     assert "--no-container-mount-home" in options
+    # host values win over the image's ENV for these (pyxis), the site file's included
+    assert ("--container-env=CUDA_DEVICE_MAX_CONNECTIONS,NCCL_DEBUG,NCCL_IB_TIMEOUT,NCCL_SOCKET_IFNAME,"
+            "TORCH_NCCL_AVOID_RECORD_STREAMS") in options
+    assert {"--kill-on-bad-exit=1", "--gpu-bind=none", "--distribution=block:block", "--label"} <= set(options)
 
 
-def test_srun_mode_runs_one_python_per_gpu(rendered):
+def test_srun_mode_runs_one_python_per_gpu(rendered, image):
     options, command = _split(rendered["srun"])
-    assert "--nodes=2" in options and "--ntasks-per-node=8" in options
-    assert "--cpus-per-task=16" in options  # 128 CPUs / 8 tasks, not slurm's default of 1
-    assert "--kill-on-bad-exit=1" in options
-    _container_flags_ok(options)
+    assert "--nodes=2" in options and "--ntasks-per-node=4" in options  # SLURM_GPUS_ON_NODE
+    assert "--cpus-per-task=32" in options  # 128 CPUs / 4 tasks, not slurm's default of 1
+    _step_flags_ok(options, image)
     assert command == ["python", *TRAIN_ARGS]
 
 
-def test_torchrun_mode_runs_one_torchrun_per_node(rendered):
+def test_torchrun_mode_runs_one_torchrun_per_node(rendered, image):
     options, command = _split(rendered["torchrun"])
     assert "--nodes=2" in options and "--ntasks-per-node=1" in options
     assert "--cpus-per-task=128" in options
-    _container_flags_ok(options)
+    _step_flags_ok(options, image)
     assert command[:3] == ["bash", "slurm/torchrun_node.sh", "torchrun"]
     agent = command[3:command.index("tools/pretrain_vlm.py")]
-    assert agent == ["--nnodes=2", "--nproc_per_node=8", "--rdzv-backend=c10d",
+    assert agent == ["--nnodes=2", "--nproc_per_node=4", "--rdzv-backend=c10d",
                      "--rdzv-endpoint=gpu07:29500", "--rdzv-id=4242"]
     assert command[command.index("tools/pretrain_vlm.py"):] == TRAIN_ARGS
 
 
-def test_missing_tool_fails_before_anything_starts(fake_slurm, tmp_path):
+def test_missing_tool_fails_before_anything_starts(fake_slurm, tmp_path, image):
     """ppo.sbatch names tools/train_ppo.py; where it is absent the job says so and stops."""
     proc = subprocess.run(["bash", str(REPO / "slurm/ppo.sbatch")], check=False, capture_output=True, text=True,
-                          env=_slurm_env(fake_slurm, DRY_RUN="1", CODE_DIR=str(tmp_path)))
+                          env=_slurm_env(fake_slurm, DRY_RUN="1", CODE_DIR=str(tmp_path), IMAGE=image))
     assert proc.returncode == 1
     assert "tools/train_ppo.py does not exist" in proc.stderr and "not written yet" in proc.stderr
     assert "srun" not in proc.stdout
 
 
-def test_missing_config_fails_before_anything_starts(fake_slurm):
+def test_missing_config_fails_before_anything_starts(fake_slurm, image):
     proc = subprocess.run(["bash", str(REPO / "slurm/pretrain.sbatch")], check=False, capture_output=True, text=True,
-                          env=_slurm_env(fake_slurm, DRY_RUN="1", CONFIG="examples/no_such_recipe.yaml"))
+                          env=_slurm_env(fake_slurm, DRY_RUN="1", CONFIG="examples/no_such_recipe.yaml", IMAGE=image))
     assert proc.returncode == 1 and "CONFIG=examples/no_such_recipe.yaml does not exist" in proc.stderr
+
+
+def test_sft_needs_a_recipe_and_missing_image_fails(fake_slurm, tmp_path):
+    proc = subprocess.run(["bash", str(REPO / "slurm/sft.sbatch")], check=False, capture_output=True, text=True,
+                          env=_slurm_env(fake_slurm, DRY_RUN="1"))
+    assert proc.returncode == 1 and "CONFIG" in proc.stderr and "SFT recipe" in proc.stderr
+    missing = tmp_path / "nope.sqsh"
+    proc = subprocess.run(["bash", str(REPO / "slurm/pretrain.sbatch")], check=False, capture_output=True, text=True,
+                          env=_slurm_env(fake_slurm, DRY_RUN="1", IMAGE=str(missing)))
+    assert proc.returncode == 1 and f"IMAGE={missing} is not a readable file" in proc.stderr
 
 
 # --- signals: batch script -> srun step -> trainer, and torchrun_node.sh -> workers ---------------
@@ -213,25 +250,65 @@ def _wait_for(path: Path, proc: subprocess.Popen, timeout: float) -> None:
         time.sleep(0.02)
 
 
-def test_batch_script_forwards_usr1_and_requeues(fake_slurm, tmp_path, spawn):
-    """SIGUSR1 to the batch shell (--signal=B:USR1) reaches the trainer, then the job is requeued."""
+# Stands in for the trainer of one requeue case: asks for slurm's B:USR1 itself (kill of the
+# batch shell, its parent), gets it passed on, then "saves" and exits as the case says.
+REQUEUE_TRAINER = """
+import os, signal, sys, time
+from pathlib import Path
+stop = []
+signal.signal(signal.SIGUSR1, lambda *_: stop.append(1))
+os.kill(os.getppid(), signal.SIGUSR1)
+deadline = time.time() + 30
+while not stop and time.time() < deadline:
+    time.sleep(0.01)
+if os.environ["FAKE_SAVE"] != "none":
+    iteration = Path(os.environ["FAKE_CKPT"]) / "iter_0000006"
+    iteration.mkdir(parents=True)
+    if os.environ["FAKE_SAVE"] == "complete":
+        (iteration / "complete").write_text("6")
+print("megavlm: stop signal received" if stop else "no signal", flush=True)
+sys.exit(int(os.environ["FAKE_EXIT"]) if stop else 3)
+"""
+
+
+@pytest.mark.parametrize(
+    ("exit_code", "save", "restarts", "job_rc", "requeued", "says"),
+    [
+        (0, "none", "0", 0, True, "it stopped cleanly after SIGUSR1; requeueing job 4242"),
+        (1, "partial", "0", 1, False, "failed with exit 1 after SIGUSR1 and saved no newer complete checkpoint"),
+        (1, "complete", "0", 0, True, "left a newer complete checkpoint (iteration 6, started from 4)"),
+        (0, "none", "3", 1, False, "already requeued 3 times (MAX_RESTARTS=3); not requeueing"),
+    ],
+    ids=["clean-stop", "crash-while-saving", "crash-after-a-save", "restart-cap"],
+)
+def test_requeue_rule(fake_slurm, image, tmp_path, exit_code, save, restarts, job_rc, requeued, says):
+    """SIGUSR1 to the batch shell reaches the trainer; the job is requeued after a clean stop
+    or a newer complete checkpoint (found on the host through MOUNTS), never past the cap."""
     code = tmp_path / "code"
     (code / "tools").mkdir(parents=True)
-    (code / "tools/fake_train.py").write_text(FAKE_TRAINER)
-    (code / "recipe.yaml").write_text("{}\n")
-    ready = tmp_path / "ready"
-    proc = spawn(
-        ["bash", str(REPO / "slurm/pretrain.sbatch"), str(ready)], cwd=code,
+    (code / "tools/fake_train.py").write_text(REQUEUE_TRAINER)
+    (code / "recipe.yaml").write_text("checkpoint: {save: /ckpt/run, load: /ckpt/run}\nlogging: {dir: /scratch/logs}\n")
+    for part in ("megavlm", "slurm"):  # what launch.sh reads the recipe's paths with
+        (code / part).symlink_to(REPO / part)
+    host_ckpt = tmp_path / "lustre_ckpt"
+    (host_ckpt / "run/iter_0000004").mkdir(parents=True)
+    (host_ckpt / "run/iter_0000004/complete").write_text("4")
+    log = tmp_path / "requeued"
+    proc = subprocess.run(
+        ["bash", str(REPO / "slurm/pretrain.sbatch")], cwd=code, check=False, capture_output=True, text=True,
+        timeout=60,
         env=_slurm_env(fake_slurm, CODE_DIR=str(code), TOOL="tools/fake_train.py", CONFIG="recipe.yaml",
-                       PYTHON=sys.executable, NODES="1", GPUS_PER_NODE="1"),
-        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                       PYTHON=sys.executable, NODES="1", GPUS_PER_NODE="1", SLURM_JOB_NODELIST="gpu07",
+                       SLURM_JOB_NUM_NODES="1", IMAGE=image, MOUNTS=f"{host_ckpt}:/ckpt", MAX_RESTARTS="3",
+                       SLURM_RESTART_COUNT=restarts, FAKE_REQUEUE_LOG=str(log), FAKE_CKPT=str(host_ckpt / "run"),
+                       FAKE_SAVE=save, FAKE_EXIT=str(exit_code)),
     )
-    _wait_for(ready, proc, timeout=20)
-    proc.send_signal(signal.SIGUSR1)
-    out, _ = proc.communicate(timeout=30)
-    assert proc.returncode == 0, out
-    assert "stop signal received" in out and "requeueing job 4242" in out
-    assert (fake_slurm / "requeued").read_text().split() == ["4242"]
+    out = proc.stdout + proc.stderr
+    assert proc.returncode == job_rc, out
+    assert "megavlm: stop signal received" in out and says in out
+    assert (log.read_text().split() if log.exists() else []) == (["4242"] if requeued else [])
+    assert "logging.dir=/scratch/logs is not under any container mount" in out  # a path outside MOUNTS
+    assert "checkpoint.save" not in out.split("warning")[-1].split("\n")[0]
 
 
 def test_torchrun_node_keeps_torchrun_alive_and_relays_usr1(tmp_path, spawn):
@@ -244,7 +321,7 @@ def test_torchrun_node_keeps_torchrun_alive_and_relays_usr1(tmp_path, spawn):
          str(tmp_path / "fake_train.py"), str(ready)],
         env=_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
     )
-    _wait_for(ready, proc, timeout=30)
+    _wait_for(ready, proc, timeout=120)
     (agent,) = psutil.Process(proc.pid).children()
     agent.send_signal(signal.SIGUSR1)  # as when slurm signals every process of the step
     time.sleep(0.3)
@@ -255,7 +332,91 @@ def test_torchrun_node_keeps_torchrun_alive_and_relays_usr1(tmp_path, spawn):
     assert "stop signal received" in out
 
 
-# --- real training: 2 "nodes" with torchrun, preemption and resume ------------------------------
+# --- real training: a job step signalled on every process, then resumed --------------------------
+#
+# Slurm signals every process of a step, megavlm's helpers included (megatron-core's cached
+# writer Manager, loader workers, checkpoint writers). Each step below runs two tasks in one
+# process group, saves interval checkpoints (the first save starts the Manager), then gets
+# SIGUSR1 on the whole group, as from `scancel --signal=USR1` or `--signal=USR1@300`.
+
+# A constant LR, so that a run's numbers do not depend on train.iters (the resumes stop early).
+JOB = [*TINY, *SMALL, "train.iters=1000", "train.lr_decay=constant", "train.warmup_iters=0",
+       "checkpoint.interval=2", "logging.interval=1", "logging.tensorboard=false"]
+INTERVAL_SAVES = 2  # interval checkpoints (iterations 2 and 4) that exist before the signal
+
+
+def _srun_task_env(rank: int, port: int, **extra: str) -> dict[str, str]:
+    """One task of `srun --ntasks=2` on one node, with what enroot's pyxis hook adds for NGC
+    images (RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR, MASTER_PORT; no LOCAL_WORLD_SIZE)."""
+    return _env(SLURM_PROCID=str(rank), SLURM_LOCALID=str(rank), SLURM_NTASKS="2", SLURM_NTASKS_PER_NODE="2",
+                SLURM_NODEID="0", SLURM_JOB_NODELIST="localhost", SLURM_JOB_ID="4242",
+                RANK=str(rank), WORLD_SIZE="2", LOCAL_RANK=str(rank), MASTER_ADDR="127.0.0.1",
+                MASTER_PORT=str(port), **extra)
+
+
+def _run_step(commands: list[tuple[list[str], dict]], save: Path, logs: Path, signal_after: int) -> list[str]:
+    """Start the tasks in one process group; once the interval checkpoints exist and
+    ``signal_after`` iterations are logged, SIGUSR1 the group; return the tasks' output."""
+    procs = []
+    try:
+        for cmd, env in commands:
+            group = {"process_group": procs[0].pid if procs else 0}
+            procs.append(subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE,
+                                          stderr=subprocess.STDOUT, text=True, **group))
+        deadline = time.time() + 600
+        last_interval = save / f"iter_{2 * INTERVAL_SAVES:07d}" / "complete"
+        while not (last_interval.exists() and len(_metrics(logs)) >= signal_after):
+            for p in procs:
+                assert p.poll() is None, p.communicate()[0][-4000:]
+            assert time.time() < deadline, "the step did not reach the signal point within 600 s"
+            time.sleep(0.05)
+        os.killpg(procs[0].pid, signal.SIGUSR1)
+        outs = [p.communicate(timeout=300)[0] for p in procs]
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                os.killpg(procs[0].pid, signal.SIGKILL)
+                p.communicate()
+    for p, out in zip(procs, outs):
+        assert p.returncode == 0, out[-4000:]
+    return outs
+
+
+def _stopped_at(outs: list[str], save: Path) -> int:
+    """The stop iteration, checked to be newer than the interval checkpoints and complete."""
+    (line,) = [line for line in "".join(outs).splitlines() if "stopped at iteration" in line]
+    stopped = int(line.split("stopped at iteration ")[1].split()[0])
+    # iteration 4's stop check ran before its save, so the stop is at 5 or later
+    assert stopped > 2 * INTERVAL_SAVES, line
+    assert (save / f"iter_{stopped:07d}" / "complete").is_file()
+    assert {p.name for p in save.glob("iter_*")} >= {"iter_0000002", "iter_0000004", f"iter_{stopped:07d}"}
+    return stopped
+
+
+@pytest.fixture(scope="module")
+def signalled_steps(tmp_path_factory) -> dict[str, dict]:
+    """The srun step (pyxis hook variables present), then the
+    torchrun-per-node step (2 agents under slurm/torchrun_node.sh), signalled one iteration
+    after the srun step stopped so that its losses run past that point uninterrupted."""
+    tmp = tmp_path_factory.mktemp("signalled")
+    steps: dict[str, dict] = {}
+
+    save, logs, port = tmp / "srun_ckpt", tmp / "srun_logs", _free_port()
+    cmd = [sys.executable, "tools/pretrain_vlm.py", *JOB, f"checkpoint.save={save}", f"logging.dir={logs}"]
+    outs = _run_step([(cmd, _srun_task_env(rank, port)) for rank in range(2)], save, logs, signal_after=4)
+    steps["srun"] = dict(save=save, stopped=_stopped_at(outs, save), losses=_losses(logs), out="".join(outs))
+
+    save, logs, port = tmp / "torchrun_ckpt", tmp / "torchrun_logs", _free_port()
+    agents = [
+        (["bash", "slurm/torchrun_node.sh", sys.executable, "-m", "torch.distributed.run", "--nnodes=2",
+          "--nproc_per_node=1", f"--node_rank={node}", "--rdzv-backend=c10d", f"--rdzv-endpoint=127.0.0.1:{port}",
+          "--rdzv-id=4242", "tools/pretrain_vlm.py", *JOB, f"checkpoint.save={save}", f"logging.dir={logs}"],
+         _env(SLURM_PROCID=str(node), SLURM_NTASKS="2", SLURM_JOB_ID="4242"))
+        for node in range(2)
+    ]
+    outs = _run_step(agents, save, logs, signal_after=steps["srun"]["stopped"] + 1)
+    steps["torchrun"] = dict(save=save, stopped=_stopped_at(outs, save), losses=_losses(logs), out="".join(outs))
+    return steps
 
 
 def _metrics(log_dir: Path) -> list[dict]:
@@ -265,56 +426,51 @@ def _metrics(log_dir: Path) -> list[dict]:
     return [json.loads(line) for line in lines]
 
 
-def test_two_node_torchrun_job(tmp_path, spawn):
-    """Two torchrun agents (one per "node") rendezvous over c10d and train 3 steps at DP=2."""
-    save, logs, port = tmp_path / "ckpt", tmp_path / "logs", _free_port()
-    procs = [
-        spawn(
-            [sys.executable, "-m", "torch.distributed.run", "--nnodes=2", "--nproc_per_node=1",
-             f"--node_rank={rank}", "--rdzv-backend=c10d", f"--rdzv-endpoint=127.0.0.1:{port}", "--rdzv-id=test",
-             "tools/pretrain_vlm.py", *TINY, "train.iters=3", *SMALL, f"checkpoint.save={save}",
-             f"logging.dir={logs}", "logging.interval=1"],
-            cwd=REPO, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-        )
-        for rank in range(2)
-    ]
-    outs = [p.communicate(timeout=120)[0] for p in procs]
-    for p, out in zip(procs, outs):
-        assert p.returncode == 0, out[-4000:]
-    assert "world size 2 (torchrun)" in "".join(outs)
-    assert [m["iteration"] for m in _metrics(logs)] == [1, 2, 3]
-    assert (save / "iter_0000003" / "complete").is_file()
+def _losses(log_dir: Path) -> dict[int, float]:
+    return {m["iteration"]: m["loss"] for m in _metrics(log_dir)}
 
 
-def test_sigusr1_checkpoints_and_the_job_resumes_there(tmp_path, spawn):
-    """Slurm's warning signal: the trainer checkpoints the step it is in and exits 0; a new run
-    with checkpoint.load continues from that iteration, and metrics.jsonl has no duplicates."""
-    save, logs = tmp_path / "ckpt", tmp_path / "logs"
-    base = [sys.executable, "tools/pretrain_vlm.py", *TINY, *SMALL, "checkpoint.interval=0",
-            f"logging.dir={logs}", "logging.interval=1"]
-    proc = spawn([*base, f"checkpoint.save={save}", "train.iters=1000"], cwd=REPO, env=_env(),
-                 stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    deadline = time.time() + 60
-    while len(_metrics(logs)) < 2:
-        assert proc.poll() is None, proc.communicate()[0][-4000:]
-        assert time.time() < deadline, "training did not log 2 iterations within 60 s"
-        time.sleep(0.05)
-    proc.send_signal(signal.SIGUSR1)
-    out, _ = proc.communicate(timeout=60)
-    assert proc.returncode == 0, out[-4000:]
-    assert "stop signal received" in out
-    stopped = int(out.split("stopped at iteration ")[1].split()[0])
-    assert 2 <= stopped < 1000
-    assert (save / f"iter_{stopped:07d}" / "complete").is_file()
+def test_srun_step_signalled_everywhere_saves_and_exits_0(signalled_steps):
+    """After interval saves, SIGUSR1 on every process of the step (megatron's writer Manager
+    included): both tasks exit 0 with a complete stop checkpoint (checked in the fixture),
+    under the pyxis hook's variables, which megavlm reads as an srun launch."""
+    assert "world size 2 (slurm)" in signalled_steps["srun"]["out"]
+    assert "Traceback" not in signalled_steps["srun"]["out"]
 
-    # checkpoint.save=null: a process's first save starts dist_checkpointing's spawn-context
-    # writer Manager, which re-imports torch and megatron (~8 s of this file's time budget).
-    resumed = subprocess.run([*base, f"checkpoint.load={save}", "checkpoint.save=null", f"train.iters={stopped + 2}"],
-                             cwd=REPO,
-                             env=_env(), check=False, capture_output=True, text=True, timeout=120)
-    assert resumed.returncode == 0, resumed.stdout[-4000:] + resumed.stderr[-4000:]
-    assert f"resumed from {save / f'iter_{stopped:07d}'} at iteration {stopped}" in resumed.stdout
-    assert [m["iteration"] for m in _metrics(logs)] == list(range(1, stopped + 3))
+
+def test_torchrun_per_node_step_signalled_everywhere_saves_and_exits_0(signalled_steps):
+    """The same with one torchrun per "node": the agents survive the signal, the workers save."""
+    step = signalled_steps["torchrun"]
+    assert "world size 2 (torchrun)" in step["out"]
+    assert step["stopped"] > signalled_steps["srun"]["stopped"]
+    # the two launch modes compute the same run
+    common = range(1, signalled_steps["srun"]["stopped"] + 1)
+    assert [step["losses"][i] for i in common] == [signalled_steps["srun"]["losses"][i] for i in common]
+
+
+def test_stop_checkpoints_resume_exactly(signalled_steps, tmp_path):
+    """Resuming from a stop checkpoint gives the losses of the uninterrupted run: the srun
+    step's against the torchrun step, which ran on past it; the torchrun step's against
+    that resumed run, which ran past it in turn."""
+    srun, torchrun = signalled_steps["srun"], signalled_steps["torchrun"]
+    end = torchrun["stopped"] + 1
+    resumed = {}
+    for name, step in (("srun", srun), ("torchrun", torchrun)):
+        logs, port = tmp_path / f"resume_{name}", _free_port()
+        cmd = [sys.executable, "tools/pretrain_vlm.py", *JOB, f"checkpoint.load={step['save']}",
+               "checkpoint.save=null", f"train.iters={end}", f"logging.dir={logs}"]
+        procs = [subprocess.Popen(cmd, cwd=REPO, env=_srun_task_env(rank, port), stdout=subprocess.PIPE,
+                                  stderr=subprocess.STDOUT, text=True) for rank in range(2)]
+        outs = [p.communicate(timeout=300)[0] for p in procs]
+        for p, out in zip(procs, outs):
+            assert p.returncode == 0, out[-4000:]
+        stop_checkpoint = step["save"] / f"iter_{step['stopped']:07d}"
+        assert f"resumed from {stop_checkpoint} at iteration {step['stopped']}" in outs[0]
+        resumed[name] = _losses(logs)
+        assert sorted(resumed[name]) == list(range(step["stopped"] + 1, end + 1))
+    after_srun_stop = range(srun["stopped"] + 1, torchrun["stopped"] + 1)
+    assert [resumed["srun"][i] for i in after_srun_stop] == [torchrun["losses"][i] for i in after_srun_stop]
+    assert resumed["torchrun"][end] == resumed["srun"][end]
 
 
 # --- docker/check_image.py's requirements ---------------------------------------------------------
@@ -327,8 +483,9 @@ def _check_image():
     return module
 
 
-NGC_LIKE = {"python": "3.12.3", "torch": "2.8.0a0+5228986c39.nv25.6", "transformer_engine": "2.4.0+3cd6870c",
-            "megatron-core": "0.16.1", "nvidia-dali-cuda120": "2.4.0", "megavlm": "0.1.0", "cuda": "12.9"}
+NGC_LIKE = {"python": "3.12.3", "torch": "2.9.0a0+145a3a7bda.nv25.11", "transformer_engine": "2.9.0+70f53666",
+            "megatron-core": "0.16.1", "nvidia-dali-cuda130": "1.52.0", "nvidia-dali-cuda120": None,
+            "megavlm": "0.1.0", "cuda": "13.0", "fused_weight_gradient_mlp_cuda": "present", "amp_C": "present"}
 
 
 @pytest.mark.parametrize(
@@ -336,11 +493,14 @@ NGC_LIKE = {"python": "3.12.3", "torch": "2.8.0a0+5228986c39.nv25.6", "transform
     [
         ({}, None),
         ({"torch": "2.6.0a0+ecf3bae40a"}, None),  # NGC prerelease of 2.6 counts as 2.6
+        ({"cuda": "12.9", "nvidia-dali-cuda130": None, "nvidia-dali-cuda120": "1.50.0"}, None),  # NGC 25.06
         ({"transformer_engine": "1.14.0+abc"}, "Transformer Engine 1.14.0+abc"),  # NGC 25.01
         ({"python": "3.10.12"}, "Python 3.10.12"),  # NGC 24.xx
         ({"torch": "2.5.0a0+e000cf0ad9"}, "torch 2.5.0a0"),
-        ({"cuda": "13.0"}, "CUDA 13.0"),
-        ({"nvidia-dali-cuda120": None}, "DALI"),
+        ({"cuda": "11.8"}, "torch CUDA 11.8"),
+        ({"nvidia-dali-cuda130": None}, "DALI (nvidia-dali-cuda130, the build for torch's CUDA 13.0) is not installed"),
+        ({"nvidia-dali-cuda120": "1.50.0"}, "nvidia-dali-cuda120 (CUDA 12) is installed but torch has CUDA 13.0"),
+        ({"fused_weight_gradient_mlp_cuda": None}, "apex kernel fused_weight_gradient_mlp_cuda is missing"),
         ({"megatron-core": "0.15.0"}, "megatron-core 0.15.0"),
     ],
 )

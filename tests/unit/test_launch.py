@@ -10,8 +10,11 @@ import sys
 import textwrap
 
 import pytest
+from pathlib import Path
 
 from megavlm.platform.launch import DistEnv, detect_dist_env, expand_slurm_nodelist
+
+REPO = Path(__file__).resolve().parents[2]
 
 
 @pytest.mark.parametrize(
@@ -41,9 +44,13 @@ def test_expand_slurm_nodelist_rejects_malformed(nodelist):
 
 
 def test_torchrun_env():
-    env = {"RANK": "5", "LOCAL_RANK": "1", "WORLD_SIZE": "8", "LOCAL_WORLD_SIZE": "4",
+    """torchrun inside an srun task (one per node): its ranks win over SLURM_PROCID (the node)."""
+    env = {"RANK": "5", "LOCAL_RANK": "1", "WORLD_SIZE": "8", "LOCAL_WORLD_SIZE": "4", "TORCHELASTIC_RUN_ID": "42",
            "MASTER_ADDR": "10.0.0.1", "MASTER_PORT": "29400", "SLURM_PROCID": "0"}
     assert detect_dist_env(env) == DistEnv(5, 1, 8, 4, "10.0.0.1", 29400, "torchrun")
+    # outside slurm, LOCAL_WORLD_SIZE alone marks a torchrun-style launch
+    del env["TORCHELASTIC_RUN_ID"], env["SLURM_PROCID"]
+    assert detect_dist_env(env).launcher == "torchrun"
 
 
 def _slurm_env(**overrides: str) -> dict[str, str]:
@@ -55,6 +62,33 @@ def _slurm_env(**overrides: str) -> dict[str, str]:
 
 def test_slurm_two_nodes_of_eight():
     assert detect_dist_env(_slurm_env()) == DistEnv(11, 3, 16, 8, "gpu07", 23456, "slurm")
+
+
+def test_slurm_under_the_pyxis_hook():
+    """enroot's 50-slurm-pytorch hook adds RANK, WORLD_SIZE, LOCAL_RANK, MASTER_* (no
+    LOCAL_WORLD_SIZE) to every srun task: still an srun launch, on the hook's address."""
+    env = _slurm_env(RANK="11", WORLD_SIZE="16", LOCAL_RANK="3", MASTER_ADDR="gpu07", MASTER_PORT="6000")
+    assert detect_dist_env(env) == DistEnv(11, 3, 16, 8, "gpu07", 6000, "slurm")
+
+
+@pytest.mark.parametrize(
+    ("stale", "message"),
+    [
+        ({"RANK": "0"}, "RANK=0 but SLURM_PROCID=11"),
+        ({"WORLD_SIZE": "1", "LOCAL_RANK": "0"}, "WORLD_SIZE=1 but SLURM_NTASKS=16; LOCAL_RANK=0 but SLURM_LOCALID=3"),
+        ({"LOCAL_WORLD_SIZE": "1"}, "LOCAL_WORLD_SIZE=1 but slurm runs 8 task"),
+        ({"MASTER_ADDR": "localhost", "SLURM_JOB_NUM_NODES": "2"}, "MASTER_ADDR=localhost but the job has"),
+    ],
+)
+def test_stale_variables_under_srun_are_named(stale, message):
+    with pytest.raises(ValueError, match="launcher variables disagree under srun") as err:
+        detect_dist_env(_slurm_env(**stale))
+    assert message in str(err.value) and "unset them" in str(err.value)
+
+
+def test_stale_rank_without_a_launcher_is_named():
+    with pytest.raises(ValueError, match=r"RANK=3, WORLD_SIZE=4 set, but no launcher.*unset RANK WORLD_SIZE"):
+        detect_dist_env({"RANK": "3", "WORLD_SIZE": "4", "MASTER_ADDR": "localhost"})
 
 
 def test_slurm_prefers_explicit_master_and_falls_back_to_slurm_nodelist():
@@ -90,7 +124,7 @@ def test_single_process_default():
           "MASTER_ADDR": "h", "MASTER_PORT": "1"}, "WORLD_SIZE='two' is not an integer"),
         ({"RANK": "0", "WORLD_SIZE": "1", "LOCAL_WORLD_SIZE": "1", "MASTER_ADDR": "h", "MASTER_PORT": "1"},
          "LOCAL_RANK is not set"),
-        ({"RANK": "0"}, "WORLD_SIZE is not set"),
+        ({"TORCHELASTIC_RUN_ID": "1", "RANK": "0", "LOCAL_RANK": "0"}, "WORLD_SIZE is not set"),
         ({"RANK": "4", "WORLD_SIZE": "4", "LOCAL_RANK": "0", "LOCAL_WORLD_SIZE": "1",
           "MASTER_ADDR": "h", "MASTER_PORT": "1"}, "rank 4 is not below world size 4"),
         (_slurm_env(SLURM_NTASKS="-1"), "SLURM_NTASKS='-1' must not be negative"),
@@ -112,37 +146,54 @@ def test_bad_values_name_the_variable(env, message):
 
 _WORKER = textwrap.dedent(
     """
-    import torch, torch.distributed as dist
+    import sys, torch, torch.distributed as dist
     from megavlm.platform.launch import detect_dist_env, init_process_group
+    from megavlm.platform.storage import StorageNotSharedError, check_shared_directory
     env = detect_dist_env()
     assert env.launcher == "slurm", env
     init_process_group(env, "gloo", timeout_minutes=1)
     t = torch.tensor([env.rank + 1.0])
     dist.all_reduce(t)
     print(t.item(), flush=True)
+    check_shared_directory(sys.argv[1], "checkpoint.save", wait_s=0.5)  # the same directory for both
+    try:  # relative: each rank's own working directory, as with a path not mounted on every node
+        check_shared_directory("ckpt", "checkpoint.save", wait_s=0.5)
+    except StorageNotSharedError as e:
+        print(e, flush=True)
     dist.destroy_process_group()
     """
 )
 
 
-def test_two_process_gloo_job_from_slurm_env():
+def test_two_process_gloo_job_from_slurm_env(tmp_path):
+    """A slurm-style rendezvous, then the storage probe: passes on a shared directory, names
+    the rank, the path and the mount when the ranks see different directories."""
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         port = sock.getsockname()[1]
     torchrun_vars = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
     base = {k: v for k, v in os.environ.items() if not k.startswith("SLURM_") and k not in torchrun_vars}
     base.update(SLURM_NTASKS="2", SLURM_NTASKS_PER_NODE="2", SLURM_JOB_NODELIST="localhost",
-                SLURM_JOB_ID=str(random.randrange(1, 10**6)), MASTER_PORT=str(port))
-    procs = [
-        subprocess.Popen([sys.executable, "-c", _WORKER], env={**base, "SLURM_PROCID": str(i), "SLURM_LOCALID": str(i)},
-                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-        for i in range(2)
-    ]
+                SLURM_JOB_ID=str(random.randrange(1, 10**6)), MASTER_PORT=str(port),
+                PYTHONPATH=os.pathsep.join([str(REPO), base.get("PYTHONPATH", "")]))
+    shared = tmp_path / "shared"
+    cwds = [tmp_path / f"node{i}" for i in range(2)]
+    procs = []
+    for i, cwd in enumerate(cwds):
+        cwd.mkdir()
+        procs.append(subprocess.Popen([sys.executable, "-c", _WORKER, str(shared)], cwd=cwd,
+                                      env={**base, "SLURM_PROCID": str(i), "SLURM_LOCALID": str(i)},
+                                      stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
     try:
-        results = [p.communicate(timeout=60) for p in procs]
+        results = [p.communicate(timeout=180) for p in procs]
     finally:
         for p in procs:
             p.kill()
     for p, (out, err) in zip(procs, results):
         assert p.returncode == 0, err
-        assert out.strip() == "3.0", (out, err)
+        lines = out.strip().splitlines()
+        assert lines[0] == "3.0", (out, err)
+        assert lines[1].startswith("checkpoint.save=ckpt is not shared: rank 1 on "), out
+        assert "do not see the probe file rank 0 wrote there" in lines[1] and "path on mount" in lines[1]
+    assert list(shared.iterdir()) == []  # the probe is removed
+    assert (cwds[0] / "ckpt").is_dir() and not (cwds[1] / "ckpt").exists()
