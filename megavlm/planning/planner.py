@@ -229,7 +229,7 @@ def candidate_layouts(lm: LanguageModelConfig, gpu: GPU, gpus: int, fixed: dict)
 
     tp in {1, 2, 4, 8} within a node; pp a divisor of the layer count and vpp in {1..4}
     with pp * vpp dividing it; cp a power of two; ep a power-of-two divisor of the expert
-    count and etp in {tp, 1}; micro-batch size in {1, 2, 4}; recompute in {none, full}
+    count and etp in {tp, 1}; micro-batch size in {1, 2, 4}; recompute in {none, selective, full}
     (selective only when asked: with flash attention it saves next to nothing). Keys in
     ``fixed`` (Layout field names) pin a value; uneven stages as ``_stage_splits``. Only combinations where tp*pp*cp divides
     the GPUs are yielded (DP must be a whole number); every other rule is megavlm's.
@@ -253,7 +253,7 @@ def candidate_layouts(lm: LanguageModelConfig, gpu: GPU, gpus: int, fixed: dict)
                     for ep in choices("ep", [e for e in pow2 if experts % e == 0] if lm.moe else [1]):
                         for etp in choices("etp", [None, 1] if lm.moe and tp > 1 else [None]):
                             for mbs in choices("micro_batch_size", [1, 2, 4]):
-                                for rc in choices("recompute", ["none", "full"]):
+                                for rc in choices("recompute", ["none", "selective", "full"]):
                                     yield Layout(
                                         tp=tp,
                                         pp=pp,

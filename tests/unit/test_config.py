@@ -51,7 +51,7 @@ def test_bad_keys_and_types(override, message):
         (["parallel.tp=2"], 3, r"world size 3 must equal parallel.tp x parallel.pp x parallel.cp x DP"),
         (["train.global_batch_size=6", "train.micro_batch_size=4"], 1, r"train.global_batch_size \(6\) must be a multiple of train.micro_batch_size x DP"),
         (["train.global_batch_size=8", "train.micro_batch_size=2"], 3, r"must be a multiple of train.micro_batch_size x DP \(2 x 3\)"),
-        (["parallel.cp=2"], 2, r"parallel.cp=2 needs Transformer Engine attention"),
+        (["parallel.cp=2"], 2, r"parallel.cp=2 with model.rope.kind=rope needs Transformer Engine"),
         (["parallel.sequence_parallel=true"], 1, r"sequence_parallel=true needs parallel.tp > 1"),
         (["parallel.ep=2"], 2, r"parallel.ep=2 needs a MoE model"),
         (["model.init=random"], 1, r"model.init: 'random' is not one of layout_invariant, megatron"),
@@ -106,4 +106,6 @@ def test_every_example_recipe_loads():
     assert recipes
     for recipe in recipes:
         cfg = load_config(recipe)
+        if "tools/pacore.py" in recipe.read_text():  # overrides on the loaded model's own config
+            continue
         assert cfg.model.language is not None, recipe

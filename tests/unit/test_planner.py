@@ -402,12 +402,12 @@ def test_cli_breakdown_of_one_layout(capsys):
             "--global-batch-size",
             "64",
             "--recompute",
-            "full",
+            "selective",
         ]
     )
     out = capsys.readouterr().out
     assert rc == 0
-    assert "layout tp2 pp2 cp4: dp 4" in out and "recompute full" in out
+    assert "layout tp2 pp2 cp4: dp 4" in out and "recompute selective" in out
     assert "pp0" in out and "pp1" in out and "MFU" in out and "bubble" in out
     assert "needs TE" not in out and "not in megavlm" not in out and "vision tower: 27x1152 ViT" in out
 
