@@ -166,6 +166,11 @@ class CheckpointConfig:
     pretrained: str | None = None
     interval: int = 0  # 0: only at the end (and on SIGTERM/SIGUSR1)
     async_save: bool = False
+    # Resume from the previous complete checkpoint when the newest one's files do not match
+    # the checksums in its marker (the error names the damaged files either way).
+    fallback: bool = False
+    # Keep only the newest N complete checkpoints under checkpoint.save; 0: keep all.
+    keep_last: int = 0
 
 
 @dataclass(kw_only=True)

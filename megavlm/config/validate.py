@@ -187,6 +187,8 @@ def _collect_errors(cfg: Config, world_size: int) -> list[str]:
         )
     if cfg.checkpoint.interval < 0:
         errors.append(f"checkpoint.interval must be >= 0, got {cfg.checkpoint.interval}")
+    if cfg.checkpoint.keep_last < 0:
+        errors.append(f"checkpoint.keep_last must be >= 0 (0 keeps all), got {cfg.checkpoint.keep_last}")
     if cfg.checkpoint.async_save and not cfg.checkpoint.save:
         errors.append("checkpoint.async_save=true needs checkpoint.save (the directory to write to); set it or drop async_save")
     if cfg.data.seq_length > lm.max_position_embeddings:

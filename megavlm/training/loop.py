@@ -21,9 +21,10 @@ from megavlm.platform import device
 from megavlm.platform.distributed import initialize
 from megavlm.platform.launch import detect_dist_env
 from megavlm.models.vlm import pipeline_seq_multiplier
-from megavlm.checkpointing import assets_of, latest_complete
+from megavlm.checkpointing import assets_of
 from megavlm.conversion.pretrained import load_pretrained_weights
-from megavlm.training.checkpoint import TrainState, load_checkpoint, save_checkpoint, save_checkpoint_async
+from megavlm.training.checkpoint import (TrainState, load_checkpoint, resume_checkpoint, save_checkpoint,
+                                         save_checkpoint_async)
 from megavlm.training.losses import weight_micro_batches
 from megavlm.training.metrics import MetricsLogger
 from megavlm.models.build import build_model_chunks
@@ -110,7 +111,7 @@ class Trainer:
         chunks, tconfig = build_model_chunks(cfg)
         # checkpoint.load (resume) wins when it holds a complete checkpoint; otherwise
         # checkpoint.pretrained gives the weights only (fine-tuning: fresh optimizer, iteration 0).
-        resume = latest_complete(cfg.checkpoint.load) if cfg.checkpoint.load else None
+        resume = resume_checkpoint(cfg.checkpoint.load, fallback=cfg.checkpoint.fallback) if cfg.checkpoint.load else None
         self.assets = None  # tokenizer/processor files every save carries
         if resume is None and cfg.checkpoint.pretrained:
             self.assets = load_pretrained_weights(chunks, cfg)
