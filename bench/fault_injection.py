@@ -223,7 +223,8 @@ def chained(out: Path, rng: random.Random, nproc: int, iters: int, reference: di
     the final save before its marker; each restart must pick a complete, intact checkpoint,
     and the final weights must equal the uninterrupted run's."""
     run = out / "chain"
-    overrides = _overrides(run, iters, nproc, [])
+    # evaluating (not done by the reference run) must not change the training run either
+    overrides = _overrides(run, iters, nproc, ["eval.interval=3", "eval.iters=1"])
     kills = [dict(inside_kill=(rng.randrange(nproc), "shards", 4)),
              dict(outside_kill=(rng.randrange(nproc), 5, round(rng.uniform(0.0, 0.3), 3))),
              dict(inside_kill=(rng.randrange(nproc), "marker", iters))]
@@ -251,7 +252,7 @@ def damage_trial(out: Path, nproc: int, iters: int, reference: dict, reuse: Path
     from megavlm.checkpointing import latest_complete
 
     run = reuse or out / "damage"
-    overrides = _overrides(run, iters, nproc, [])
+    overrides = _overrides(run, iters, nproc, ["eval.interval=3", "eval.iters=1"] if reuse else [])
     if reuse is None:
         _life(run, nproc, overrides, outside_kill=(0, iters - 1, 0.0))  # past the save at iters - 2
     newest = latest_complete(run / "ckpt")

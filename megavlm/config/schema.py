@@ -102,6 +102,8 @@ class ParallelConfig:
     etp: int | None = None  # expert tensor parallelism; defaults to tp
     sequence_parallel: bool = False
     distributed_optimizer: bool = True
+    # Collective timeout of the process group; a hung collective fails naming the rank.
+    timeout_minutes: float = 30.0
 
 
 @dataclass(kw_only=True)
@@ -152,6 +154,10 @@ class TrainConfig:
     # Weight of each supervised token, normalized over the global batch: "per_token" (1),
     # "per_sample" (1/N_i) or "sqrt" (1/sqrt(N_i)), N_i the supervised tokens of sample i.
     loss_normalization: str = "per_token"
+    # Save and exit cleanly after every N-th iteration (0: off), or once the run has
+    # trained this many minutes (0: off); resume with checkpoint.load as after a SIGTERM.
+    exit_interval: int = 0
+    exit_duration_mins: float = 0.0
 
 
 @dataclass(kw_only=True)
@@ -178,6 +184,26 @@ class LoggingConfig:
     dir: str = "runs/default"
     interval: int = 1
     tensorboard: bool = True
+    # Also log to Weights & Biases under this project (needs `pip install wandb`); None: off.
+    wandb_project: str | None = None
+
+
+@dataclass(kw_only=True)
+class EvalDataConfig:
+    # A folder of shards written by tools/prepare_data.py; None: a held-out split (below).
+    path: str | None = None
+
+
+@dataclass(kw_only=True)
+class EvalConfig:
+    """Held-out loss every ``interval`` iterations over ``iters`` global batches (0: off)."""
+
+    interval: int = 0
+    iters: int = 1
+    # Without eval.data.path, synthetic data is drawn with this seed: samples the training
+    # run (data.seed) never sees. data.dataset=shards needs eval.data.path.
+    seed: int = 987654
+    data: EvalDataConfig = field(default_factory=EvalDataConfig)
 
 
 @dataclass(kw_only=True)
@@ -188,3 +214,4 @@ class Config:
     train: TrainConfig = field(default_factory=TrainConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
