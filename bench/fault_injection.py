@@ -246,6 +246,18 @@ def chained(out: Path, rng: random.Random, nproc: int, iters: int, reference: di
     return results
 
 
+def exit_trial(out: Path, nproc: int, iters: int) -> dict:
+    """train.exit_interval=3: the run saves at iteration 3 and exits cleanly."""
+    from megavlm.checkpointing import latest_complete
+
+    run = out / "exit"
+    life = _life(run, nproc, _overrides(run, iters, nproc, ["train.exit_interval=3"]))
+    newest = latest_complete(run / "ckpt")
+    log = (run / "ranks.log").read_text()
+    return {"exitcodes": life["exitcodes"], "reached": life["reached"], "newest": newest.name if newest else None,
+            "message": "train.exit_interval=3 reached at iteration 3, stopped at iteration 3" in log}
+
+
 def damage_trial(out: Path, nproc: int, iters: int, reference: dict, reuse: Path | None = None) -> dict:
     """Damage the newest checkpoint's shard: the resume names it; fallback resumes from the
     previous checkpoint and still ends bit-equal. ``reuse``: a finished run to damage."""
@@ -308,7 +320,7 @@ def main() -> None:
         results = chained(out, rng, args.nproc, args.iters, reference)
         for r in results:
             print(json.dumps(r), flush=True)
-        summary = {"chain": results}
+        summary = {"chain": results, "exit": exit_trial(out, args.nproc, args.iters)}
         if args.damage:
             summary["damage"] = damage_trial(out, args.nproc, args.iters, reference, reuse=out / "chain")
         (out / "summary.json").write_text(json.dumps(summary, indent=1))

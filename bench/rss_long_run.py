@@ -53,17 +53,25 @@ def main() -> None:
     def step_and_sample():
         metrics = step()
         samples.append((trainer.state.iteration, _rss_mib()))
+        if trainer.state.iteration % 100 == 0:
+            _report(samples, args.warmup, out, final=False)  # a partial report survives a cut-short run
         return metrics
 
     trainer.step = step_and_sample
     trainer.run()
     shutdown()
-    fit = [(i, r) for i, r in samples if i > args.warmup]
-    slope = _slope([i for i, _ in fit], [r for _, r in fit]) * 1000
-    result = {"iterations": len(samples), "warmup": args.warmup, "rss_mib_first": fit[0][1], "rss_mib_last": fit[-1][1],
-              "rss_mib_max": max(r for _, r in fit), "slope_mib_per_1000_iters": round(slope, 3)}
-    print(json.dumps(result), flush=True)
+    print(json.dumps(_report(samples, args.warmup, out, final=True)), flush=True)
+
+
+def _report(samples: list[tuple[int, float]], warmup: int, out: Path, *, final: bool) -> dict:
+    fit = [(i, r) for i, r in samples if i > warmup]
+    result = {"iterations": len(samples), "warmup": warmup, "final": final}
+    if len(fit) >= 2:
+        result.update(rss_mib_first=fit[0][1], rss_mib_last=fit[-1][1], rss_mib_max=max(r for _, r in fit),
+                      slope_mib_per_1000_iters=round(_slope([i for i, _ in fit], [r for _, r in fit]) * 1000, 3))
+    out.mkdir(parents=True, exist_ok=True)
     (out / "rss.json").write_text(json.dumps({**result, "samples": samples}))
+    return result
 
 
 if __name__ == "__main__":

@@ -270,7 +270,8 @@ class Trainer:
             stopping = self.stop.agreed() or exit_reason is not None
             interval_hit = cfg.checkpoint.interval and it % cfg.checkpoint.interval == 0
             if cfg.checkpoint.save and (interval_hit or stopping or it == cfg.train.iters):
-                self.save()
+                with collective_phase("a checkpoint save", cfg.parallel.timeout_minutes):
+                    self.save()
             if stopping:
                 self.finalize_saves(blocking=True)  # never exit with a save in flight
                 self._log(f"megavlm: {exit_reason or 'stop signal received'}, stopped at iteration {it}")

@@ -23,6 +23,13 @@ def test_sigkill_resume_is_bit_equal_and_damage_falls_back(tmp_path):
     assert kills[0]["picked"] == "iter_0000002" and kills[2]["picked"] == "iter_0000006"
     assert not any(k["picked_bad"] for k in kills)
     assert end["resumed_at"] == end["expected_resume"] == 6 and end["bit_equal"]
+    # the resumed lives evaluated every 3 iterations (the reference did not): still bit-equal
+    records = [json.loads(line) for line in (out / "chain" / "log" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["iteration"] for r in records if "eval_loss" in r] == [3, 6]
+    assert all(4.0 < r["eval_loss"] < 7.0 for r in records if "eval_loss" in r)  # ~ln(vocab) at the start
+    assert all(r["tflops_per_gpu"] > 0 for r in records if "loss" in r)
+    # train.exit_interval=3 stops cleanly after saving iteration 3
+    assert summary["exit"] == {"exitcodes": [0], "reached": 3, "newest": "iter_0000003", "message": True}
     damage = summary["damage"]
     assert damage["refused"] and damage["error_names_file"], damage
     assert damage["fallback_resumed_at"] == 6 and damage["bit_equal"]
