@@ -26,6 +26,8 @@ KNOWN = (
     (UserWarning, r"torch\.distributed is disabled, unavailable or uninitialized, assuming the intent is to load "
      r"in a single process", r"torch\.distributed\.checkpoint\.",
      "checkpointing.weights reads a checkpoint in one process on purpose"),
+    (UserWarning, r"The given NumPy array is not writable", r"megavlm\.data\.encode",
+     "decoded frames are read-only buffers; .float() copies them at once, nothing writes the view"),
     (FutureWarning, r"`load_state_dict` is deprecated and will be removed in future versions",
      r"megatron\.core\.dist_checkpointing\.strategies\.torch", "megatron-core 0.16's loader; torch keeps it working"),
     (FutureWarning, r"Please use DTensor instead and we are deprecating ShardedTensor",
@@ -38,9 +40,9 @@ def install(*, cuda: bool | None = None) -> None:
     if os.environ.get("MEGAVLM_ALL_WARNINGS") == "1":
         return
     if cuda is None:
-        import torch
+        from megavlm.platform import device
 
-        cuda = torch.cuda.is_available()
+        cuda = device.has_cuda()
     for category, message, module, why in KNOWN:
         if cuda and "(cpu only)" in why:
             continue

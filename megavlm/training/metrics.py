@@ -214,7 +214,9 @@ def peak_memory_gib() -> float:
     """Peak memory of this rank: CUDA allocator peak on a GPU, else the process's peak RSS."""
     import torch
 
-    if torch.cuda.is_available():
+    from megavlm.platform import device
+
+    if device.has_cuda():
         return torch.cuda.max_memory_allocated() / 2**30
     import resource
 
