@@ -32,7 +32,7 @@ import traceback
 from pathlib import Path
 
 # Heavy imports live in functions: dist_checkpointing spawns a helper that re-imports this file.
-BASE = "examples/tiny/pretrain.yaml"
+BASE = str(Path(__file__).resolve().parents[1] / "examples" / "tiny" / "pretrain.yaml")
 _PARENT_MODULES: set = set()
 
 

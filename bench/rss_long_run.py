@@ -42,7 +42,8 @@ def main() -> None:
     from megavlm.training.config import training_config
     from megavlm.training.loop import Trainer
 
-    cfg = training_config("examples/tiny/pretrain_vlm.yaml", [
+    recipe = Path(__file__).resolve().parents[1] / "examples" / "tiny" / "pretrain_vlm.yaml"
+    cfg = training_config(recipe, [
         f"train.iters={args.iters}", "data.seq_length=128", "train.global_batch_size=2", "logging.interval=100",
         f"logging.dir={out / 'log'}", "logging.tensorboard=true", f"checkpoint.save={out / 'ckpt'}",
         f"checkpoint.interval={args.save_interval}", "checkpoint.keep_last=1", *args.overrides])

@@ -6,13 +6,16 @@ import json
 import os
 import subprocess
 import sys
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[2]
 
 
 def test_sigkill_resume_is_bit_equal_and_damage_falls_back(tmp_path):
     env = {**os.environ, "PYTHONWARNINGS": "ignore", "OMP_NUM_THREADS": "1"}
     out = tmp_path / "faults"
     run = subprocess.run([sys.executable, "bench/fault_injection.py", "--chain", "--damage", "--nproc", "1",
-                          "--seed", "3", "--out", str(out)], capture_output=True, text=True, env=env, timeout=900)
+                          "--seed", "3", "--out", str(out)], capture_output=True, text=True, env=env, cwd=REPO, timeout=900)
     assert run.returncode == 0, run.stderr[-3000:]
     summary = json.loads((out / "summary.json").read_text())
     *kills, end = summary["chain"]

@@ -1,7 +1,9 @@
 """MFU from the planner's formulas (checked against a hand count), exit rules, timeouts."""
 
+import os
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -89,8 +91,9 @@ def test_a_hung_collective_names_the_rank_and_phase():
     from tests.conftest import free_port
 
     port = str(free_port())
+    repo = Path(__file__).resolve().parents[2]
     procs = [subprocess.Popen([sys.executable, "-c", _TIMEOUT_SCRIPT, str(r), port], stdout=subprocess.PIPE,
-                              stderr=subprocess.PIPE, text=True) for r in (0, 1)]
+                              stderr=subprocess.PIPE, text=True, cwd=repo, env=dict(os.environ)) for r in (0, 1)]
     out, err = procs[0].communicate(timeout=120)
     procs[1].kill()
     procs[1].communicate()
