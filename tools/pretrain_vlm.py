@@ -3,13 +3,15 @@
 
 import argparse
 
-from megavlm.platform.distributed import shutdown
-from megavlm.training.config import training_config
-from megavlm.training.loop import Trainer
-from megavlm.training.samples import print_samples
-
 
 def main() -> None:
+    # imported here: dist_checkpointing's first save spawns a helper that re-runs this
+    # file's top level, which then costs nothing
+    from megavlm.platform.distributed import shutdown
+    from megavlm.training.config import training_config
+    from megavlm.training.loop import Trainer
+    from megavlm.training.samples import print_samples
+
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--config", required=True, help="YAML recipe, e.g. examples/tiny/pretrain.yaml")
     parser.add_argument("--sample", action="store_true", help="generate a sample after training")

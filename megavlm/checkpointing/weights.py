@@ -22,6 +22,7 @@ from torch.distributed.checkpoint.planner import LoadPlan
 from torch.distributed.checkpoint.planner_helpers import create_read_items_for_chunk_list
 
 from megavlm.checkpointing.directories import COMPLETE_MARKER, require_complete
+from megavlm.checkpointing.integrity import verify_checkpoint
 
 # Keys of a training checkpoint that are not model weights (megatron's optimizer state).
 _NOT_MODEL = ("optimizer.",)
@@ -34,7 +35,9 @@ def model_sharded_state_dict(model) -> dict:
 
 def load_model_state(path: Path, model, extra: dict | None = None) -> dict:
     """Load the model (and any ``extra`` sharded entries, e.g. the optimizer) from ``path``
-    into the current layout; returns what was loaded."""
+    into the current layout; returns what was loaded. The files are checked against the
+    marker's checksums first (collective under torch.distributed)."""
+    verify_checkpoint(path)
     loaded = dist_checkpointing.load({**model_sharded_state_dict(model), **(extra or {})}, str(path))
     for i, chunk in enumerate(unwrap_model(model)):
         chunk.load_state_dict(loaded[f"model{i}"])

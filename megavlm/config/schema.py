@@ -122,6 +122,8 @@ class ParallelConfig:
     # carries the vision encoder); the other stages split the rest evenly. None: even split.
     first_stage_layers: int | None = None
     last_stage_layers: int | None = None
+    # Collective timeout of the process group; a hung collective fails naming the rank.
+    timeout_minutes: float = 30.0
 
 
 @dataclass(kw_only=True)
@@ -190,6 +192,10 @@ class TrainConfig:
     # "per_sample" (1/N_i) or "sqrt" (1/sqrt(N_i)), N_i the supervised tokens of sample i.
     loss_normalization: str = "per_token"
     recompute: RecomputeConfig = field(default_factory=RecomputeConfig)
+    # Save and exit cleanly after every N-th iteration (0: off), or once the run has
+    # trained this many minutes (0: off); resume with checkpoint.load as after a SIGTERM.
+    exit_interval: int = 0
+    exit_duration_mins: float = 0.0
 
 
 @dataclass(kw_only=True)
@@ -204,6 +210,11 @@ class CheckpointConfig:
     pretrained: str | None = None
     interval: int = 0  # 0: only at the end (and on SIGTERM/SIGUSR1)
     async_save: bool = False
+    # Resume from the previous complete checkpoint when the newest one's files do not match
+    # the checksums in its marker (the error names the damaged files either way).
+    fallback: bool = False
+    # Keep only the newest N complete checkpoints under checkpoint.save; 0: keep all.
+    keep_last: int = 0
 
 
 @dataclass(kw_only=True)
@@ -211,6 +222,26 @@ class LoggingConfig:
     dir: str = "runs/default"
     interval: int = 1
     tensorboard: bool = True
+    # Also log to Weights & Biases under this project (needs `pip install wandb`); None: off.
+    wandb_project: str | None = None
+
+
+@dataclass(kw_only=True)
+class EvalDataConfig:
+    # A folder of shards written by tools/prepare_data.py; None: a held-out split (below).
+    path: str | None = None
+
+
+@dataclass(kw_only=True)
+class EvalConfig:
+    """Held-out loss every ``interval`` iterations over ``iters`` global batches (0: off)."""
+
+    interval: int = 0
+    iters: int = 1
+    # Without eval.data.path, synthetic data is drawn with this seed: samples the training
+    # run (data.seed) never sees. data.dataset=shards needs eval.data.path.
+    seed: int = 987654
+    data: EvalDataConfig = field(default_factory=EvalDataConfig)
 
 
 @dataclass(kw_only=True)
@@ -294,3 +325,4 @@ class Config:
     logging: LoggingConfig = field(default_factory=LoggingConfig)
     rl: RLConfig = field(default_factory=RLConfig)
     pacore: PaCoReConfig = field(default_factory=PaCoReConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)

@@ -247,6 +247,20 @@ def _collect_errors(cfg: Config, world_size: int) -> list[str]:
         )
     if cfg.checkpoint.interval < 0:
         errors.append(f"checkpoint.interval must be >= 0, got {cfg.checkpoint.interval}")
+    for key in ("train.exit_interval", "train.exit_duration_mins"):
+        if _get(cfg, key) < 0:
+            errors.append(f"{key} must be >= 0 (0: off), got {_get(cfg, key)}")
+    if not p.timeout_minutes > 0:
+        errors.append(f"parallel.timeout_minutes must be > 0, got {p.timeout_minutes}")
+    if cfg.eval.interval < 0 or cfg.eval.iters < 1:
+        errors.append(f"eval.interval must be >= 0 (0: off) and eval.iters >= 1, got {cfg.eval.interval}, {cfg.eval.iters}")
+    if cfg.eval.interval and cfg.data.dataset == "shards" and not cfg.eval.data.path:
+        errors.append("eval.interval with data.dataset=shards needs eval.data.path (a held-out folder written by "
+                      "tools/prepare_data.py); a seed gives no held-out split of fixed shards")
+    if cfg.eval.interval and cfg.eval.seed == cfg.data.seed and not cfg.eval.data.path:
+        errors.append(f"eval.seed equals data.seed ({cfg.data.seed}): the eval samples would be training samples")
+    if cfg.checkpoint.keep_last < 0:
+        errors.append(f"checkpoint.keep_last must be >= 0 (0 keeps all), got {cfg.checkpoint.keep_last}")
     if cfg.checkpoint.async_save and not cfg.checkpoint.save:
         errors.append("checkpoint.async_save=true needs checkpoint.save (the directory to write to); set it or drop async_save")
     if cfg.data.seq_length > lm.max_position_embeddings:

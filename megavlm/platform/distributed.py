@@ -26,6 +26,7 @@ class ParallelDegrees(Protocol):
     cp: int
     ep: int
     etp: int | None
+    timeout_minutes: float
 
 
 def megatron_parallel_sizes(parallel: ParallelDegrees) -> dict:
@@ -50,7 +51,7 @@ def initialize(parallel: ParallelDegrees, seed: int, env: DistEnv | None = None)
     if device.has_cuda():
         # megatron's TP/SP communication overlap assumes kernels are issued in order
         os.environ.setdefault("CUDA_DEVICE_MAX_CONNECTIONS", "1")
-    init_process_group(env, device.distributed_backend())
+    init_process_group(env, device.distributed_backend(), timeout_minutes=parallel.timeout_minutes)
     if not device.has_cuda():
         cpu_adapter.install()
     parallel_state.initialize_model_parallel(**megatron_parallel_sizes(parallel))

@@ -235,7 +235,7 @@ def _check_consistent(env: DistEnv) -> None:
         )
 
 
-def init_process_group(env: DistEnv, backend: str, timeout_minutes: int = 30) -> None:
+def init_process_group(env: DistEnv, backend: str, timeout_minutes: float = 30) -> None:
     """Start torch.distributed for ``env``; does nothing if a process group already exists.
 
     The rendezvous variables are exported too because megatron-core and

@@ -7,8 +7,11 @@ optimizer, the train state and the RNG states. Layout of ``<save>/iter_0000020/`
   - ``config.yaml``: the resolved config of the run;
   - ``train_state.pt``: iteration, consumed samples, skipped steps;
   - ``rng/rank_<rank>.pt``: every rank's RNG states (restored only under the same layout);
-  - ``complete``: written last, atomically. A directory without it is an interrupted save
-    and is never loaded. With ``checkpoint.async_save`` the sharded state is written in the
+  - ``complete``: written last, atomically, with the size and sha256 of every other file
+    (hashed by all ranks, each its share). A directory without it is an interrupted save
+    and is never loaded; a file that differs from it stops the load with its name
+    (``checkpoint.fallback`` resumes from the previous complete checkpoint instead).
+    ``checkpoint.keep_last`` deletes older checkpoints once a new one is complete. With ``checkpoint.async_save`` the sharded state is written in the
     background (``save_checkpoint_async``) and the marker only once every rank has finished.
 """
 
@@ -28,13 +31,18 @@ from megatron.core.optimizer.distrib_optimizer import DistributedOptimizer
 
 from megavlm.checkpointing import (
     ASSETS_DIR,
+    CheckpointCorruptError,
     checkpoint_dir,
+    complete_checkpoints,
     copy_assets,
     mark_complete,
     model_sharded_state_dict,
     require_complete,
+    rotate,
+    verify_checkpoint,
     write_config,
 )
+from megavlm.checkpointing.integrity import checkpoint_files, checksums, part
 from megavlm.checkpointing.weights import load_model_state
 from megavlm.config.schema import Config
 from megavlm.platform import device
@@ -139,10 +147,39 @@ def save_checkpoint(root: str | Path, cfg: Config, state: TrainState, model, opt
     _prepare_dir(path, rank)
     dist_checkpointing.save(_sharded_state_dict(model, optimizer), str(path))
     _write_small_files(path, cfg, state, rank, assets)
-    if rank == 0:
-        mark_complete(path, state.iteration)
-    dist.barrier()
+    _complete(path, state.iteration, cfg.checkpoint.keep_last)
     return path
+
+
+def _complete(path: Path, iteration: int, keep_last: int) -> None:
+    """Collective last step of a save: every rank hashes its share of the files, rank 0
+    writes the marker with all checksums, then applies ``checkpoint.keep_last``."""
+    dist.barrier()  # every file written (rank 0's small files included)
+    rank, world = dist.get_rank(), dist.get_world_size()
+    shares: list = [None] * world
+    dist.all_gather_object(shares, checksums(path, part(checkpoint_files(path), rank, world)))
+    if rank == 0:
+        mark_complete(path, iteration, {k: v for share in shares for k, v in share.items()})
+        if keep_last:
+            rotate(path.parent, keep_last)
+    dist.barrier()
+
+
+def resume_checkpoint(root: str | Path, *, fallback: bool) -> Path | None:
+    """The checkpoint to resume from under ``root`` (collective): the newest complete one
+    whose files match their checksums. A damaged one raises CheckpointCorruptError naming
+    its files, or, with ``fallback``, is reported and skipped for the one before it."""
+    for path in complete_checkpoints(root):
+        try:
+            verify_checkpoint(path)
+            return path
+        except CheckpointCorruptError as err:
+            if not fallback:
+                raise
+            if not dist.is_initialized() or dist.get_rank() == 0:
+                print(f"megavlm: {err.path} is damaged ({', '.join(sorted(err.damaged))}); "
+                      "checkpoint.fallback=true: trying the previous complete checkpoint", flush=True)
+    return None
 
 
 def save_checkpoint_async(
@@ -165,12 +202,10 @@ def save_checkpoint_async(
     _prepare_dir(path, rank)
     request = dist_checkpointing.save(_sharded_state_dict(model, optimizer), str(path), async_sharded_save=True)
     _write_small_files(path, cfg, state, rank, assets)
-    iteration = state.iteration
+    iteration, keep_last = state.iteration, cfg.checkpoint.keep_last
 
     def mark_complete_after_all_ranks():
-        if rank == 0:
-            mark_complete(path, iteration)
-        dist.barrier()
+        _complete(path, iteration, keep_last)
 
     request.add_finalize_fn(mark_complete_after_all_ranks)
     return path, request

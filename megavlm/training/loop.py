@@ -22,11 +22,14 @@ from megavlm.platform.launch import detect_dist_env
 from megavlm.platform.signals import StopRequest, children_shielded
 from megavlm.platform.storage import check_shared_directory
 from megavlm.models.vlm import pipeline_seq_multiplier
-from megavlm.checkpointing import assets_of, latest_complete
+from megavlm.checkpointing import assets_of
 from megavlm.conversion.pretrained import load_pretrained_weights
-from megavlm.training.checkpoint import TrainState, load_checkpoint, save_checkpoint, save_checkpoint_async
+from megavlm.training.checkpoint import (TrainState, load_checkpoint, resume_checkpoint, save_checkpoint,
+                                         save_checkpoint_async)
 from megavlm.training.losses import weight_micro_batches
-from megavlm.training.metrics import MetricsLogger
+from megavlm.training.evaluation import Evaluator
+from megavlm.training.metrics import MetricsLogger, ThroughputMeter
+from megavlm.training.run_control import ExitRule, collective_phase
 from megavlm.models.build import build_model_chunks
 from megavlm.training.data_parallel import parameters_in_sync, wrap_data_parallel
 from megavlm.training.optimizer import build_lr_schedule, build_optimizer
@@ -83,6 +86,7 @@ class Trainer:
 
     def __init__(self, cfg: Config):
         self.stop = StopRequest()  # before the slow build, so an early preemption is kept
+        self.exit_rule = ExitRule(cfg.train.exit_interval, cfg.train.exit_duration_mins)
         env = detect_dist_env()
         validate(cfg, env.world_size)
         initialize(cfg.parallel, cfg.train.seed, env)
@@ -95,7 +99,7 @@ class Trainer:
         chunks, tconfig = build_model_chunks(cfg)
         # checkpoint.load (resume) wins when it holds a complete checkpoint; otherwise
         # checkpoint.pretrained gives the weights only (fine-tuning: fresh optimizer, iteration 0).
-        resume = latest_complete(cfg.checkpoint.load) if cfg.checkpoint.load else None
+        resume = resume_checkpoint(cfg.checkpoint.load, fallback=cfg.checkpoint.fallback) if cfg.checkpoint.load else None
         self.assets = None  # tokenizer/processor files every save carries
         if resume is None and cfg.checkpoint.pretrained:
             self.assets = load_pretrained_weights(chunks, cfg)
@@ -123,15 +127,17 @@ class Trainer:
         t = cfg.train
         dp = data_parallel_size(cfg, env.world_size)
         self.num_microbatches = t.global_batch_size // (t.micro_batch_size * dp)
-        self.data = micro_batches(
+        self.perf = ThroughputMeter(cfg, env.world_size, dp, torch.cuda.get_device_name() if device.has_cuda() else None)
+        self.data = self.perf.timed(micro_batches(
             training_rows(cfg), consumed_samples=self.state.consumed_samples, micro_batch_size=t.micro_batch_size,
             dp_rank=parallel_state.get_data_parallel_rank(), dp_size=parallel_state.get_data_parallel_world_size(),
             num_workers=cfg.data.num_workers,
-        )
+        ))
         self.step_counts = torch.zeros(1 + len(BAD_REASONS))  # samples seen / skipped this step
         self.bad_examples: list[str] = []
         self.forward_backward = get_forward_backward_func()
         self.pipeline_seq_length = cfg.data.seq_length * pipeline_seq_multiplier(cfg.model, cfg.parallel)
+        self.evaluator = Evaluator(cfg, self.num_microbatches, self.pipeline_seq_length) if cfg.eval.interval else None
         # megatron's default caller (as in Megatron-LM): a process forked per save, which
         # snapshots the tensors; see save_checkpoint_async and DEVELOPERS.md.
         self.async_saves = AsyncCallsQueue(persistent=False) if cfg.checkpoint.async_save else None
@@ -184,7 +190,8 @@ class Trainer:
             "loss": loss_sum / max(num_tokens, 1.0),
             "lr": lr,
             "grad_norm": float("nan") if grad_norm is None else float(grad_norm),
-            "tokens_per_sec": t.global_batch_size * self.cfg.data.seq_length / (time.perf_counter() - start),
+            **self.perf.metrics(time.perf_counter() - start),
+            "loss_scale": float(self.optimizer.get_loss_scale()),
             "skipped_steps": self.state.skipped_steps,
         }
 
@@ -234,22 +241,28 @@ class Trainer:
         cfg = self.cfg
         is_logger = dist.get_rank() == dist.get_world_size() - 1
         logger = MetricsLogger(cfg.logging.dir, total_iters=cfg.train.iters, enabled=is_logger,
-                               tensorboard=cfg.logging.tensorboard)
+                               tensorboard=cfg.logging.tensorboard, wandb_project=cfg.logging.wandb_project)
         losses: dict[int, float] = {}
         while self.state.iteration < cfg.train.iters:
             self.finalize_saves(blocking=False)
-            metrics = self.step()
+            with collective_phase("the training step", cfg.parallel.timeout_minutes):
+                metrics = self.step()
             it = self.state.iteration
             losses[it] = metrics["loss"]
             if it % cfg.logging.interval == 0 or it == cfg.train.iters:
                 logger.log(it, metrics)
-            stopping = self.stop.agreed()
+            if self.evaluator is not None and self.evaluator.due(it):
+                with collective_phase("evaluation", cfg.parallel.timeout_minutes):
+                    logger.log(it, {"eval_loss": self.evaluator.loss(self.model)})
+            exit_reason = self.exit_rule.reason(it)
+            stopping = self.stop.agreed() or exit_reason is not None
             interval_hit = cfg.checkpoint.interval and it % cfg.checkpoint.interval == 0
             if cfg.checkpoint.save and (interval_hit or stopping or it == cfg.train.iters):
-                self.save()
+                with collective_phase("a checkpoint save", cfg.parallel.timeout_minutes):
+                    self.save()
             if stopping:
                 self.finalize_saves(blocking=True)  # never exit with a save in flight
-                self._log(f"megavlm: stop signal received, stopped at iteration {it}")
+                self._log(f"megavlm: {exit_reason or 'stop signal received'}, stopped at iteration {it}")
                 break
         self.finalize_saves(blocking=True)
         logger.close()
