@@ -3,13 +3,16 @@
 
 import argparse
 
-from megavlm.platform.distributed import shutdown
-from megavlm.training.config import training_config
-from megavlm.training.loop import Trainer
-from megavlm.training.samples import print_samples
-
 
 def main() -> None:
+    # Imported here, not at the top: a checkpoint save starts a helper process (a spawned
+    # multiprocessing Manager in megatron's dist_checkpointing) that re-imports this file,
+    # and torch + megatron-core would cost it ~10 s of CPU for nothing.
+    from megavlm.platform.distributed import shutdown
+    from megavlm.training.config import training_config
+    from megavlm.training.loop import Trainer
+    from megavlm.training.samples import print_samples
+
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--config", required=True, help="YAML recipe, e.g. examples/tiny/pretrain.yaml")
     parser.add_argument("--sample", action="store_true", help="generate a sample after training")
