@@ -13,12 +13,15 @@ generation_config.json and the tokenizer files.
 import argparse
 import os
 
-from megavlm.conversion.convert import DTYPES, export_hf, import_hf
-from megavlm.conversion.hf_checkpoint import DEFAULT_MAX_SHARD_BYTES
-from megavlm.platform.distributed import shutdown
-
 
 def main() -> None:
+    # Imported here, not at the top: an import saves a checkpoint, which starts a helper
+    # process (a spawned multiprocessing Manager in megatron's dist_checkpointing) that
+    # re-imports this file, and torch + megatron-core would cost it ~10 s of CPU for nothing.
+    from megavlm.conversion.convert import DTYPES, export_hf, import_hf
+    from megavlm.conversion.hf_checkpoint import DEFAULT_MAX_SHARD_BYTES
+    from megavlm.platform.distributed import shutdown
+
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True)
     imp = sub.add_parser("import", help="Hugging Face directory -> megavlm checkpoint")

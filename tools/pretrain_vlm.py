@@ -5,8 +5,9 @@ import argparse
 
 
 def main() -> None:
-    # imported here: dist_checkpointing's first save spawns a helper that re-runs this
-    # file's top level, which then costs nothing
+    # Imported here, not at the top: a checkpoint save starts a helper process (a spawned
+    # multiprocessing Manager in megatron's dist_checkpointing) that re-imports this file,
+    # and torch + megatron-core would cost it ~10 s of CPU for nothing.
     from megavlm.platform.distributed import shutdown
     from megavlm.training.config import training_config
     from megavlm.training.loop import Trainer

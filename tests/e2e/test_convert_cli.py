@@ -12,6 +12,7 @@ import json
 import os
 import subprocess
 import sys
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -21,6 +22,7 @@ import transformers
 from PIL import Image
 from safetensors.torch import load_file
 
+from megavlm.checkpointing import checkpoint_dir
 from megavlm.config import ConfigError
 from megavlm.config.loader import load_config_data
 from megavlm.conversion.hf_checkpoint import InMemoryTensors, write_hf_model_dir
@@ -39,6 +41,13 @@ def run(cmd: list[str], timeout: int = 400) -> subprocess.CompletedProcess:
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=ENV, cwd=REPO)
     assert proc.returncode == 0, f"{' '.join(cmd)}\n{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}"
     return proc
+
+
+def run_together(*cmds: list[str]) -> list[subprocess.CompletedProcess]:
+    """Independent commands at the same time: each is one process that mostly imports torch and
+    megatron-core on one core, so two of them keep both cores of a small machine busy."""
+    with ThreadPoolExecutor(len(cmds)) as pool:
+        return list(pool.map(run, cmds))
 
 
 def hf_dir(tmp: Path, preset: str, extra: list[str] = ()) -> tuple[Path, torch.nn.Module]:
@@ -145,14 +154,22 @@ def test_pretrained_finetune_export_gives_hf_our_logits(tmp_path):
     proc = run(train)
     assert "gives way to the model of checkpoint.pretrained" in proc.stdout
     assert "fresh optimizer, iteration 0" in proc.stdout
-    run([sys.executable, "tools/convert_checkpoint.py", "export", "--load", str(ckpt), "--out", str(tmp_path / "out")])
-    assert (tmp_path / "out" / "tokenizer.json").is_file()  # carried by the fine-tuning run's saves
-
     cfg = tiny_config("qwen3vl-tiny")
     inputs = processor_inputs(cfg, CASES["images_video"])
     torch.save(inputs, tmp_path / "inputs.pt")
-    run([sys.executable, "tools/generate.py", "--load", str(ckpt), "--inputs", str(tmp_path / "inputs.pt"),
-         "--dump-logits", str(tmp_path / "logits.pt")])
+    # export, --dump-logits and the resume below all at once: the first two read the step-3
+    # checkpoint by name, so the resumed run's step-4 save in the same folder cannot reach them
+    step3 = checkpoint_dir(ckpt, 3)
+    # resume wins over pretrained: the same command with checkpoint.load continues at iteration 3
+    resume = train[:-3] + ["train.iters=4", f"checkpoint.load={ckpt}", f"checkpoint.save={ckpt}",
+                           f"logging.dir={tmp_path / 'log2'}", "logging.tensorboard=false"]
+    _, _, resumed = run_together(
+        [sys.executable, "tools/convert_checkpoint.py", "export", "--load", str(step3), "--out", str(tmp_path / "out")],
+        [sys.executable, "tools/generate.py", "--load", str(step3), "--inputs", str(tmp_path / "inputs.pt"),
+         "--dump-logits", str(tmp_path / "logits.pt")],
+        resume,
+    )
+    assert (tmp_path / "out" / "tokenizer.json").is_file()  # carried by the fine-tuning run's saves
     ours = torch.load(tmp_path / "logits.pt")
     exported = transformers.AutoModelForImageTextToText.from_pretrained(tmp_path / "out").eval()
     exported.config._attn_implementation = "eager"
@@ -161,11 +178,7 @@ def test_pretrained_finetune_export_gives_hf_our_logits(tmp_path):
     assert (ours[keep] - theirs[keep]).abs().max().item() <= LOGITS_TOL
     # and the weights did train: the export differs from the starting point
     assert not all(torch.equal(a, b) for a, b in zip(all_tensors(hf).values(), all_tensors(tmp_path / "out").values()))
-
-    # resume wins over pretrained: the same command with checkpoint.load continues at iteration 3
-    proc = run(train[:-3] + ["train.iters=4", f"checkpoint.load={ckpt}", f"checkpoint.save={ckpt}",
-                             f"logging.dir={tmp_path / 'log2'}", "logging.tensorboard=false"])
-    assert "at iteration 3" in proc.stdout and "fresh optimizer" not in proc.stdout
+    assert "at iteration 3" in resumed.stdout and "fresh optimizer" not in resumed.stdout
 
 
 # --- precise errors, nothing partial -------------------------------------------------------------

@@ -10,6 +10,7 @@ scenarios (4 short samples a step) run Adam with eps 1e-4, measured in worker.py
 from __future__ import annotations
 
 import os
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -42,20 +43,44 @@ LOSS_TOL = GRAD_TOL = 1e-5
 PARAM_TOL = 1e-3
 
 
-def _launch(nproc: int, out: Path, scenarios: list[str]) -> None:
+def _start(nproc: int, out: Path, scenarios: list[str]) -> tuple[list[str], subprocess.Popen]:
     env = {**os.environ, "PYTHONWARNINGS": "ignore", "OMP_NUM_THREADS": "1"}
+    # `python -c`, not `-m WORKER_MODULE`: a checkpoint save spawns a helper process (a
+    # multiprocessing Manager in megatron's dist_checkpointing) that re-imports the main
+    # module, i.e. torch + megatron-core again (~10 s of CPU per rank); `-c` has none to import.
     cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}",
-           "--rdzv-backend=c10d", "--rdzv-endpoint=localhost:0", "-m", WORKER_MODULE, str(out), *scenarios]
-    proc = subprocess.run(cmd, env=env, cwd=REPO, capture_output=True, text=True, timeout=600)
-    if proc.returncode != 0:
-        raise AssertionError(f"{' '.join(cmd)} failed:\n{proc.stdout[-4000:]}\n{proc.stderr[-8000:]}")
+           "--rdzv-backend=c10d", "--rdzv-endpoint=localhost:0", "--no-python", sys.executable, "-u", "-c",
+           f"from {WORKER_MODULE} import main; main()", str(out), *scenarios]
+    # output to files, not pipes: nobody reads them while the launches run; a session of its
+    # own, so that a failure or an interrupt ends torchrun and its workers together
+    with open(out / f"launch{nproc}.log", "w") as log:
+        proc = subprocess.Popen(cmd, env=env, cwd=REPO, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    return cmd, proc
+
+
+def _wait(out: Path, launches: list[tuple[int, list[str], subprocess.Popen]]) -> None:
+    try:
+        for _, _, proc in launches:
+            proc.wait(timeout=900)
+    finally:
+        for _, _, proc in launches:
+            if proc.poll() is None:
+                os.killpg(proc.pid, signal.SIGKILL)
+                proc.wait()
+    for nproc, cmd, proc in launches:
+        if proc.returncode != 0:
+            log = (out / f"launch{nproc}.log").read_text()
+            raise AssertionError(f"{' '.join(cmd)} failed:\n{log[-12000:]}")
 
 
 @pytest.fixture(scope="module")
 def results(tmp_path_factory) -> Path:
+    """The 1-rank launch runs beside the 2-rank one: it is mostly single-threaded startup
+    (importing torch + megatron-core) and would leave the second core idle. The results do not
+    depend on it (every rank runs with OMP_NUM_THREADS=1); the 4-rank launch fills both cores alone."""
     out = tmp_path_factory.mktemp("layouts")
-    for nproc, scenarios in LAUNCHES.items():
-        _launch(nproc, out, scenarios)
+    for group in ([1, 2], [4]):
+        _wait(out, [(nproc, *_start(nproc, out, LAUNCHES[nproc])) for nproc in group])
     return out
 
 

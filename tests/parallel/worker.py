@@ -1,6 +1,8 @@
 """Runs parallel layouts inside one torchrun launch and saves what the tests compare.
 
 Usage (from the repository root): torchrun --nproc_per_node N -m tests.parallel.worker OUT_DIR SCENARIO [SCENARIO ...]
+(test_layouts.py runs ``main`` through ``python -c``, which spares the helper process of each
+checkpoint save a re-import of this module.)
 
 Several layouts share one launch (megatron's parallel state is torn down and rebuilt
 between them) because starting processes and importing megatron-core dominate the cost.

@@ -23,13 +23,33 @@ def test_latest_complete_skips_partial(tmp_path):
 
 def test_missing_checkpoint_rules(tmp_path):
     """load == save with nothing saved yet starts fresh (requeue); another empty load fails."""
-    common = [sys.executable, "tools/pretrain_vlm.py", "--config", "examples/tiny/pretrain.yaml",
-              "train.iters=1", "data.seq_length=16", "train.global_batch_size=4", "logging.interval=1",
-              f"logging.dir={tmp_path / 'log'}", "logging.tensorboard=false"]
-    env = {**os.environ, "PYTHONWARNINGS": "ignore", "MASTER_PORT": str(free_port())}
-    empty = tmp_path / "empty"
-    bad = subprocess.run(common + [f"checkpoint.load={empty}", "checkpoint.save=null"], capture_output=True, text=True, env=env, timeout=120)
-    assert bad.returncode != 0 and "no complete checkpoint found there" in bad.stderr
-    fresh = subprocess.run(common + [f"checkpoint.load={empty}", "checkpoint.save=" + str(empty)], capture_output=True, text=True, env=env, timeout=120)
-    assert fresh.returncode == 0, fresh.stderr[-3000:]
-    assert "starting from scratch" in fresh.stdout
+    def command(name: str, save: str) -> subprocess.Popen:
+        # the two runs are independent (own folders and port), so they start together: each is
+        # one process that mostly imports torch + megatron-core on one core
+        empty = str(tmp_path / name / "empty")
+        cmd = [sys.executable, "tools/pretrain_vlm.py", "--config", "examples/tiny/pretrain.yaml",
+               "train.iters=1", "data.seq_length=16", "train.global_batch_size=4", "logging.interval=1",
+               f"logging.dir={tmp_path / name / 'log'}", "logging.tensorboard=false", f"checkpoint.load={empty}",
+               f"checkpoint.save={empty if save == 'load' else save}"]
+        env = {**os.environ, "PYTHONWARNINGS": "ignore", "MASTER_PORT": str(ports.pop())}
+        return subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+
+    ports = set()
+    while len(ports) < 2:
+        ports.add(free_port())
+    procs = {"bad": command("bad", "null"), "fresh": command("fresh", "load")}
+    out = {}
+    try:
+        for name, proc in procs.items():
+            stdout, stderr = proc.communicate(timeout=300)
+            out[name] = (proc.returncode, stdout, stderr)
+    finally:
+        for proc in procs.values():
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
+    returncode, _, stderr = out["bad"]
+    assert returncode != 0 and "no complete checkpoint found there" in stderr
+    returncode, stdout, stderr = out["fresh"]
+    assert returncode == 0, stderr[-3000:]
+    assert "starting from scratch" in stdout
