@@ -23,11 +23,11 @@ REPO = Path(__file__).parents[2]
 WORKER_MODULE = "tests.parallel.worker"
 LAUNCHES = {
     1: ["ref", "ref_moe", "ref_packed", "ref_moe_no_aux", "ref_sqrt_mb1", "ref_sqrt_mb2", "ref_sqrt_mb4",
-        "ref_per_token_mb1"],
+        "ref_per_token_mb1", "ref_vlm_cp"],
     2: ["tp2", "pp2", "pp2_vpp2", "pp2_uneven", "dp2", "dp2_distopt", "ep2_moe", "ep2_moe_allgather", "tp2_packed", "resume_dp2", "resume_pp2", "resume_vlm_pp2",
         "resume_async_dp2", "reshard_tp2_to_pp2", "nan_skip", "dp2_sqrt", "vlm_logits_tp2", "vlm_logits_pp2", "vlm_logits_pp2_uneven",
-        "vlm_moe_logits_ep2", "vlm_moe_logits_tp2", "vlm_moe_logits_pp2"],
-    4: ["tp2_pp2", "tp2_ep2_moe_no_aux"],
+        "vlm_moe_logits_ep2", "vlm_moe_logits_tp2", "vlm_moe_logits_pp2", "cp2_vlm"],
+    4: ["tp2_pp2", "tp2_ep2_moe_no_aux", "cp2_tp2_vlm", "cp2_pp2_vlm"],
 }
 # the single-rank run each layout is compared with (default "ref")
 REFERENCE_OF = {
@@ -38,6 +38,9 @@ REFERENCE_OF = {
     "ref_sqrt_mb2": "ref_sqrt_mb1",
     "ref_sqrt_mb4": "ref_sqrt_mb1",
     "dp2_sqrt": "ref_sqrt_mb1",
+    "cp2_vlm": "ref_vlm_cp",
+    "cp2_tp2_vlm": "ref_vlm_cp",
+    "cp2_pp2_vlm": "ref_vlm_cp",
 }
 LOSS_TOL = GRAD_TOL = 1e-5
 PARAM_TOL = 1e-3
@@ -96,7 +99,8 @@ def _max_diff(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> float:
 @pytest.mark.parametrize(
     "layout",
     ["tp2", "pp2", "pp2_vpp2", "pp2_uneven", "dp2", "dp2_distopt", "ep2_moe", "ep2_moe_allgather", "tp2_packed",
-     "tp2_pp2", "tp2_ep2_moe_no_aux", "ref_sqrt_mb2", "ref_sqrt_mb4", "dp2_sqrt"],
+     "tp2_pp2", "tp2_ep2_moe_no_aux", "ref_sqrt_mb2", "ref_sqrt_mb4", "dp2_sqrt", "cp2_vlm", "cp2_tp2_vlm",
+     "cp2_pp2_vlm"],
 )
 def test_layout_matches_single_rank(results, layout):
     """Losses of 3 steps, step-1 gradients and final parameters equal the 1-rank run."""

@@ -46,6 +46,9 @@ MOE_NO_AUX = MOE + ["model.language.moe.aux_loss_coeff=0.0"]
 PACKED = ["data.pack=true", "data.min_sample_length=6", "train.micro_batch_size=1"]
 VLM = ["model.preset=qwen3vl-tiny", "data.dataset=synthetic_multimodal", "data.seq_length=128", "data.pack=true",
        "train.micro_batch_size=1", "data.min_pixels=4096", "data.max_pixels=16384", "train.loss_normalization=sqrt"]
+# CP pads every packed sample to a multiple of 2 x CP; pack_align=8 packs the 1-rank reference
+# identically. adam_eps as in the sqrt scenarios below (why: see there).
+VLM_CP = VLM + ["data.pack_align=8", "train.global_batch_size=2", "train.adam_eps=1e-4"]
 
 # Square-root loss normalization over samples of different lengths (padded rows): the same
 # global batch as 1, 2 or 4 micro-batches, or over DP=2, must give one loss and one gradient.
@@ -93,6 +96,12 @@ LAYOUTS = {
     "tp2_packed": PACKED + ["parallel.tp=2", "parallel.sequence_parallel=true"],
     "tp2_ep2_moe_no_aux": MOE_NO_AUX + ["parallel.tp=2", "parallel.ep=2", "parallel.sequence_parallel=true"],
     "tp2_pp2": ["parallel.tp=2", "parallel.pp=2", "parallel.sequence_parallel=true"],
+    # Context parallelism on the VLM (packed images + video, DeepStack, sqrt loss weights), the
+    # whole Trainer path of tools/pretrain_vlm.py; the reference packs with the same alignment.
+    "ref_vlm_cp": VLM_CP,
+    "cp2_vlm": VLM_CP + ["parallel.cp=2"],
+    "cp2_tp2_vlm": VLM_CP + ["parallel.cp=2", "parallel.tp=2", "parallel.sequence_parallel=true"],
+    "cp2_pp2_vlm": VLM_CP + ["parallel.cp=2", "parallel.pp=2"],
 }
 
 
