@@ -171,6 +171,11 @@ class GenerationEngine:
                 "GenerationEngine runs with parallel.pp=1; reload the checkpoint with pp=1 "
                 "(checkpoints reshard on load)"
             )
+        if parallel_state.get_context_parallel_world_size() > 1:
+            raise ValueError(
+                "GenerationEngine runs with parallel.cp=1 (decoding feeds one token per row); reload the "
+                "checkpoint with cp=1 (checkpoints reshard on load)"
+            )
         self.model = unwrap_model(model_chunks)[0] if isinstance(model_chunks, list) else unwrap_model(model_chunks)
         self.pad_token_id = pad_token_id
         cfg = self.model.model_cfg

@@ -201,11 +201,11 @@ def test_torchrun_mode_runs_one_torchrun_per_node(rendered, image):
 
 
 def test_missing_tool_fails_before_anything_starts(fake_slurm, tmp_path, image):
-    """ppo.sbatch names tools/train_ppo.py; where it is absent the job says so and stops."""
+    """ppo.sbatch names tools/train_ppo.py; where CODE_DIR lacks it the job says so and stops."""
     proc = subprocess.run(["bash", str(REPO / "slurm/ppo.sbatch")], check=False, capture_output=True, text=True,
                           env=_slurm_env(fake_slurm, DRY_RUN="1", CODE_DIR=str(tmp_path), IMAGE=image))
     assert proc.returncode == 1
-    assert "tools/train_ppo.py does not exist" in proc.stderr and "not written yet" in proc.stderr
+    assert "tools/train_ppo.py does not exist" in proc.stderr and "a megavlm checkout with PPO" in proc.stderr
     assert "srun" not in proc.stdout
 
 
