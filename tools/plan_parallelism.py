@@ -54,7 +54,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--recompute",
         choices=("none", "selective", "full"),
         default=None,
-        help="activation recomputation (planner-only: megavlm has no recompute option yet)",
+        help="activation recomputation, as megavlm's train.recompute.granularity (full: method=uniform, "
+        "num_layers=1; megavlm refuses full with DeepStack, e.g. Qwen3-VL; default: rank all three)",
     )
     p.add_argument("--no-distributed-optimizer", action="store_true")
     p.add_argument("--no-sequence-parallel", action="store_true")
