@@ -119,8 +119,8 @@ def main() -> None:
     packing_efficiency()
 
 
-def packing_efficiency(samples: int = 512, seq_lengths=(256, 1024)) -> None:
-    """Padding left by first-fit-decreasing packing of the built-in multimodal samples."""
+def packing_efficiency(samples: int = 2048, seq_lengths=(1024, 8192)) -> None:
+    """Padding left by packing the built-in multimodal samples (rows until ``samples`` are read)."""
     from megavlm.config import load_config
     from megavlm.data.build import sample_encoder
     from megavlm.data.packing import PackedDataset
@@ -132,7 +132,7 @@ def packing_efficiency(samples: int = 512, seq_lengths=(256, 1024)) -> None:
         rows = EncodedDataset(SyntheticMultimodalDataset(seed=0), sample_encoder(cfg), cfg.model, cache_size=samples)
         packed = PackedDataset(rows, seq_length=seq)
         k = 0
-        while packed._windows_done * packed.buffer_size < samples:
+        while packed._next < samples:
             packed[k]
             k += 1
         print(f"packing {samples} synthetic samples into rows of {seq}: {len(packed._bins)} rows, "
