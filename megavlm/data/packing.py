@@ -100,6 +100,7 @@ class PackedDataset:
         self._rows: dict[int, Batch] = {}  # samples read for their length, kept until their row is served
         self._served = 0  # rows below this have been served (or skipped by this worker)
         self.padding_tokens = 0
+        self._chunk = 16  # samples read (and their images decoded) together
 
     def _read(self, i: int) -> int:
         self._rows[i] = row = self.source[i]
@@ -109,9 +110,15 @@ class PackedDataset:
         lengths = {i: self._rows[i].tokens.shape[-1] if i in self._rows else self._read(i) for i in self._carry}
         tokens, target = sum(lengths.values()), self.window_rows * self.seq_length
         while tokens < target and len(lengths) < self.max_window:
-            lengths[self._next] = n = self._read(self._next)
-            tokens += n
-            self._next += 1
+            chunk = range(self._next, self._next + self._chunk)
+            if hasattr(self.source, "__getitems__"):  # one batched decode per chunk (DALI)
+                self._rows.update(zip(chunk, self.source.__getitems__(list(chunk))))
+            for i in chunk:
+                lengths[i] = n = self._rows[i].tokens.shape[-1] if i in self._rows else self._read(i)
+                tokens += n
+                self._next += 1
+                if tokens >= target or len(lengths) >= self.max_window:
+                    break
         bins = seeded_first_fit_decreasing(self._carry, lengths, self.seq_length)
         free = [self.seq_length - sum(lengths[i] for i in b) for b in bins]
         held = None
