@@ -58,7 +58,7 @@ IN_MEMORY_VIDEO_FPS = 24.0
 DECODE_COUNTS = ("images_dali", "images_pillow", "videos_dali", "videos_pyav")
 # Pillow modes DALI's RGB output would get wrong: alpha is composited onto white (as HF's
 # convert_to_rgb does), 16-bit and float images are scaled, palettes may hold transparency.
-_PILLOW_MODES = frozenset({"RGBA", "LA", "PA", "P", "I;16", "I;16B", "I;16L", "I", "F", "La", "RGBa"})
+_PILLOW_MODES = frozenset({"CMYK", "RGBA", "LA", "PA", "P", "I;16", "I;16B", "I;16L", "I", "F", "La", "RGBa"})
 _ORIENTATION_TAG = 0x0112
 
 
@@ -378,8 +378,15 @@ class SampleEncoder:
         return media, layouts
 
     def __call__(self, sample: Sample) -> EncodedSample:
+        if not sample.messages:
+            raise SampleError(sample.id, "empty_conversation", "no messages")
         media, layouts = self._media(sample)
-        rendered = self.template.render(sample, layouts)
+        try:
+            rendered = self.template.render(sample, layouts)
+        except (ValueError, KeyError, IndexError, TypeError) as e:  # roles, part types, media indices
+            raise SampleError(sample.id, "bad_record", f"{type(e).__name__}: {e}") from None
+        if not any(rendered.supervised):
+            raise SampleError(sample.id, "empty_conversation", "no supervised (assistant) tokens")
         n = len(rendered.tokens)
         if n > self.max_length:
             raise SampleError(sample.id, "too_long", f"{n} tokens > data.seq_length={self.max_length}")

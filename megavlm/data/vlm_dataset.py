@@ -22,7 +22,7 @@ from megavlm.positions import sample_position_ids
 
 
 BAD_REASONS = ("bad_image", "bad_video", "missing_media", "image_too_small", "image_too_large", "image_aspect",
-               "too_long", "other")
+               "too_long", "other", "bad_record", "empty_conversation")
 
 
 # What a Batch's ``sample_counts`` hold, in order: samples seen, skipped per reason, then how
