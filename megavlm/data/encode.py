@@ -23,6 +23,7 @@ the process boundary through shared CPU memory anyway.
 from __future__ import annotations
 
 import io
+import os
 from dataclasses import dataclass
 
 import numpy as np
@@ -193,6 +194,10 @@ class SampleEncoder:
         return {**self.__dict__, "_decoders": {}, "_decoded": {}}
 
     def _decoder(self, kind: str):
+        if self._decoders.get("pid") != os.getpid():
+            # A forked loader worker inherits the parent's pipelines without their threads: never
+            # use them there (DALI is not fork-safe); each process builds its own.
+            self._decoders = {"pid": os.getpid()}
         if kind not in self._decoders:
             if kind == "image":
                 from megavlm.data.dali_images import ImageDecoder
