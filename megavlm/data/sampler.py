@@ -45,11 +45,10 @@ def micro_batches(
                                 dp_rank=dp_rank, dp_size=dp_size)
     if num_workers == 0:
         return (Batch.collate([dataset[i] for i in batch]) for batch in indices)
-    from megavlm.platform.device import has_cuda
-
-    # Forked workers inherit the parent's CUDA state and fail on first CUDA use; spawned ones
-    # start clean (their image decoders run on the CPU, see data.encode).
-    context = "spawn" if has_cuda() else None
+    # Spawned, not forked: a forked worker inherits the parent's CUDA state (it fails on first
+    # CUDA use) and DALI's threads' locks (forked workers hung with a DALI pipeline in the
+    # parent); spawned ones start clean (their image decoders run on the CPU, see data.encode).
+    context = "spawn"
     loader = torch.utils.data.DataLoader(
         dataset, batch_sampler=indices, num_workers=num_workers, collate_fn=Batch.collate, persistent_workers=True,
         multiprocessing_context=context,
