@@ -15,6 +15,11 @@ results are checked to agree (same crop plans, mean |diff| printed). Besides ima
 process CPU time per image is printed (``time.process_time`` counts DALI's and the pool's
 threads): on a shared machine it moves less with other load than wall time does.
 
+With ``--mode qwen3vl`` it also times the whole training input path (decode, resize,
+patchify, tokenize, pack: ``EncodedDataset`` + ``PackedDataset``) with data.image_decoder=dali
+against =pillow, one thread each (images/s per CPU core). Last, the packing efficiency of the
+synthetic mix in 1024- and 8192-token rows.
+
 Usage: ``python bench/data_throughput.py [--mode step3vl|qwen3vl] [--images 96] [--threads 2]``
 """
 
@@ -116,11 +121,49 @@ def main() -> None:
     print(f"DALI CPU     : {n / t_dali:7.2f} images/s ({t_dali:.2f} s; {1e3 * c_dali / n:.0f} CPU-ms/image)")
     print(f"Pillow+numpy : {n / t_pil:7.2f} images/s ({t_pil:.2f} s; {1e3 * c_pil / n:.0f} CPU-ms/image)")
     print(f"ratio DALI / Pillow: {t_pil / t_dali:.2f}x images/s, {c_pil / c_dali:.2f}x CPU time per image")
+    if a.mode == "qwen3vl":
+        training_path(images, a.max_pixels)
     packing_efficiency()
 
 
-def packing_efficiency(samples: int = 512, seq_lengths=(256, 1024)) -> None:
-    """Padding left by first-fit-decreasing packing of the built-in multimodal samples."""
+def training_path(images: list[bytes], max_pixels: int, seq_length: int = 8192) -> None:
+    """images/s of the whole training input path, one thread each (per CPU core): decode,
+    resize, patchify, tokenize and pack (``EncodedDataset`` + ``PackedDataset``), with
+    data.image_decoder=dali (1 DALI thread) against =pillow, on the same samples."""
+    from megavlm.config import load_config
+    from megavlm.data.build import sample_encoder
+    from megavlm.data.packing import PackedDataset
+    from megavlm.data.sample import Media, Message, Sample
+    from megavlm.data.vlm_dataset import EncodedDataset
+
+    samples = [Sample(id=f"b{i}", media=[Media("image", data=b)], messages=[
+        Message("user", [{"type": "image", "index": 0}, {"type": "text", "text": "Describe the image."}]),
+        Message("assistant", [{"type": "text", "text": "Waves of light and shade, in many colours."}])])
+        for i, b in enumerate(images)]
+    torch.set_num_threads(1)
+    rates = {}
+    for decoder in ("dali", "pillow"):
+        cfg = load_config(None, ["model.preset=qwen3vl-tiny", "data.dataset=synthetic_multimodal",
+                                 f"data.seq_length={seq_length}", f"data.max_pixels={max_pixels}",
+                                 f"data.image_decoder={decoder}", "data.decode_threads=1"])
+        rows = EncodedDataset(samples + samples[:64], sample_encoder(cfg), cfg.model)  # tail: the last window
+        EncodedDataset(samples[:2], sample_encoder(cfg), cfg.model).__getitems__([0, 1])  # warm-up (build)
+        packed = PackedDataset(rows, seq_length=seq_length)
+        t, c = time.perf_counter(), time.process_time()
+        k = 0
+        while packed._next < len(samples):
+            packed[k]
+            k += 1
+        wall, cpu = time.perf_counter() - t, time.process_time() - c
+        rates[decoder] = packed._next / wall
+        print(f"training input path, {decoder:6}: {rates[decoder]:6.2f} images/s on 1 thread ({packed._next} samples "
+              f"into {k} rows of {seq_length}, {1e3 * cpu / packed._next:.0f} CPU-ms/image, "
+              f"{1 - packed.padding_fraction():.1%} real tokens)")
+    print(f"training input path ratio DALI / Pillow: {rates['dali'] / rates['pillow']:.2f}x images/s per core")
+
+
+def packing_efficiency(samples: int = 2048, seq_lengths=(1024, 8192)) -> None:
+    """Padding left by packing the built-in multimodal samples (rows until ``samples`` are read)."""
     from megavlm.config import load_config
     from megavlm.data.build import sample_encoder
     from megavlm.data.packing import PackedDataset
@@ -132,7 +175,7 @@ def packing_efficiency(samples: int = 512, seq_lengths=(256, 1024)) -> None:
         rows = EncodedDataset(SyntheticMultimodalDataset(seed=0), sample_encoder(cfg), cfg.model, cache_size=samples)
         packed = PackedDataset(rows, seq_length=seq)
         k = 0
-        while packed._windows_done * packed.buffer_size < samples:
+        while packed._next < samples:
             packed[k]
             k += 1
         print(f"packing {samples} synthetic samples into rows of {seq}: {len(packed._bins)} rows, "

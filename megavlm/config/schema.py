@@ -154,6 +154,11 @@ class DataConfig:
     # multiples of 32); defaults are the released preprocessor_config.json's.
     min_pixels: int = 65536
     max_pixels: int = 16777216
+    # Encoded images (files, bytes): "dali" (NVIDIA DALI, mixed GPU decoding in a CUDA training
+    # process, CPU operators otherwise; Pillow takes what DALI cannot, counted) or "pillow".
+    image_decoder: str = "dali"
+    # Threads of each DALI decoder (one per training process or loader worker).
+    decode_threads: int = 2
 
 
 @dataclass(kw_only=True)

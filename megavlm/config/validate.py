@@ -17,6 +17,7 @@ _CHOICES = {
     "train.lr_decay": ("cosine", "linear", "constant"),
     "train.precision": ("auto", "fp32", "bf16"),
     "data.dataset": ("synthetic_text", "synthetic_multimodal", "shards"),
+    "data.image_decoder": ("dali", "pillow"),
     "model.rope.kind": ("rope", "mrope_interleaved", "mrope_chunked"),
     "train.loss_normalization": ("per_token", "per_sample", "sqrt"),
     "parallel.cp_comm_type": ("p2p", "a2a", "a2a+p2p", "all_gather"),
@@ -237,6 +238,8 @@ def _collect_errors(cfg: Config, world_size: int) -> list[str]:
         errors.append("data.dataset=shards needs data.path (a folder written by tools/prepare_data.py)")
     if cfg.data.num_workers < 0:
         errors.append(f"data.num_workers must be >= 0, got {cfg.data.num_workers}")
+    if cfg.data.decode_threads < 1:
+        errors.append(f"data.decode_threads must be >= 1, got {cfg.data.decode_threads}")
     if not 0 <= cfg.data.max_bad_fraction <= 1:
         errors.append(f"data.max_bad_fraction must be in [0, 1], got {cfg.data.max_bad_fraction}")
     if cfg.data.pack and t.micro_batch_size != 1:

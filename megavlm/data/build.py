@@ -36,7 +36,8 @@ def sample_encoder(cfg: Config) -> SampleEncoder:
             f"vocabulary ({tokenizer.vocab_size})"
         )
     return SampleEncoder(Qwen3VLChatTemplate(tokenizer), min_pixels=d.min_pixels, max_pixels=d.max_pixels,
-                         max_length=d.seq_length, family=family)
+                         max_length=d.seq_length, family=family, image_decoder=d.image_decoder,
+                         decode_threads=d.decode_threads)
 
 
 def pack_alignment(cfg: Config) -> int:

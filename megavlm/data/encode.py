@@ -1,20 +1,34 @@
 """One Sample -> model inputs: tokens, next-token labels on assistant turns, media patches.
 
 Images follow Qwen3-VL's processor (``smart_resize`` within ``[min_pixels, max_pixels]``,
-bicubic, mean = std = 0.5, ``patchify``); videos are sampled at 2 fps (HF's rule in
-``data.video``), each frame pair its own vision block with its timestamp. Decoding here is
-Pillow for files and bytes; the DALI decoders (``dali_images``, ``video``) are the
-throughput path for shard datasets. Every error names the sample.
+bicubic, mean = std = 0.5, ``patchify``); videos follow its *video* processor (sampled at
+2 fps, HF's video ``smart_resize`` and pixel bounds, in ``data.video``), each frame pair its
+own vision block with its timestamp. Every error names the sample.
+
+Decoding (``data.image_decoder``): "dali" decodes encoded images (files, bytes) with NVIDIA
+DALI (``dali_images.ImageDecoder``), batched over a loader step by ``prefetch``; "pillow"
+decodes them with Pillow. With DALI, Pillow still takes what DALI cannot do as HF does
+(transparency composited onto white, 16-bit scaled, formats DALI lacks, files DALI fails
+on) and each such image is counted (``DECODE_COUNTS``). Videos are decoded by DALI, PyAV
+where DALI lacks the codec (``video.VideoDecoder``), counted the same way. In-memory arrays
+need no decoding.
+
+Process model: on a CUDA machine the decoder in the training process uses DALI's mixed
+(nvJPEG / NVDEC) decoding on the current device and its media stay on the GPU; loader
+worker processes (``data.num_workers``) are *spawned* (``data.sampler``; forking after CUDA
+is initialized breaks CUDA) and decode on DALI's CPU operators, since their tensors cross
+the process boundary through shared CPU memory anyway.
 """
 
 from __future__ import annotations
 
 import io
+import os
 from dataclasses import dataclass
 
 import numpy as np
 import torch
-from PIL import Image
+from PIL import Image, ImageOps
 
 from megavlm.data.chat_template import MediaLayout, Qwen3VLChatTemplate
 from megavlm.data.image_rules import (
@@ -31,13 +45,56 @@ from megavlm.data.image_rules import (
     step3_token_layout,
 )
 from megavlm.data.sample import Media, Sample
-from megavlm.data.video import VIDEO_FPS, pair_timestamps, sample_frame_indices
+from megavlm.data.video import (
+    VIDEO_MAX_PIXELS,
+    VIDEO_MIN_PIXELS,
+    pair_timestamps,
+    sample_frame_indices,
+    video_smart_resize,
+)
+
+# HF's video processor takes 24 fps for frames given without metadata.
+IN_MEMORY_VIDEO_FPS = 24.0
+# How each image and video was decoded, counted per sample and reported as data metrics.
+DECODE_COUNTS = ("images_dali", "images_pillow", "videos_dali", "videos_pyav")
+# Pillow modes DALI's RGB output would get wrong: alpha is composited onto white (as HF's
+# convert_to_rgb does), 16-bit and float images are scaled, palettes may hold transparency.
+_PILLOW_MODES = frozenset({"CMYK", "RGBA", "LA", "PA", "P", "I;16", "I;16B", "I;16L", "I", "F", "La", "RGBa"})
+_ORIENTATION_TAG = 0x0112
 
 
 # Images are rejected, not resized, below MIN_SIDE pixels a side (nothing to see) or above
 # MAX_PIXELS_FACTOR x data.max_pixels (decoding them costs more than the sample is worth).
 MIN_SIDE = 8
 MAX_PIXELS_FACTOR = 64
+
+
+def to_rgb(im: Image.Image) -> np.ndarray:
+    """Pillow image -> uint8 ``[H, W, 3]`` as HF's processors see it: EXIF orientation
+    applied, transparency composited onto white, 16-bit / 32-bit levels scaled to 8 bits."""
+    im = ImageOps.exif_transpose(im)
+    if im.mode in ("I;16", "I;16B", "I;16L", "I", "F"):
+        a = np.asarray(im, dtype=np.float64)
+        top = 65535.0 if im.mode.startswith("I;16") or a.max() > 255 else 255.0
+        gray = np.clip(np.round(a * 255.0 / top), 0, 255).astype(np.uint8)
+        return np.repeat(gray[..., None], 3, axis=-1)
+    if im.mode in ("RGBA", "LA", "PA", "La", "RGBa") or (im.mode == "P" and "transparency" in im.info):
+        rgba = im.convert("RGBA")
+        white = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        white.alpha_composite(rgba)
+        return np.asarray(white.convert("RGB"))
+    return np.asarray(im.convert("RGB"))
+
+
+def image_header(data: bytes) -> tuple[tuple[int, int], bool]:
+    """((h, w) after EXIF orientation, whether Pillow must decode it) from the header only."""
+    with Image.open(io.BytesIO(data)) as im:
+        w, h = im.size
+        orientation = 1
+        if im.format in ("JPEG", "MPO", "TIFF", "WEBP"):
+            orientation = im.getexif().get(_ORIENTATION_TAG, 1)
+        needs_pillow = im.mode in _PILLOW_MODES or im.format not in ("JPEG", "MPO", "PNG", "TIFF", "BMP", "WEBP")
+    return ((w, h) if orientation in (5, 6, 7, 8) else (h, w)), needs_pillow
 
 
 class SampleError(ValueError):
@@ -58,6 +115,7 @@ class EncodedSample:
     image_grid_thw: torch.Tensor | None = None  # [images, 3]
     pixel_values_videos: torch.Tensor | None = None
     video_grid_thw: torch.Tensor | None = None  # [videos, 3], t = frame pairs
+    decode_counts: dict[str, int] | None = None  # DECODE_COUNTS name -> media decoded that way
 
 
 def _normalize(frames: np.ndarray, mean=QWEN3VL_MEAN, std=QWEN3VL_STD) -> torch.Tensor:
@@ -98,41 +156,175 @@ def _resize(frame: np.ndarray, size: tuple[int, int]) -> np.ndarray:
     return np.asarray(Image.fromarray(frame).resize((w, h), Image.BICUBIC))
 
 
+def _decode_device() -> str:
+    """"gpu" in the training process of a CUDA machine, "cpu" in loader workers and without CUDA."""
+    from megavlm.platform.device import has_cuda
+
+    return "gpu" if has_cuda() and torch.utils.data.get_worker_info() is None else "cpu"
+
+
+def _resize_video(frames: np.ndarray, size: tuple[int, int]) -> np.ndarray:
+    """uint8 ``[T, H, W, 3]`` resized as HF's video processor does it (torchvision's tensor
+    resize: bicubic, antialiased, clamped and rounded back to uint8)."""
+    if frames.shape[1:3] == tuple(size):
+        return frames
+    x = torch.from_numpy(np.ascontiguousarray(frames)).permute(0, 3, 1, 2).float()
+    x = torch.nn.functional.interpolate(x, size=size, mode="bicubic", antialias=True, align_corners=False)
+    return x.clamp(0, 255).round().to(torch.uint8).permute(0, 2, 3, 1).numpy()
+
+
 class SampleEncoder:
     """Callable ``Sample -> EncodedSample`` for one tokenizer and preprocessing setting."""
 
     def __init__(self, template: Qwen3VLChatTemplate, *, min_pixels: int, max_pixels: int, max_length: int,
-                 family: str = "qwen3vl"):
+                 family: str = "qwen3vl", image_decoder: str = "dali", decode_threads: int = 2):
         if family not in ("qwen3vl", "step3vl"):
             raise ValueError(f"model family {family!r} is not one of qwen3vl, step3vl")
+        if image_decoder not in ("dali", "pillow"):
+            raise ValueError(f"data.image_decoder={image_decoder!r} is not one of dali, pillow")
         self.family = family
         self.template = template
         self.min_pixels, self.max_pixels, self.max_length = min_pixels, max_pixels, max_length
-        self._video_decoder = None  # built on the first video file (a DALI pipeline)
+        self.image_decoder, self.decode_threads = image_decoder, decode_threads
+        self._decoders: dict[str, object] = {}  # built on first use, per process (never pickled)
+        self._decoded: dict[tuple[str, int], object] = {}  # prefetched DALI results by (sample id, media)
+        self._counts: dict[str, int] = {}
+
+    def __getstate__(self):  # loader workers build their own decoders (DALI pipelines do not pickle)
+        return {**self.__dict__, "_decoders": {}, "_decoded": {}}
+
+    def _decoder(self, kind: str):
+        if self._decoders.get("pid") != os.getpid():
+            # A forked loader worker inherits the parent's pipelines without their threads: never
+            # use them there (DALI is not fork-safe); each process builds its own.
+            self._decoders = {"pid": os.getpid()}
+        if kind not in self._decoders:
+            if kind == "image":
+                from megavlm.data.dali_images import ImageDecoder
+
+                self._decoders[kind] = ImageDecoder(
+                    mode=self.family, batch_size=16, num_threads=self.decode_threads, min_pixels=self.min_pixels,
+                    max_pixels=self.max_pixels, interp="cubic", device=_decode_device(),
+                )
+            else:
+                from megavlm.data.video import VideoDecoder
+
+                # HF's video processor bounds (not the image ones), as the released model was trained
+                self._decoders[kind] = VideoDecoder(mode="qwen3vl", num_threads=self.decode_threads,
+                                                    device=_decode_device())
+        return self._decoders[kind]
+
+    @property
+    def media_device(self) -> torch.device:
+        """Where decoded media live: the DALI decoder's device (the GPU in a CUDA training process)."""
+        if self.image_decoder == "dali" and _decode_device() == "gpu":
+            return torch.device("cuda", torch.cuda.current_device())
+        return torch.device("cpu")
+
+    def _count(self, name: str) -> None:
+        self._counts[name] = self._counts.get(name, 0) + 1
 
     def _decoded_video(self, sample: Sample, media: Media):
         """A video file or bytes through the DALI/PyAV decoder: patches, grid, pair times."""
-        if self._video_decoder is None:
-            from megavlm.data.video import VideoDecoder
-
-            self._video_decoder = VideoDecoder(mode="qwen3vl", min_pixels=self.min_pixels, max_pixels=self.max_pixels)
         source = media.path if media.path is not None else media.data
-        (result,) = self._video_decoder.decode([source], [f"{sample.id}:{media.path or 'video'}"])
+        (result,) = self._decoder("video").decode([source], [f"{sample.id}:{media.path or 'video'}"])
         if not result.ok:
             reason = "missing_media" if "not found" in result.reason else "bad_video"
             raise SampleError(sample.id, reason, result.reason)
-        return result.pixel_values.cpu(), result.grid_thw.cpu(), result.timestamps
+        self._count("videos_pyav" if result.backend == "pyav" else "videos_dali")
+        return result.pixel_values, result.grid_thw.cpu(), result.timestamps
 
-    def _pixels(self, sample: Sample, media: Media) -> np.ndarray:
-        if media.array is not None:
-            return media.array
+    def _bytes(self, sample: Sample, media: Media) -> bytes:
+        if media.data is not None:
+            return media.data
         try:
-            source = media.path if media.path is not None else io.BytesIO(media.data)
-            return np.asarray(Image.open(source).convert("RGB"))
+            with open(media.path, "rb") as f:
+                return f.read()
         except FileNotFoundError:
             raise SampleError(sample.id, "missing_media", str(media.path)) from None
-        except Exception as e:  # Pillow raises many types for corrupt or truncated files
-            raise SampleError(sample.id, "bad_image", f"{media.path or 'bytes'}: {e}") from None
+        except OSError as e:
+            raise SampleError(sample.id, "bad_image", f"{media.path}: {e}") from None
+
+    def _checked_header(self, sample: Sample, data: bytes, name: str) -> bool:
+        """Size rules on the header (before anything is decoded); True when Pillow must decode."""
+        try:
+            (h, w), needs_pillow = image_header(data)
+        except Exception as e:  # noqa: BLE001 - Pillow raises many types for unreadable headers
+            raise SampleError(sample.id, "bad_image", f"{name}: {type(e).__name__}: {e}") from None
+        self._size(sample, h, w)
+        if self.family == "step3vl":
+            self._step3_plan(sample, h, w)
+        return needs_pillow
+
+    def prefetch(self, samples: list[Sample]) -> None:
+        """Decode the encoded images of ``samples`` in one DALI run (a loader step's worth);
+        ``__call__`` then takes them from here. Bad images are left for ``__call__`` to name."""
+        if self.image_decoder != "dali":
+            return
+        keys, data, names = [], [], []
+        for sample in samples:
+            for j, media in enumerate(sample.media):
+                if media.kind != "image" or media.array is not None or (sample.id, j) in self._decoded:
+                    continue
+                name = f"{sample.id}:{media.path or f'image {j}'}"
+                try:
+                    raw = self._bytes(sample, media)
+                    if self._checked_header(sample, raw, name):
+                        continue
+                except SampleError:
+                    continue
+                keys.append((sample.id, j))
+                data.append(raw)
+                names.append(name)
+        if data:
+            self._decoded.update(zip(keys, self._decoder("image").decode(data, names)))
+
+    def drop_prefetched(self) -> None:
+        self._decoded.clear()
+
+    def _image(self, sample: Sample, j: int, media: Media):
+        """(patches, grid) list and token layout of one image: DALI, else Pillow (counted)."""
+        if media.array is not None:
+            return self._image_from_pixels(sample, media.array)
+        name = f"{sample.id}:{media.path or f'image {j}'}"
+        raw = self._bytes(sample, media)
+        needs_pillow = self._checked_header(sample, raw, name)
+        if self.image_decoder == "dali" and not needs_pillow:
+            result = self._decoded.pop((sample.id, j), None)
+            if result is None:
+                (result,) = self._decoder("image").decode([raw], [name])
+            if result.ok:
+                self._count("images_dali")
+                if self.family == "qwen3vl":
+                    return [(result.pixel_values, result.grid_thw.cpu())], qwen3vl_num_tokens(result.grid_thw), None
+                crops = result.pixel_values[STEP3_LOCAL_SIZE]
+                views = [_raster_patches(c, 14) for c in crops]
+                views.append(_raster_patches(result.pixel_values[STEP3_GLOBAL_SIZE][0], 14))
+                return views, 0, result.token_layout
+        try:  # Pillow: what DALI cannot decode as HF does, or a file DALI failed on
+            with Image.open(io.BytesIO(raw)) as im:
+                pixels = to_rgb(im)
+        except Exception as e:  # noqa: BLE001 - Pillow raises many types for corrupt or truncated files
+            raise SampleError(sample.id, "bad_image", f"{name}: {type(e).__name__}: {e}") from None
+        self._count("images_pillow")
+        return self._image_from_pixels(sample, pixels)
+
+    def _image_from_pixels(self, sample: Sample, pixels: np.ndarray):
+        if self.family == "step3vl":
+            self._size(sample, *pixels.shape[:2])  # the same too-small / too-large rules
+            self._step3_plan(sample, *pixels.shape[:2])
+            views, names = step3_views(pixels)
+            return views, 0, names
+        size = self._size(sample, *pixels.shape[:2])
+        patches, grid = patchify(_normalize(_resize(pixels, size)))
+        return [(patches, grid)], qwen3vl_num_tokens(grid), None
+
+    def _step3_plan(self, sample: Sample, h: int, w: int) -> None:
+        from megavlm.data.dali_images import DEFAULT_MAX_CROPS
+
+        plan = step3_crop_plan(h, w)
+        if plan.num_crops > DEFAULT_MAX_CROPS:
+            raise SampleError(sample.id, "image_aspect", f"{h}x{w}: {plan.num_crops} crops > {DEFAULT_MAX_CROPS}")
 
     def _size(self, sample: Sample, h: int, w: int) -> tuple[int, int]:
         if min(h, w) < MIN_SIDE:
@@ -145,47 +337,61 @@ class SampleEncoder:
         except ValueError as e:
             raise SampleError(sample.id, "image_aspect", str(e)) from None
 
+    def _video_from_frames(self, sample: Sample, media: Media):
+        """In-memory frames as HF's video processor takes them (24 fps when none is given)."""
+        pixels = media.array
+        if pixels.ndim != 4 or pixels.shape[-1] != 3 or len(pixels) == 0:
+            raise SampleError(sample.id, "bad_video", f"frames of shape {pixels.shape}, expected [T>0, H, W, 3]")
+        fps = media.fps or IN_MEMORY_VIDEO_FPS
+        index = sample_frame_indices(len(pixels), fps)
+        h, w = pixels.shape[1:3]
+        if min(h, w) < MIN_SIDE:
+            raise SampleError(sample.id, "image_too_small", f"video frames {h}x{w}, a side is under {MIN_SIDE}")
+        try:
+            size = video_smart_resize(len(index), h, w, min_pixels=VIDEO_MIN_PIXELS, max_pixels=VIDEO_MAX_PIXELS,
+                                      name=sample.id)
+        except ValueError as e:
+            raise SampleError(sample.id, "image_aspect", str(e)) from None
+        patches, grid = patchify(_normalize(_resize_video(pixels[index], size)))
+        return patches, grid, pair_timestamps(index, fps)
+
     def _media(self, sample: Sample):
         """Patches of every image and video, and what the chat template needs of each."""
         images, videos, layouts = [], [], []
-        for media in sample.media:
-            if media.kind == "video" and media.array is None:
-                patches, grid, times = self._decoded_video(sample, media)
+        self._counts = {}
+        for j, media in enumerate(sample.media):
+            if media.kind == "image":
+                views, n, names = self._image(sample, j, media)
+                images += views
+                layouts.append(MediaLayout("image", n, token_names=names) if names else MediaLayout("image", n))
+            elif self.family == "step3vl":
+                raise SampleError(sample.id, "other", "STEP3-VL takes images only")
+            else:
+                if media.array is None:
+                    patches, grid, times = self._decoded_video(sample, media)
+                else:
+                    patches, grid, times = self._video_from_frames(sample, media)
                 videos.append((patches, grid))
                 layouts.append(MediaLayout("video", qwen3vl_num_tokens([1, *grid[1:]]), times))
-                continue
-            pixels = self._pixels(sample, media)
-            if media.kind == "image" and self.family == "step3vl":
-                self._size(sample, *pixels.shape[:2])  # the same too-small / too-large rules
-                views, names = step3_views(pixels)
-                images += views
-                layouts.append(MediaLayout("image", 0, token_names=names))
-            elif media.kind == "video" and self.family == "step3vl":
-                raise SampleError(sample.id, "other", "STEP3-VL takes images only")
-            elif media.kind == "image":
-                size = self._size(sample, *pixels.shape[:2])
-                patches, grid = patchify(_normalize(_resize(pixels, size)))
-                images.append((patches, grid))
-                layouts.append(MediaLayout("image", qwen3vl_num_tokens(grid)))
-            else:
-                fps = media.fps or VIDEO_FPS
-                index = sample_frame_indices(len(pixels), fps)
-                size = self._size(sample, *pixels.shape[1:3])
-                frames = np.stack([_resize(pixels[i], size) for i in index])
-                patches, grid = patchify(_normalize(frames))
-                videos.append((patches, grid))
-                layouts.append(MediaLayout("video", qwen3vl_num_tokens([1, *grid[1:]]), pair_timestamps(index, fps)))
+        device = self.media_device
         media = {
-            "pixel_values": torch.cat([p for p, _ in images]) if images else None,
+            "pixel_values": torch.cat([p.to(device) for p, _ in images]) if images else None,
             "image_grid_thw": torch.stack([g for _, g in images]) if images else None,
-            "pixel_values_videos": torch.cat([p for p, _ in videos]) if videos else None,
+            "pixel_values_videos": torch.cat([p.to(device) for p, _ in videos]) if videos else None,
             "video_grid_thw": torch.stack([g for _, g in videos]) if videos else None,
         }
         return media, layouts
 
     def __call__(self, sample: Sample) -> EncodedSample:
+        if not sample.messages:
+            raise SampleError(sample.id, "empty_conversation", "no messages")
         media, layouts = self._media(sample)
-        rendered = self.template.render(sample, layouts)
+        try:
+            rendered = self.template.render(sample, layouts)
+        except (ValueError, KeyError, IndexError, TypeError) as e:  # roles, part types, media indices
+            raise SampleError(sample.id, "bad_record", f"{type(e).__name__}: {e}") from None
+        if not any(rendered.supervised):
+            raise SampleError(sample.id, "empty_conversation", "no supervised (assistant) tokens")
         n = len(rendered.tokens)
         if n > self.max_length:
             raise SampleError(sample.id, "too_long", f"{n} tokens > data.seq_length={self.max_length}")
@@ -193,7 +399,7 @@ class SampleEncoder:
         supervised = torch.tensor(rendered.supervised + [False])[1:]  # is labels[t] = tokens[t+1] supervised
         labels = torch.cat([tokens[1:], tokens.new_zeros(1)])
         return EncodedSample(sample_id=sample.id, tokens=tokens, labels=labels * supervised,
-                             loss_mask=supervised.float(), **media)
+                             loss_mask=supervised.float(), decode_counts=dict(self._counts), **media)
 
     def prompt(self, sample: Sample) -> tuple[torch.Tensor, dict]:
         """Tokens of every turn before the last assistant turn plus the generation prompt,

@@ -26,8 +26,12 @@ _LLAVA_ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant"
 @dataclass
 class BadRecord:
     where: str  # file:line
-    reason: str  # malformed_json | bad_record | missing_media
+    reason: str  # malformed_json | invalid_utf8 | bad_record | media_mismatch | empty_conversation | missing_media
     detail: str
+
+
+class MediaMismatch(ValueError):
+    """Placeholders (``<image>`` tags) and media files do not pair up."""
 
 
 def _media(kind: str, ref: str, root: Path) -> Media:
@@ -65,14 +69,14 @@ def _from_llava(record: dict, sid: str, root: Path) -> Sample:
         for k, text in enumerate(pieces):
             if k > 0:  # an <image> tag stood here
                 if next_image >= len(media):
-                    raise ValueError(f"more <image> tags than images ({len(media)})")
+                    raise MediaMismatch(f"more <image> tags than images ({len(media)})")
                 parts.append({"type": "image", "index": next_image})
                 next_image += 1
             if text.strip("\n"):
                 parts.append({"type": "text", "text": text.strip("\n")})
         messages.append(Message(_LLAVA_ROLES[turn["from"]], parts))
     if next_image != len(media):
-        raise ValueError(f"{len(media)} images but {next_image} <image> tags")
+        raise MediaMismatch(f"{len(media)} images but {next_image} <image> tags")
     return Sample(id=sid, messages=messages, media=media, targets=record.get("targets"))
 
 
@@ -88,13 +92,19 @@ def read_samples(path: str | Path, fmt: str = "auto") -> Iterator[Sample | BadRe
     """Samples of a JSONL file (or a LLaVA JSON list), in file order."""
     path = Path(path)
     root = path.parent
-    text = path.read_text()
-    if path.suffix == ".json" and text.lstrip().startswith("["):
-        lines = [(i + 1, json.dumps(r)) for i, r in enumerate(json.loads(text))]
+    raw = path.read_bytes()
+    if path.suffix == ".json" and raw.lstrip().startswith(b"["):
+        lines = [(i + 1, json.dumps(r)) for i, r in enumerate(json.loads(raw.decode("utf-8", errors="replace")))]
     else:
-        lines = [(i + 1, line) for i, line in enumerate(text.splitlines()) if line.strip()]
+        lines = [(i + 1, line) for i, line in enumerate(raw.split(b"\n")) if line.strip()]
     for number, line in lines:
         where = f"{path}:{number}"
+        if isinstance(line, bytes):  # per line, so one bad byte costs one record, not the file
+            try:
+                line = line.decode("utf-8")
+            except UnicodeDecodeError as e:
+                yield BadRecord(where, "invalid_utf8", str(e))
+                continue
         try:
             record = json.loads(line)
         except json.JSONDecodeError as e:
@@ -104,8 +114,14 @@ def read_samples(path: str | Path, fmt: str = "auto") -> Iterator[Sample | BadRe
             kind = detect_format(record) if fmt == "auto" else fmt
             reader = {"hf": _from_hf_chat, "llava": _from_llava}[kind]
             sample = reader(record, str(record.get("id", f"{path.stem}-{number}")), root)
-        except (KeyError, TypeError, ValueError) as e:
+        except MediaMismatch as e:
+            yield BadRecord(where, "media_mismatch", str(e))
+            continue
+        except (KeyError, TypeError, ValueError, AttributeError, IndexError) as e:
             yield BadRecord(where, "bad_record", f"{type(e).__name__}: {e}")
+            continue
+        if not any(m.role == "assistant" and any(p.get("text") for p in m.content) for m in sample.messages):
+            yield BadRecord(where, "empty_conversation", "no assistant turn with text (nothing to learn)")
             continue
         missing = [m.path for m in sample.media if not Path(m.path).is_file()]
         if missing:

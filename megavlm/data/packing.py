@@ -54,29 +54,87 @@ def pack(samples: Sequence[Batch], seq_length: int) -> Batch:
     )
 
 
-class PackedDataset:
-    """Index ``k`` -> the k-th packed row of ``source`` (a sequence of single-row samples)."""
+def seeded_first_fit_decreasing(seed: Sequence[int], lengths: dict[int, int], capacity: int) -> list[list[int]]:
+    """First-fit-decreasing of ``lengths``' keys not in ``seed``, with bin 0 pre-filled by ``seed``."""
+    bins, room = [], []
+    if seed:
+        bins.append(list(seed))
+        room.append(capacity - sum(lengths[i] for i in seed))
+    seeded = set(seed)
+    new = [i for i in lengths if i not in seeded]
+    for i in new:
+        if lengths[i] > capacity:
+            raise ValueError(f"sample {i} has {lengths[i]} tokens, more than data.seq_length={capacity}")
+    for i in sorted(new, key=lambda i: (-lengths[i], i)):
+        for b, free in enumerate(room):
+            if lengths[i] <= free:
+                bins[b].append(i)
+                room[b] -= lengths[i]
+                break
+        else:
+            bins.append([i])
+            room.append(capacity - lengths[i])
+    return [sorted(b) for b in bins]
 
-    def __init__(self, source: Sequence[Batch], *, seq_length: int, buffer_size: int = 64, align: int = 1):
+
+class PackedDataset:
+    """Index ``k`` -> the k-th packed row of ``source`` (a sequence of single-row samples).
+
+    Source samples are read in order in windows of at least ``window_rows`` rows' worth of
+    tokens (at most ``max_window`` samples) and binned first-fit-decreasing. The emptiest bin
+    of a window is not emitted: its samples seed bin 0 of the next window, where the new
+    samples fill it (a seeded bin is never carried again, so a sample waits at most two
+    windows). Without the carry, every window ended with a part-filled row: 81% real tokens
+    in 1024-token rows of the synthetic mix with 64-sample windows; with it, over 97% in
+    1024- and 8192-token rows (``bench/data_throughput.py --packing``). Row ``k`` is a pure
+    function of the source, so the data position stays one integer.
+    """
+
+    def __init__(self, source: Sequence[Batch], *, seq_length: int, window_rows: int = 4, max_window: int = 8192,
+                 align: int = 1):
         self.source = source
         self.seq_length = seq_length
         # Each sample counted as its length rounded up to ``align`` (2 x CP under context
         # parallelism, where every sample is padded to that multiple: megavlm.parallel.context).
         self.align = align
-        self.buffer_size = buffer_size
+        self.window_rows, self.max_window = window_rows, max_window
         self._bins: list[list[int]] = []  # packed rows found so far, as source indices
-        self._windows_done = 0
+        self._next = 0  # the first source index not read yet
+        self._carry: list[int] = []  # the samples of the last window's held-back bin
+        self._rows: dict[int, Batch] = {}  # samples read for their length, kept until their row is served
+        self._served = 0  # rows below this have been served (or skipped by this worker)
         self.padding_tokens = 0
+        self._chunk = 16  # samples read (and their images decoded) together
+
+    def _read(self, i: int) -> int:
+        self._rows[i] = row = self.source[i]
+        return row.tokens.shape[-1]
 
     def _extend(self) -> None:
-        start = self._windows_done * self.buffer_size
-        indices = range(start, start + self.buffer_size)
-        lengths = [self.source[i].tokens.shape[-1] for i in indices]
-        aligned = [-(-n // self.align) * self.align for n in lengths]
-        for b in first_fit_decreasing(aligned, self.seq_length):
-            self._bins.append([start + i for i in b])
-            self.padding_tokens += self.seq_length - sum(lengths[i] for i in b)
-        self._windows_done += 1
+        lengths = {i: self._rows[i].tokens.shape[-1] if i in self._rows else self._read(i) for i in self._carry}
+        tokens, target = sum(lengths.values()), self.window_rows * self.seq_length
+        while tokens < target and len(lengths) < self.max_window:
+            chunk = range(self._next, self._next + self._chunk)
+            if hasattr(self.source, "__getitems__"):  # one batched decode per chunk (DALI)
+                self._rows.update(zip(chunk, self.source.__getitems__(list(chunk))))
+            for i in chunk:
+                lengths[i] = n = self._rows[i].tokens.shape[-1] if i in self._rows else self._read(i)
+                tokens += n
+                self._next += 1
+                if tokens >= target or len(lengths) >= self.max_window:
+                    break
+        lengths = {i: -(-n // self.align) * self.align for i, n in lengths.items()}
+        bins = seeded_first_fit_decreasing(self._carry, lengths, self.seq_length)
+        free = [self.seq_length - sum(lengths[i] for i in b) for b in bins]
+        held = None
+        if len(bins) > 1:  # hold back the emptiest unseeded bin (the last on ties)
+            first = 1 if self._carry else 0
+            held = max(range(first, len(bins)), key=lambda b: (free[b], b))
+        self._carry = bins[held] if held is not None else []
+        for b, members in enumerate(bins):
+            if b != held:
+                self._bins.append(members)
+                self.padding_tokens += free[b]
 
     def padding_fraction(self) -> float:
         return self.padding_tokens / max(len(self._bins) * self.seq_length, 1)
@@ -84,4 +142,11 @@ class PackedDataset:
     def __getitem__(self, k: int) -> Batch:
         while k >= len(self._bins):
             self._extend()
-        return pack([self.source[i] for i in self._bins[k]], self.seq_length)
+        rows = [self._rows.pop(i) if i in self._rows else self.source[i] for i in self._bins[k]]
+        # Rows are read in increasing order (each loader worker reads every n-th): samples of
+        # rows this reader has passed will not be asked for again; drop them.
+        for j in range(self._served, k):
+            for i in self._bins[j]:
+                self._rows.pop(i, None)
+        self._served = max(self._served, k + 1)
+        return pack(rows, self.seq_length)

@@ -46,8 +46,13 @@ def micro_batches(
                                 dp_rank=dp_rank, dp_size=dp_size)
     if num_workers == 0:
         return (Batch.collate([dataset[i] for i in batch]) for batch in indices)
+    # Spawned, not forked: a forked worker inherits the parent's CUDA state (it fails on first
+    # CUDA use) and DALI's threads' locks (forked workers hung with a DALI pipeline in the
+    # parent); spawned ones start clean (their image decoders run on the CPU, see data.encode).
+    context = "spawn"
     loader = torch.utils.data.DataLoader(
         dataset, batch_sampler=indices, num_workers=num_workers, collate_fn=Batch.collate, persistent_workers=True,
         worker_init_fn=loader_worker_init,  # slurm signals every process of the step
+        multiprocessing_context=context,
     )
     return iter(loader)

@@ -82,15 +82,25 @@ def train_synthetic_tokenizer(texts: list[str], vocab_size: int = SYNTHETIC_VOCA
     return Tokenizer(tok, kind="hf")
 
 
-@lru_cache(maxsize=1)
-def synthetic_tokenizer() -> Tokenizer:
-    """The tokenizer of the synthetic dataset: trained on its first 2000 samples (deterministic)."""
+# The synthetic tokenizer, checked in: training it takes ~4 s, which every process start paid.
+# ``train_synthetic_tokenizer_from_corpus()`` rebuilds it; a test holds the file to that.
+SYNTHETIC_TOKENIZER_FILE = Path(__file__).parent / "assets" / "synthetic_tokenizer.json"
+
+
+def train_synthetic_tokenizer_from_corpus() -> Tokenizer:
+    """The synthetic tokenizer trained from scratch on the first 2000 synthetic samples (deterministic)."""
     from megavlm.data.synthetic import SyntheticMultimodalDataset, corpus
 
     texts = corpus(SyntheticMultimodalDataset(seed=0), 2000)
     # every digit and the answer formats, whatever the first samples happened to contain
     texts += [" ".join(str(i) for i in range(1001)), "[0, 0, 1000, 1000] <0.0 seconds> <0h:0m:0s>"]
     return train_synthetic_tokenizer(texts)
+
+
+@lru_cache(maxsize=1)
+def synthetic_tokenizer() -> Tokenizer:
+    """The tokenizer of the synthetic dataset (the checked-in asset)."""
+    return Tokenizer.from_file(SYNTHETIC_TOKENIZER_FILE)
 
 
 def token_ids_config(tokenizer: Tokenizer, *, family: str = "qwen3vl") -> TokenIdsConfig:

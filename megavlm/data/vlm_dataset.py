@@ -17,20 +17,27 @@ import torch.nn.functional as F
 
 from megavlm.config.schema import ModelConfig
 from megavlm.data.batch import Batch
-from megavlm.data.encode import SampleError
+from megavlm.data.encode import DECODE_COUNTS, SampleError
 from megavlm.positions import sample_position_ids
 
 
 BAD_REASONS = ("bad_image", "bad_video", "missing_media", "image_too_small", "image_too_large", "image_aspect",
-               "too_long", "other")
+               "too_long", "other", "bad_record", "empty_conversation")
 
 
-def sample_counts(reason: str | None = None) -> torch.Tensor:
-    """``[seen, skipped per reason]`` of one sample: ``[1, 0, ...]`` or a one-hot reason."""
-    counts = torch.zeros(1 + len(BAD_REASONS))
+# What a Batch's ``sample_counts`` hold, in order: samples seen, skipped per reason, then how
+# their images and videos were decoded (encode.DECODE_COUNTS: DALI, or the counted fallbacks).
+COUNT_NAMES = ("seen", *BAD_REASONS, *DECODE_COUNTS)
+
+
+def sample_counts(reason: str | None = None, decoded: dict[str, int] | None = None) -> torch.Tensor:
+    """``COUNT_NAMES`` of one sample: seen = 1, a one-hot skip reason, its media decodes."""
+    counts = torch.zeros(len(COUNT_NAMES))
     counts[0] = 1
     if reason is not None:
         counts[1 + BAD_REASONS.index(reason if reason in BAD_REASONS else "other")] = 1
+    for name, n in (decoded or {}).items():
+        counts[COUNT_NAMES.index(name)] = n
     return counts
 
 
@@ -43,6 +50,7 @@ class EncodedDataset:
         self.model = model
         self.cache_size = cache_size
         self._row = lru_cache(maxsize=cache_size)(self._build)  # packing reads lengths first
+        self._read: dict = {}  # samples read by __getitems__, not yet encoded
 
     def __getstate__(self):  # loader workers get a copy without the (unpicklable) cache
         return {k: v for k, v in self.__dict__.items() if k != "_row"}
@@ -61,7 +69,7 @@ class EncodedDataset:
 
     def _build(self, i: int) -> Batch:
         try:
-            enc = self.encode(self.source[i])
+            enc = self.encode(self._read.pop(i) if i in self._read else self.source[i])
         except SampleError as e:
             # Skipped, counted and reported; the row stays (empty) so row i never moves.
             return dataclasses.replace(self._empty(), sample_counts=sample_counts(e.reason), notes=[str(e)])
@@ -75,11 +83,29 @@ class EncodedDataset:
             image_grid_thw=enc.image_grid_thw,
             pixel_values_videos=enc.pixel_values_videos,
             video_grid_thw=enc.video_grid_thw,
-            sample_counts=sample_counts(),
+            sample_counts=sample_counts(decoded=enc.decode_counts),
         )
 
     def __getitem__(self, i: int) -> Batch:
         return self._row(i)
+
+    def __getitems__(self, indices: list[int]) -> list[Batch]:
+        """Rows of several samples, their encoded images decoded in one batch (DALI): a
+        ``DataLoader`` calls this once per micro-batch, ``PackedDataset`` per window chunk."""
+        prefetch = getattr(self.encode, "prefetch", None)
+        if prefetch is None:
+            return [self._row(i) for i in indices]
+        for i in indices:
+            try:
+                self._read[i] = self.source[i]
+            except Exception:  # noqa: BLE001 - a sample that cannot be read is named by _build
+                pass
+        try:
+            prefetch(list(self._read.values()))
+            return [self._row(i) for i in indices]
+        finally:  # rows that came from the cache left theirs behind
+            self._read.clear()
+            self.encode.drop_prefetched()
 
 
 class PaddedDataset:

@@ -58,6 +58,8 @@ class TrainState:
     skipped_steps: int = 0
     # multimodal data: samples seen, then skipped per reason (data.vlm_dataset.BAD_REASONS)
     data_counts: list[float] = field(default_factory=list)
+    # what was wrong with the first skipped samples (rank 0's), so a resumed run still names them
+    bad_examples: list[str] = field(default_factory=list)
 
 
 def _optimizer_sharded_state_dict(model, optimizer, *, is_loading: bool) -> dict:
@@ -238,4 +240,5 @@ def load_checkpoint(path: str | Path, cfg: Config, model, optimizer) -> TrainSta
         consumed_samples=meta["consumed_samples"],
         skipped_steps=meta["skipped_steps"],
         data_counts=meta.get("data_counts", []),
+        bad_examples=meta.get("bad_examples", []),
     )

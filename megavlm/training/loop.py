@@ -15,7 +15,7 @@ from megatron.core.pipeline_parallel import get_forward_backward_func
 from megavlm.config import Config, data_parallel_size, dump_yaml, validate
 from megavlm.data.sampler import micro_batches
 from megavlm.data.build import training_rows
-from megavlm.data.vlm_dataset import BAD_REASONS
+from megavlm.data.vlm_dataset import BAD_REASONS, COUNT_NAMES
 from megavlm.platform import device
 from megavlm.platform.distributed import initialize
 from megavlm.platform.launch import detect_dist_env
@@ -69,9 +69,11 @@ class DataQualityError(RuntimeError):
 def _check_bad_samples(cfg: Config, counts: list[float], examples: list[str]) -> dict[str, float]:
     """Metrics of the samples skipped so far (``counts`` = [seen, per reason]); stops the
     run, naming examples, when too many are bad."""
-    seen, *bad = counts
+    seen, *bad = counts[: 1 + len(BAD_REASONS)]
     total = sum(bad)
     metrics = {"bad_samples": total, **{f"bad/{r}": c for r, c in zip(BAD_REASONS, bad) if c}}
+    # how media were decoded (DALI, or Pillow / PyAV fallbacks): data.encode.DECODE_COUNTS
+    metrics.update({f"decode/{n}": c for n, c in zip(COUNT_NAMES[1 + len(BAD_REASONS):], counts[1 + len(BAD_REASONS):]) if c})
     if seen >= 100 and total / seen > cfg.data.max_bad_fraction:
         raise DataQualityError(
             f"{total:.0f} of {seen:.0f} samples were bad ({total / seen:.1%} > data.max_bad_fraction="
@@ -133,8 +135,8 @@ class Trainer:
             dp_rank=parallel_state.get_data_parallel_rank(), dp_size=parallel_state.get_data_parallel_world_size(),
             num_workers=cfg.data.num_workers,
         ))
-        self.step_counts = torch.zeros(1 + len(BAD_REASONS))  # samples seen / skipped this step
-        self.bad_examples: list[str] = []
+        self.step_counts = torch.zeros(len(COUNT_NAMES))  # samples seen / skipped / decoded this step
+        self.bad_examples: list[str] = self.state.bad_examples
         self.forward_backward = get_forward_backward_func()
         self.pipeline_seq_length = cfg.data.seq_length * pipeline_seq_multiplier(cfg.model, cfg.parallel)
         self.evaluator = Evaluator(cfg, self.num_microbatches, self.pipeline_seq_length) if cfg.eval.interval else None
@@ -149,7 +151,7 @@ class Trainer:
         for b in batches:
             if b.sample_counts is not None:
                 self.step_counts = self.step_counts + b.sample_counts
-                self.bad_examples += b.notes or []
+                self.bad_examples += (b.notes or [])[: max(0, 20 - len(self.bad_examples))]  # the first 20
         batches = weight_micro_batches(
             batches, self.cfg.train.loss_normalization, parallel_state.get_data_parallel_group()
         )
@@ -173,10 +175,11 @@ class Trainer:
             micro_batch_size=t.micro_batch_size,
         )
         counts = self.step_counts.tolist() if self.cfg.data.dataset != "synthetic_text" else []
-        self.step_counts = torch.zeros(1 + len(BAD_REASONS))
+        self.step_counts = torch.zeros(len(COUNT_NAMES))
         loss_sum, num_tokens, grads_finite, counts = _step_stats(losses_reduced, self.model, counts)
         if counts:
-            self.state.data_counts = [a + b for a, b in zip(self.state.data_counts or [0.0] * len(counts), counts)]
+            old = self.state.data_counts + [0.0] * (len(counts) - len(self.state.data_counts))  # older checkpoints
+            self.state.data_counts = [a + b for a, b in zip(old, counts)]
         if grads_finite:
             _, grad_norm, _ = self.optimizer.step()
         else:

@@ -113,21 +113,26 @@ def test_training_on_bad_shards_counts_every_reason(tmp_path):
 
 def test_order_is_the_same_with_workers_and_after_resume(tmp_path):
     """DP=2 x 2 loader workers: the micro-batches equal the in-process ones, and resuming
-    at consumed_samples=k gives exactly the tail of the uninterrupted sequence."""
+    at consumed_samples=k gives exactly the tail of the uninterrupted sequence, also into
+    DP=1 x 3 workers (the loader state is one integer, the same on every DP rank)."""
     prepare(tmp_path, synthetic=40, seed=3)
     cfg = load_config(None, ["model.preset=qwen3vl-tiny", "data.dataset=shards", f"data.path={tmp_path}",
                              "data.seq_length=256", "data.min_pixels=4096", "data.max_pixels=16384"])
     rows = EncodedDataset(ShardDataset(tmp_path), sample_encoder(cfg), cfg.model)
 
-    def tokens(consumed, rank, workers, n):
-        it = micro_batches(rows, consumed_samples=consumed, micro_batch_size=1, dp_rank=rank, dp_size=2,
+    def tokens(consumed, rank, workers, n, dp=2):
+        it = micro_batches(rows, consumed_samples=consumed, micro_batch_size=1, dp_rank=rank, dp_size=dp,
                            num_workers=workers)
         return [next(it).tokens.tolist() for _ in range(n)]
 
+    full = {rank: tokens(0, rank, 0, 6) for rank in (0, 1)}
     for rank in (0, 1):
-        full = tokens(0, rank, 0, 6)
-        assert tokens(0, rank, 2, 6) == full
-        assert tokens(6, rank, 2, 3) == full[3:]  # resumed after 3 global batches of 2
+        assert tokens(0, rank, 2, 6) == full[rank]
+        assert tokens(6, rank, 2, 3) == full[rank][3:]  # resumed after 3 global batches of 2
+    # global order of the DP=2 run: batch k holds rank 0's then rank 1's k-th micro-batch
+    global_order = [full[rank][k] for k in range(6) for rank in (0, 1)]
+    assert tokens(6, 0, 3, 6, dp=1) == global_order[6:]  # DP=2 x 2 workers -> DP=1 x 3 workers
+    assert len({str(t) for t in global_order}) == 12  # twelve distinct samples, none repeated
 
 
 def test_prepare_data_cli_writes_synthetic_shards(tmp_path):

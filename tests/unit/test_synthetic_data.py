@@ -54,6 +54,14 @@ def test_tokenizer_has_single_id_special_tokens_and_round_trips():
     assert tok.token_id("<|image_pad|>") not in tok.encode("<|image_pad|>")  # text cannot forge one
 
 
+def test_checked_in_tokenizer_is_what_training_gives():
+    """The asset loads without training (every process start used to pay ~4 s) and is exactly
+    the tokenizer the synthetic corpus trains, so changing the corpus fails here."""
+    from megavlm.data.tokenizer import train_synthetic_tokenizer_from_corpus
+
+    assert synthetic_tokenizer().backend.to_str() == train_synthetic_tokenizer_from_corpus().backend.to_str()
+
+
 def test_chat_template_supervises_assistant_turns_only(encoder):
     tok = encoder.template.tok
     data = SyntheticMultimodalDataset(seed=2)

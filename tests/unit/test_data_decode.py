@@ -1,0 +1,164 @@
+"""The training path's decoding: DALI (batched per loader step) against the Pillow reference,
+counted fallbacks, per-sample isolation of a corrupt image, HF-exact in-memory videos.
+
+Bounds, measured here (DALI 2.x CPU operators, Pillow 11): PNG decoding is bit-exact in both
+(an image that needs no resize gives |d| < 1e-7 after normalization); DALI's antialiased cubic
+resize differs from Pillow's BICUBIC by a mean of 0.2-0.5 and a max of 19-20 uint8 levels on
+these noisy gradients (the max at the 11x upscale of a 64 x 640 image to STEP3-VL's 728 x 728
+global view). Asserted: grids and token layouts equal, exact pixels without a resize, mean
+< 0.6 and max < 26 levels with one.
+"""
+
+from __future__ import annotations
+
+import io
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from megavlm.config import load_config
+from megavlm.data.build import sample_encoder
+from megavlm.data.image_rules import STEP3_STD
+from megavlm.data.sample import Media, Message, Sample
+from megavlm.data.vlm_dataset import COUNT_NAMES, EncodedDataset
+
+ROOT = ["data.dataset=synthetic_multimodal", "data.seq_length=8192", "data.min_pixels=4096", "data.max_pixels=65536"]
+
+
+def _encoder(preset: str, decoder: str):
+    return sample_encoder(load_config(None, [f"model.preset={preset}", *ROOT, f"data.image_decoder={decoder}"]))
+
+
+def _image_sample(i: int, data: bytes) -> Sample:
+    return Sample(id=f"s{i}", media=[Media("image", data=data)], messages=[
+        Message("user", [{"type": "image", "index": 0}, {"type": "text", "text": "What is it?"}]),
+        Message("assistant", [{"type": "text", "text": "a picture"}])])
+
+
+def _encoded(h: int, w: int, fmt: str = "PNG", mode: str = "RGB", seed: int = 0, **save) -> bytes:
+    rng = np.random.default_rng(seed)
+    yy, xx = np.mgrid[0:h, 0:w]
+    smooth = np.stack([xx * 255 // max(w - 1, 1), yy * 255 // max(h - 1, 1), (xx + yy) % 256], -1)
+    a = np.clip(smooth + rng.normal(0, 20, (h, w, 3)), 0, 255).astype(np.uint8)
+    buf = io.BytesIO()
+    Image.fromarray(a).convert(mode).save(buf, fmt, **save)
+    return buf.getvalue()
+
+
+SIZES = [(100, 150), (64, 640), (300, 200), (400, 760)]
+
+
+@pytest.mark.parametrize("preset", ["qwen3vl-tiny", "step3vl-tiny"])
+def test_dali_path_equals_pillow_reference(preset):
+    """Same samples through data.image_decoder=dali and =pillow: same tokens and grids, pixels
+    within the resize bound; batched (prefetch) and one-by-one DALI results are identical."""
+    dali, pillow = _encoder(preset, "dali"), _encoder(preset, "pillow")
+    std = 0.5 if preset == "qwen3vl-tiny" else min(STEP3_STD)
+    samples = [_image_sample(i, _encoded(h, w, seed=i)) for i, (h, w) in enumerate(SIZES)]
+    alone = [dali(s) for s in samples]
+    dali.prefetch(samples)
+    assert len(dali._decoded) == len(samples)
+    for s, one in zip(samples, alone):
+        a, b = dali(s), pillow(s)
+        assert a.decode_counts == {"images_dali": 1} and b.decode_counts == {"images_pillow": 1}
+        assert torch.equal(a.tokens, b.tokens) and torch.equal(a.tokens, one.tokens)
+        assert torch.equal(a.pixel_values, one.pixel_values)
+        assert torch.equal(a.image_grid_thw, b.image_grid_thw)
+        levels = (a.pixel_values - b.pixel_values).abs() * std * 255  # in uint8 levels
+        assert levels.mean() < 0.6 and levels.max() < 26, (s.id, levels.mean().item(), levels.max().item())
+    exact = dali(samples[1]) if preset == "qwen3vl-tiny" else None  # 64 x 640 needs no resize
+    if exact is not None:
+        assert (exact.pixel_values - pillow(samples[1]).pixel_values).abs().max() < 1e-6
+
+
+def test_pillow_fallbacks_are_counted_and_match_hf():
+    """RGBA (composited onto white), 16-bit PNG (scaled) and an EXIF-rotated JPEG go through
+    Pillow, counted; their patches equal HF's Qwen2-VL/Qwen3-VL image processor (Pillow)."""
+    from transformers import Qwen2VLImageProcessor
+
+    enc = _encoder("qwen3vl-tiny", "dali")
+    rgba = np.zeros((80, 120, 4), np.uint8)
+    rgba[..., 0], rgba[..., 3] = 200, np.linspace(0, 255, 120, dtype=np.uint8)[None, :]
+    buf = io.BytesIO()
+    Image.fromarray(rgba, "RGBA").save(buf, "PNG")
+    deep = io.BytesIO()
+    Image.fromarray((np.arange(96 * 96).reshape(96, 96) * 7).astype(np.uint16)).save(deep, "PNG")
+    exif = Image.Exif()
+    exif[0x0112] = 6  # rotate 90 degrees clockwise to display
+    rotated = _encoded(64, 128, "JPEG", quality=95, exif=exif)
+    hf = Qwen2VLImageProcessor(patch_size=16, temporal_patch_size=2, merge_size=2, image_mean=[0.5] * 3,
+                               image_std=[0.5] * 3, min_pixels=4096, max_pixels=65536)
+    for i, data in enumerate([buf.getvalue(), deep.getvalue()]):
+        out = enc(_image_sample(i, data))
+        assert out.decode_counts == {"images_pillow": 1}
+        ref = hf(images=[Image.open(io.BytesIO(data))], return_tensors="pt")
+        if i == 0:  # HF composites alpha onto white; 16-bit: HF clips, megavlm scales (documented)
+            assert torch.equal(out.image_grid_thw, ref["image_grid_thw"])
+            assert (out.pixel_values - ref["pixel_values"]).abs().max() < 1e-5
+        else:
+            assert out.pixel_values.max() < 1.0 and out.pixel_values.std() > 0.1  # not clipped to white
+    out = enc(_image_sample(9, rotated))
+    assert out.decode_counts == {"images_dali": 1}  # DALI applies EXIF orientation itself
+    assert out.image_grid_thw.tolist() == [[1, 8, 4]]  # 128 x 64 after rotation
+
+
+def test_corrupt_image_in_a_dali_batch_is_isolated():
+    """One loader step (``__getitems__``) with a truncated and a garbage image among good ones:
+    the good rows decode by DALI, the bad ones become empty rows counted as bad_image."""
+    cfg = load_config(None, ["model.preset=qwen3vl-tiny", *ROOT])
+    good = [_encoded(120, 90, "JPEG", seed=i, quality=90) for i in range(4)]
+    samples = [_image_sample(0, good[0]), _image_sample(1, good[1][: len(good[1]) // 2]),
+               _image_sample(2, good[2]), _image_sample(3, b"\xff\xd8\xff garbage"), _image_sample(4, good[3])]
+    rows = EncodedDataset(samples, sample_encoder(cfg), cfg.model).__getitems__(list(range(5)))
+    names = {n: COUNT_NAMES.index(n) for n in ("bad_image", "images_dali", "images_pillow")}
+    for i, row in enumerate(rows):
+        counts = {n: int(row.sample_counts[k]) for n, k in names.items()}
+        if i in (1, 3):
+            assert row.tokens.numel() == 0 and counts["bad_image"] == 1 and "s%d" % i in row.notes[0]
+        else:
+            assert row.tokens.numel() > 0 and counts == {"bad_image": 0, "images_dali": 1, "images_pillow": 0}
+
+
+# (frames, fps or None, height, width): lengths, rates and sizes that differ; None = no metadata
+VIDEOS = [(30, 10.0, 48, 64), (13, None, 120, 160), (75, 25.0, 90, 200)]
+
+
+@pytest.mark.parametrize("n,fps,h,w", VIDEOS)
+def test_in_memory_video_equals_hf_video_processor(n, fps, h, w):
+    """Frames given as arrays, against transformers' Qwen3-VL video processor on the same
+    frames: its ``sample_frames`` (24 fps without metadata), its ``smart_resize`` with the
+    released bounds, its processor's ``_calculate_timestamps``, and its pixels: torchvision's
+    tensor resize (bicubic, antialias, round to uint8), rescale/normalize and its ``patchify``,
+    transcribed in test_image_rules because the module needs torchvision, absent here."""
+    from transformers.models.qwen3_vl.processing_qwen3_vl import Qwen3VLProcessor
+    from transformers.models.qwen3_vl.video_processing_qwen3_vl import Qwen3VLVideoProcessor, smart_resize
+    from transformers.video_utils import VideoMetadata
+
+    from megavlm.data.video import VIDEO_MAX_PIXELS, VIDEO_MIN_PIXELS
+    from tests.unit.test_image_rules import _hf_video_patchify
+
+    rng = np.random.default_rng(n)
+    frames = np.clip(rng.normal(128, 40, (n, h, w, 3)), 0, 255).astype(np.uint8)
+    sample = Sample(id="v", media=[Media("video", array=frames, fps=fps)], messages=[
+        Message("user", [{"type": "video", "index": 0}, {"type": "text", "text": "Motion?"}]),
+        Message("assistant", [{"type": "text", "text": "none"}])])
+    enc = _encoder("qwen3vl-tiny", "dali")
+    out = enc(sample)
+    meta = VideoMetadata(total_num_frames=n, fps=fps, width=w, height=h)
+    index = Qwen3VLVideoProcessor().sample_frames(meta)
+    th, tw = smart_resize(len(index), h, w, temporal_factor=2, factor=32, min_pixels=VIDEO_MIN_PIXELS,
+                          max_pixels=VIDEO_MAX_PIXELS)
+    x = torch.from_numpy(frames[index]).permute(0, 3, 1, 2).float()
+    if (th, tw) != (h, w):
+        x = torch.nn.functional.interpolate(x, size=(th, tw), mode="bicubic", antialias=True, align_corners=False)
+        x = x.clamp(0, 255).round()
+    ref, grid = _hf_video_patchify(((x / 255 - 0.5) / 0.5)[None])
+    assert out.video_grid_thw.tolist() == [list(grid)]
+    assert (out.pixel_values_videos - ref[0]).abs().max() < 1e-5
+    times = Qwen3VLProcessor._calculate_timestamps(None, index, meta.fps)  # metadata.fps: 24 when missing
+    rendered = enc.template.tok.decode(out.tokens.tolist())
+    assert rendered.count(" seconds>") == len(times) == grid[0]
+    for t in times:
+        assert f"<{t:.1f} seconds>" in rendered
