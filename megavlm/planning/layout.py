@@ -167,6 +167,8 @@ def _fast_config(model: PlanModel, layout: Layout, *, seq_length: int, global_ba
         etp=layout.etp,
         sequence_parallel=layout.sp,
         distributed_optimizer=layout.distributed_optimizer,
+        first_stage_layers=layout.first_stage_layers,
+        last_stage_layers=layout.last_stage_layers,
     )
     return replace(
         base,

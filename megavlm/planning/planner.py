@@ -309,7 +309,8 @@ def rank_layouts(
     params: dict = {}
     for layout in candidate_layouts(lm, gpu, gpus, fixed or {}):
         result.considered += 1
-        key = replace(layout, recompute="none")
+        # recompute matters to validity too (full recompute is refused with DeepStack)
+        key = layout
         if key not in validity:
             validity[key] = check_layout(model, key, gpus=gpus, seq_length=seq_length, global_batch_size=gbs)
         if validity[key]:
@@ -414,8 +415,8 @@ def assumptions(
         "fragmentation and transient buffers",
         "sequence parallelism on whenever tp > 1; vocabulary not padded (megavlm builds it unpadded); MoE routing "
         "assumed balanced",
-        "validity: megavlm.config.validate with cp folded into a smaller world (CP needs Transformer Engine, absent "
-        "on CPU), plus CP sequence divisibility (2*cp*tp) and megatron's interleaved-schedule rule (m % pp == 0)",
+        "validity: megavlm.config.validate with cp folded into a smaller world (the GPU's TE rules, checked on any "
+        "machine), plus CP sequence divisibility (2*cp*tp) and megatron's interleaved-schedule rule (m % pp == 0)",
     ]
     if model.vision is not None:
         v = model.vision
