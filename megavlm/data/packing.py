@@ -18,21 +18,7 @@ from megavlm.data.batch import Batch, concat_media, merge_accounting
 
 def first_fit_decreasing(lengths: Sequence[int], capacity: int) -> list[list[int]]:
     """Bins of indices into ``lengths`` whose sums fit ``capacity``, in a stable order."""
-    for i, n in enumerate(lengths):
-        if n > capacity:
-            raise ValueError(f"sample {i} has {n} tokens, more than data.seq_length={capacity}")
-    bins: list[list[int]] = []
-    room: list[int] = []
-    for i in sorted(range(len(lengths)), key=lambda i: (-lengths[i], i)):
-        for b, free in enumerate(room):
-            if lengths[i] <= free:
-                bins[b].append(i)
-                room[b] -= lengths[i]
-                break
-        else:
-            bins.append([i])
-            room.append(capacity - lengths[i])
-    return [sorted(b) for b in bins]
+    return seeded_first_fit_decreasing([], dict(enumerate(lengths)), capacity)
 
 
 def pack(samples: Sequence[Batch], seq_length: int) -> Batch:
