@@ -25,7 +25,9 @@ from datetime import timedelta
 _TORCHRUN_OWN = ("TORCHELASTIC_RUN_ID", "LOCAL_WORLD_SIZE")
 # generic variable -> the slurm variable it must equal when both are set (srun mode)
 _GENERIC_TO_SLURM = (("RANK", "SLURM_PROCID"), ("WORLD_SIZE", "SLURM_NTASKS"), ("LOCAL_RANK", "SLURM_LOCALID"))
-_SINGLE_PROCESS_PORT = 29500
+# A single process binds any free port: two single-process tools on one machine (two
+# tools/generate.py, a test running two at once) must not clash on a fixed default.
+_SINGLE_PROCESS_PORT = 0
 _SLURM_PORT_BASE = 20000
 _SLURM_PORT_SPAN = 10000
 
@@ -138,7 +140,7 @@ def detect_dist_env(environ: Mapping[str, str] | None = None) -> DistEnv:
             world_size=1,
             local_world_size=1,
             master_addr="127.0.0.1",
-            master_port=_port(env, "MASTER_PORT", default=_SINGLE_PROCESS_PORT),
+            master_port=_port(env, "MASTER_PORT", default=_SINGLE_PROCESS_PORT, allow_zero=True),
             launcher="single",
         )
     _check_consistent(dist_env)
