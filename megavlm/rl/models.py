@@ -63,7 +63,7 @@ class TrainedModel:
 
 
 def _trained(cfg: Config, chunks, tconfig, lr: float) -> TrainedModel:
-    model = wrap_data_parallel(chunks, tconfig, distributed_optimizer=cfg.parallel.distributed_optimizer)
+    model = wrap_data_parallel(chunks, tconfig, cfg.parallel)
     tconfig.no_sync_func = [m.no_sync for m in model] if len(model) > 1 else model[0].no_sync
     tconfig.finalize_model_grads_func = finalize_model_grads
     t = cfg.train

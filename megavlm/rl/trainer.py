@@ -43,6 +43,7 @@ from megavlm.rl.losses import (
 )
 from megavlm.rl.models import TrainedModel, build_actor, build_critic, build_reference, token_logprobs
 from megavlm.training.checkpoint import TrainState, load_checkpoint, save_checkpoint
+from megavlm.training.data_parallel import parameters_in_sync
 from megavlm.training.metrics import MetricsLogger
 
 
@@ -483,10 +484,12 @@ class PPOTrainer:
         optimizer, the train state and RNG states."""
         root = Path(self.cfg.checkpoint.save)
         if self.critic is not None:  # the actor's marker last: a resumable pair is complete
-            save_checkpoint(root / "critic", self.cfg, self.state, self.critic.model, self.critic.optimizer,
-                            assets=self.assets)
-        path = save_checkpoint(root / "actor", self.cfg, self.state, self.actor.model, self.actor.optimizer,
-                               assets=self.assets)
+            with parameters_in_sync(self.critic.model):  # overlap_param_gather leaves them stale
+                save_checkpoint(root / "critic", self.cfg, self.state, self.critic.model, self.critic.optimizer,
+                                assets=self.assets)
+        with parameters_in_sync(self.actor.model):
+            path = save_checkpoint(root / "actor", self.cfg, self.state, self.actor.model, self.actor.optimizer,
+                                   assets=self.assets)
         self._log(f"megavlm: saved PPO checkpoint {path}")
         return path
 
