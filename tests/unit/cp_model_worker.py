@@ -8,7 +8,7 @@ divided by the supervised-token count, and the gradient of every parameter. Then
 shards it), each CP rank's loss sum divided by the *global* count, gradients summed over the
 CP group (what DDP's DP x CP reduction does). Loss and gradients must agree.
 
-Cases: the plain split; ``parallel.vision_cp_split`` (each rank encodes half the media, the
+Cases: ``parallel.vision_cp_split`` (each rank encodes half the media, the
 gather's backward sums over ranks); and a micro-batch whose supervised tokens all sit on
 CP rank 0, so rank 1's loss is a sum over nothing (finite loss, correct gradients).
 """
@@ -33,7 +33,8 @@ BASE = [
     "data.pack_align=8", "train.micro_batch_size=1", "data.min_pixels=4096", "data.max_pixels=16384",
     "train.seed=3",
 ]
-CASES = {"plain": [], "vision_split": ["parallel.vision_cp_split=true"], "one_rank_all_masked": []}
+# (the plain split is compared through the Trainer in tests/parallel/test_layouts.py: cp2_vlm)
+CASES = {"vision_split": ["parallel.vision_cp_split=true"], "one_rank_all_masked": []}
 
 
 def _batch(cfg, case: str):
