@@ -26,7 +26,7 @@ demo: setup
 	@echo "Generate: $(BIN)/python tools/generate.py --load runs/tiny_vlm/checkpoints --prompt 'What is 3 + 4?'"
 
 test: setup
-	PYTHONWARNINGS=ignore $(BIN)/python -m pytest -q --durations=40 tests
+	PYTHONWARNINGS=ignore $(BIN)/python -m pytest -q -n $(NPROC) --dist loadfile --durations=40 tests
 
 bench: setup
 	$(BIN)/python bench/train_throughput.py

@@ -154,7 +154,7 @@ def rendered(fake_slurm, image, site_env) -> dict[str, list[str]]:
     }
     commands = {}
     for mode, proc in procs.items():
-        out, err = proc.communicate(timeout=60)
+        out, err = proc.communicate(timeout=300)
         assert proc.returncode == 0, err
         assert "warning" not in out, out  # the tiny recipe's relative paths are in the mounted checkout
         lines = [line for line in out.splitlines() if line.startswith("srun ")]
@@ -296,7 +296,7 @@ def test_requeue_rule(fake_slurm, image, tmp_path, exit_code, save, restarts, jo
     log = tmp_path / "requeued"
     proc = subprocess.run(
         ["bash", str(REPO / "slurm/pretrain.sbatch")], cwd=code, check=False, capture_output=True, text=True,
-        timeout=60,
+        timeout=300,
         env=_slurm_env(fake_slurm, CODE_DIR=str(code), TOOL="tools/fake_train.py", CONFIG="recipe.yaml",
                        PYTHON=sys.executable, NODES="1", GPUS_PER_NODE="1", SLURM_JOB_NODELIST="gpu07",
                        SLURM_JOB_NUM_NODES="1", IMAGE=image, MOUNTS=f"{host_ckpt}:/ckpt", MAX_RESTARTS="3",
@@ -327,7 +327,7 @@ def test_torchrun_node_keeps_torchrun_alive_and_relays_usr1(tmp_path, spawn):
     time.sleep(0.3)
     assert agent.is_running() and agent.status() != psutil.STATUS_ZOMBIE
     proc.send_signal(signal.SIGUSR1)  # as when srun forwards it to the task only
-    out, _ = proc.communicate(timeout=30)
+    out, _ = proc.communicate(timeout=300)
     assert proc.returncode == 0, out
     assert "stop signal received" in out
 

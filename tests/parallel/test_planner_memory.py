@@ -1,6 +1,6 @@
 """The planner's memory model against real megavlm models (fp32, CPU, gloo, 4 ranks).
 
-One torchrun launch (``planner_worker.py``) builds qwen3-tiny / qwen3-moe-tiny in eight
+The 4-rank torchrun launch of tests/parallel (``planner_worker.py``'s scenarios) builds qwen3-tiny / qwen3-moe-tiny in eight
 layouts -- TP+PP, TP=4, PP with tied embeddings, interleaved PP, DP with the distributed
 optimizer, EP=2/4 MoE, TP+EP MoE -- runs one step and reports, per rank, what it
 allocated; ``megavlm.planning`` predicts the same numbers for the same config (``dtype``
@@ -22,40 +22,21 @@ Tolerances:
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 
 from megavlm.config import load_config
 from megavlm.planning import ActivationInputs, Layout, chunk_activation_bytes, rank_params, stage_memory
 
-WORKER = Path(__file__).with_name("planner_worker.py")
 LAYOUTS = ["tp2_pp2", "tp4", "pp2_tied", "pp2_vpp2", "dp4_distopt", "ep2_moe", "ep4_moe", "tp2_ep2_etp1_moe"]
 DENSE_ACTIVATION_TOL = 0.02
 MOE_ACTIVATION_TOL = 0.10
 
 
 @pytest.fixture(scope="module")
-def measured(tmp_path_factory) -> dict:
-    out = tmp_path_factory.mktemp("planner") / "measured.json"
-    env = {**os.environ, "PYTHONWARNINGS": "ignore", "OMP_NUM_THREADS": "1"}
-    cmd = [
-        sys.executable,
-        "-m",
-        "torch.distributed.run",
-        "--nproc_per_node=4",
-        "--rdzv-backend=c10d",
-        "--rdzv-endpoint=localhost:0",
-        str(WORKER),
-        str(out),
-    ]
-    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
-    if proc.returncode != 0:
-        raise AssertionError(f"{' '.join(cmd)} failed:\n{proc.stdout[-4000:]}\n{proc.stderr[-8000:]}")
-    results = json.loads(out.read_text())
+def measured(parallel_launches) -> dict:
+    """Measured in the 4-rank launch of tests/parallel (scenario ``planner_memory``)."""
+    results = json.loads((parallel_launches / "planner_memory.json").read_text())
     assert sorted(results) == sorted(LAYOUTS)
     return results
 

@@ -313,25 +313,43 @@ def _pipeline_logits(chunks, inputs, cfg, forward_backward, positions_fn, multip
 
 
 def main() -> None:
+    import time
+
     out = Path(sys.argv[1])
     log_dir = out / "logs"
     for name in sys.argv[2:]:
-        if name in LAYOUTS:
-            run_layout(name, out, log_dir)
-        elif name == "resume_async_dp2":
-            run_resume_async(name, out, log_dir)
-        elif name.startswith("resume_"):
-            run_resume(name, out, log_dir)
-        elif name == "nan_skip":
-            run_nan_skip(name, out, log_dir)
-        elif name == "reshard_tp2_to_pp2":
-            run_reshard(name, out, log_dir)
-        elif name.startswith("vlm_") and "_logits_" in name:
-            run_vlm_logits(name, out, log_dir)
-        else:
-            raise SystemExit(f"unknown scenario {name!r}")
+        start_wall, start_cpu = time.perf_counter(), time.process_time()
+        _run_scenario(name, out, log_dir)
+        # the launch log says where a slow suite spends its time (CPU time is robust to load)
+        print(f"[rank {dist.get_rank()}] {name}: {time.perf_counter() - start_wall:.1f} s wall, "
+              f"{time.process_time() - start_cpu:.1f} s CPU", flush=True)
     dist.barrier()
     dist.destroy_process_group()
+
+
+def _run_scenario(name: str, out: Path, log_dir: Path) -> None:
+    if name in LAYOUTS:
+        run_layout(name, out, log_dir)
+    elif name == "resume_async_dp2":
+        run_resume_async(name, out, log_dir)
+    elif name.startswith("resume_"):
+        run_resume(name, out, log_dir)
+    elif name == "nan_skip":
+        run_nan_skip(name, out, log_dir)
+    elif name == "reshard_tp2_to_pp2":
+        run_reshard(name, out, log_dir)
+    elif name.startswith("vlm_") and "_logits_" in name:
+        run_vlm_logits(name, out, log_dir)
+    elif name == "planner_memory":  # test_planner_memory.py's measurements (4 ranks)
+        import json
+
+        from tests.parallel.planner_worker import LAYOUTS as PLANNER_LAYOUTS, run_layout as measure_layout
+
+        results = {layout: measure_layout(layout, log_dir) for layout in PLANNER_LAYOUTS}
+        if dist.get_rank() == 0:
+            (out / "planner_memory.json").write_text(json.dumps(results, indent=1))
+    else:
+        raise SystemExit(f"unknown scenario {name!r}")
 
 
 if __name__ == "__main__":  # dist_checkpointing spawns a process that re-imports this file
