@@ -39,6 +39,7 @@ text where the mapping needs one) raises ``SampleError`` with ``bad_record`` or
 from __future__ import annotations
 
 import json
+import tarfile
 from pathlib import Path
 from typing import Any
 
@@ -189,7 +190,11 @@ class WebdatasetSource:
         return int(self._epoch[1][k])
 
     def __getitem__(self, index: int) -> Sample:
-        shard, key, parts = self.shards[self.position(index)]
+        position = self.position(index)
+        try:
+            shard, key, parts = self.shards[position]
+        except (tarfile.TarError, EOFError, ValueError) as e:  # a damaged tar header: this sample only
+            raise SampleError(f"{self.shards.root}#{position}", "bad_record", f"{type(e).__name__}: {e}") from None
         sid = f"{shard}/{key}"
         sample_type = getattr(self.shards, "sample_type", "CrudeWebdataset")
         if sample_type == "CrudeWebdataset":
@@ -247,10 +252,15 @@ def energon_sample(sid: str, parts: dict[str, bytes], sample_type: str, field_ma
     """An Energon ``CaptioningSample`` or ``VQASample`` (through its ``field_map``) -> ``Sample``."""
     from megatron.energon.flavors.webdataset.field_access import field_access, split_field_access
 
+    # What Energon's default decoder gives the field map (JSON and text decoded, media as
+    # bytes), for the members the field map names: a bad member it does not use costs nothing.
+    used = {option[0] for desc in field_map.values() for option in split_field_access(str(desc))}
     fields: dict[str, Any] = {}
-    for ext, data in parts.items():  # what Energon's default decoder would give the field map
-        fields[ext] = _json(sid, parts, ext) if ext.rsplit(".", 1)[-1] == "json" else (
-            data.decode("utf-8", errors="replace") if ext.rsplit(".", 1)[-1] == "txt" else data)
+    for ext, data in parts.items():
+        last = ext.rsplit(".", 1)[-1]
+        if ext in used:
+            fields[ext] = _json(sid, parts, ext) if last == "json" else (
+                data.decode("utf-8", errors="replace") if last == "txt" else data)
 
     def get(name: str, required: bool = True):
         if name not in field_map:

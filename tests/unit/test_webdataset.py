@@ -21,7 +21,7 @@ from megavlm.data.batch import merge_accounting
 from megavlm.data.build import sample_encoder, training_rows
 from megavlm.data.sampler import MicroBatchIndices, micro_batches
 from megavlm.data.vlm_dataset import BAD_REASONS, EncodedDataset
-from megavlm.data.webdataset import WebdatasetSource
+from megavlm.data.webdataset import WebdatasetSource, conversation_sample, energon_sample
 
 
 def _png(size=(40, 40), color=(200, 30, 30)) -> bytes:
@@ -133,6 +133,14 @@ def test_corrupt_members_are_counted_by_reason(tmp_path):
     assert {r: c for r, c in zip(BAD_REASONS, bad) if c} == {"bad_record": 1, "bad_image": 1, "missing_media": 1}
     notes = " ".join(counts["notes"])
     assert "part-001.tar/bad000" in notes and "malformed JSON" in notes and "'jpg' is not a member" in notes
+    # the caption mappings (Energon CaptioningSample; image + txt in plain tars) encode and supervise the text
+    caption = energon_sample("s/1", {"jpg": _png(), "json": b'{"text": "a red square"}', "meta.json": b"{bad"},
+                             "CaptioningSample", {"image": "png,jpg", "caption": "json[text]"})
+    plain_caption = conversation_sample("s/2", {"png": _png(), "txt": b"a red square"})
+    for sample in (caption, plain_caption):
+        assert sample.messages[1].content == [{"type": "text", "text": "a red square"}]
+        encoded = sample_encoder(cfg)(sample)
+        assert encoded.image_grid_thw.shape[0] == 1 and encoded.loss_mask.sum() > 0
 
 
 def test_config_errors_name_the_key(tmp_path):
