@@ -16,7 +16,7 @@ _CHOICES = {
     "model.fp8.recipe": ("delayed", "tensorwise", "mxfp8"),
     "train.lr_decay": ("cosine", "linear", "constant"),
     "train.precision": ("auto", "fp32", "bf16"),
-    "data.dataset": ("synthetic_text", "synthetic_multimodal", "shards"),
+    "data.dataset": ("synthetic_text", "synthetic_multimodal", "shards", "webdataset"),
     "data.image_decoder": ("dali", "pillow"),
     "model.rope.kind": ("rope", "mrope_interleaved", "mrope_chunked"),
     "train.loss_normalization": ("per_token", "per_sample", "sqrt"),
@@ -236,6 +236,8 @@ def _collect_errors(cfg: Config, world_size: int) -> list[str]:
             errors.append(f"model.fp8.format={cfg.model.fp8.format!r}: {why}; set model.fp8.format=null")
     if cfg.data.dataset == "shards" and not cfg.data.path:
         errors.append("data.dataset=shards needs data.path (a folder written by tools/prepare_data.py)")
+    if cfg.data.dataset == "webdataset":
+        errors += _webdataset_errors(cfg.data.path)
     if cfg.data.num_workers < 0:
         errors.append(f"data.num_workers must be >= 0, got {cfg.data.num_workers}")
     if cfg.data.decode_threads < 1:
@@ -257,8 +259,8 @@ def _collect_errors(cfg: Config, world_size: int) -> list[str]:
         errors.append(f"parallel.timeout_minutes must be > 0, got {p.timeout_minutes}")
     if cfg.eval.interval < 0 or cfg.eval.iters < 1:
         errors.append(f"eval.interval must be >= 0 (0: off) and eval.iters >= 1, got {cfg.eval.interval}, {cfg.eval.iters}")
-    if cfg.eval.interval and cfg.data.dataset == "shards" and not cfg.eval.data.path:
-        errors.append("eval.interval with data.dataset=shards needs eval.data.path (a held-out folder written by "
+    if cfg.eval.interval and cfg.data.dataset in ("shards", "webdataset") and not cfg.eval.data.path:
+        errors.append(f"eval.interval with data.dataset={cfg.data.dataset} needs eval.data.path (a held-out folder written by "
                       "tools/prepare_data.py); a seed gives no held-out split of fixed shards")
     if cfg.eval.interval and cfg.eval.seed == cfg.data.seed and not cfg.eval.data.path:
         errors.append(f"eval.seed equals data.seed ({cfg.data.seed}): the eval samples would be training samples")
@@ -272,6 +274,28 @@ def _collect_errors(cfg: Config, world_size: int) -> list[str]:
             f"({lm.max_position_embeddings})"
         )
     return errors
+
+
+def _webdataset_errors(path: str | None) -> list[str]:
+    """data.dataset=webdataset: data.path is a folder of .tar shards or an Energon-prepared one."""
+    from pathlib import Path
+
+    what = "a folder of webdataset .tar shards, or a Megatron-Energon-prepared folder with .nv-meta/"
+    if not path:
+        return [f"data.dataset=webdataset needs data.path ({what})"]
+    root = Path(path)
+    if not root.is_dir():
+        return [f"data.path={path} is not a folder; data.dataset=webdataset needs {what}"]
+    if (root / ".nv-meta").is_dir():
+        meta = root / ".nv-meta"
+        missing = [n for n in ("split.yaml", ".info.json|.info.yaml")
+                   if not any((meta / alt).is_file() for alt in n.split("|"))]
+        if missing:
+            return [f"data.path={path}: .nv-meta/ lacks {' and '.join(missing)}; run `energon prepare {path}`"]
+        return []
+    if next(root.rglob("*.tar"), None) is None:
+        return [f"data.path={path} holds no .tar file and no .nv-meta/; data.dataset=webdataset needs {what}"]
+    return []
 
 
 def _vlm_errors(cfg: Config) -> list[str]:
@@ -288,7 +312,7 @@ def _vlm_errors(cfg: Config) -> list[str]:
         if part not in _FREEZABLE:
             errors.append(f"model.freeze: {part!r} is not one of {', '.join(_FREEZABLE)}")
     if v is None:
-        if cfg.data.dataset in ("synthetic_multimodal", "shards"):
+        if cfg.data.dataset in ("synthetic_multimodal", "shards", "webdataset"):
             errors.append(f"data.dataset={cfg.data.dataset} needs a VLM: set model.preset (e.g. qwen3vl-tiny) or model.vision")
         return errors
     for key, choices in _VISION_CHOICES.items():

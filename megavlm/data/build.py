@@ -15,6 +15,7 @@ from megavlm.data.synthetic_text import SyntheticTextDataset
 from megavlm.data.tokenizer import Tokenizer, synthetic_tokenizer, token_ids_config
 from megavlm.data.shards import ShardDataset
 from megavlm.data.vlm_dataset import EncodedDataset, PaddedDataset
+from megavlm.data.webdataset import WebdatasetSource
 
 
 def sample_encoder(cfg: Config) -> SampleEncoder:
@@ -52,7 +53,10 @@ def training_rows(cfg: Config) -> Sequence[Batch]:
         rows = SyntheticTextDataset(vocab_size=cfg.model.language.vocab_size, seq_length=d.seq_length,
                                     seed=d.seed, min_length=d.min_sample_length)
     else:
-        source = SyntheticMultimodalDataset(seed=d.seed) if d.dataset == "synthetic_multimodal" else ShardDataset(d.path)
+        if d.dataset == "webdataset":  # existing webdataset / Energon shards, in megavlm's seeded order
+            source = WebdatasetSource(d.path, seed=d.seed)
+        else:
+            source = SyntheticMultimodalDataset(seed=d.seed) if d.dataset == "synthetic_multimodal" else ShardDataset(d.path)
         rows = EncodedDataset(source, sample_encoder(cfg), cfg.model)
     if d.pack:
         return PackedDataset(rows, seq_length=d.seq_length, align=pack_alignment(cfg))
