@@ -37,7 +37,7 @@ TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--rdzv-backend=c10d"
 LOGITS_TOL = 1e-4
 
 
-def run(cmd: list[str], timeout: int = 400) -> subprocess.CompletedProcess:
+def run(cmd: list[str], timeout: int = 900) -> subprocess.CompletedProcess:
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=ENV, cwd=REPO)
     assert proc.returncode == 0, f"{' '.join(cmd)}\n{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}"
     return proc

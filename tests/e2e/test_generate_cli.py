@@ -29,8 +29,8 @@ def test_dump_logits_of_a_hf_directory_matches_transformers(tmp_path):
     bad_run = subprocess.Popen(cmd[:5] + [str(tmp_path / "bad.pt"), "--dump-logits", str(tmp_path / "x.pt")],
                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=ENV)
     try:
-        _, good_err = good_run.communicate(timeout=300)
-        _, bad_err = bad_run.communicate(timeout=300)
+        _, good_err = good_run.communicate(timeout=900)
+        _, bad_err = bad_run.communicate(timeout=900)
     finally:
         for proc in (good_run, bad_run):
             if proc.poll() is None:
