@@ -9,6 +9,7 @@ and response tokens and score, the problems drawn, the metrics, one weight befor
 
 from __future__ import annotations
 
+import time
 from pathlib import Path
 
 import torch
@@ -31,6 +32,7 @@ PACORE = [
 
 
 def run(out: Path, pretrained: Path) -> dict:
+    start = time.perf_counter()
     cfg = training_config(None, OVERRIDES + PACORE + [f"checkpoint.pretrained={pretrained}",
                                                        f"checkpoint.save={out / 'ckpt'}", f"logging.dir={out / 'logs'}"])
     trainer = PPOTrainer(cfg)
@@ -61,4 +63,4 @@ def run(out: Path, pretrained: Path) -> dict:
             "pools_file": str(out / "ckpt" / "pacore" / "pools.jsonl"),
             "stage2_file": str(out / "ckpt" / "pacore" / "stage2.json"), "questions": questions,
             "targets": {m.sample.id: m.sample.targets for m in source.pools},
-            "settings": {"min_messages": 3, "max_messages": 5, "stage1_max_accuracy": 0.75, "shuffle_seed": 3}}
+            "seconds": round(time.perf_counter() - start, 1), "settings": {"min_messages": 3, "max_messages": 5, "stage1_max_accuracy": 0.75, "shuffle_seed": 3}}

@@ -108,6 +108,7 @@ def test_recipes_are_valid_overrides():
     from megavlm.config.validate import validate_rl
 
     validate_rl(load_config(root / "tiny/pacore_train.yaml"), 1)
+    validate_rl(load_config(root / "step3vl_10b/pacore_train.yaml"), 128)
 
 
 def test_pacore_training_config_rules_name_the_key():
