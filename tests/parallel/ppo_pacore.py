@@ -12,8 +12,6 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
-import torch
-import torch.distributed as dist
 from megatron.core import parallel_state
 
 from megavlm.models.full_tensors import gather_full_tensors
@@ -33,8 +31,8 @@ PACORE = [
 
 def run(out: Path, pretrained: Path) -> dict:
     start = time.perf_counter()
-    cfg = training_config(None, OVERRIDES + PACORE + [f"checkpoint.pretrained={pretrained}",
-                                                       f"checkpoint.save={out / 'ckpt'}", f"logging.dir={out / 'logs'}"])
+    paths = [f"checkpoint.pretrained={pretrained}", f"checkpoint.save={out / 'ckpt'}", f"logging.dir={out / 'logs'}"]
+    cfg = training_config(None, OVERRIDES + PACORE + paths)
     trainer = PPOTrainer(cfg)
     consumed, drawn = [], []
     update = trainer.update
@@ -59,8 +57,10 @@ def run(out: Path, pretrained: Path) -> dict:
     questions = {m.sample.id: next(p["text"] for p in m.sample.messages[0].content if p["type"] == "text")
                  for m in source.pools}
     parallel_state.destroy_model_parallel()
-    return {"consumed": consumed, "drawn": drawn, "metrics": metrics, "weight_change": (after - before).abs().max().item(),
+    return {"consumed": consumed, "drawn": drawn, "metrics": metrics,
+            "weight_change": (after - before).abs().max().item(),
             "pools_file": str(out / "ckpt" / "pacore" / "pools.jsonl"),
             "stage2_file": str(out / "ckpt" / "pacore" / "stage2.json"), "questions": questions,
             "targets": {m.sample.id: m.sample.targets for m in source.pools},
-            "seconds": round(time.perf_counter() - start, 1), "settings": {"min_messages": 3, "max_messages": 5, "stage1_max_accuracy": 0.75, "shuffle_seed": 3}}
+            "seconds": round(time.perf_counter() - start, 1),
+            "settings": {"min_messages": 3, "max_messages": 5, "stage1_max_accuracy": 0.75, "shuffle_seed": 3}}
