@@ -11,7 +11,6 @@ one line per problem with the answer and every round's responses; metrics on std
 
 import argparse
 import json
-import json
 
 import torch.distributed as dist
 
@@ -29,10 +28,12 @@ def main() -> None:
     parser.add_argument("--compare", action="store_true", help="also single pass and majority vote")
     parser.add_argument("--counting-problems", type=int, default=0, help="write N synthetic counting problems")
     parser.add_argument("--seed", type=int, default=0, help="seed of --counting-problems")
+    parser.add_argument("--image-sides", type=int, nargs="+", default=[64, 96, 128],
+                        help="image sides of --counting-problems")
     parser.add_argument("overrides", nargs="*", help="dotted overrides, e.g. pacore.effort=high parallel.tp=2")
     args = parser.parse_args()
     if args.counting_problems:
-        write_counting_problems(args.output, args.counting_problems, args.seed)
+        write_counting_problems(args.output, args.counting_problems, args.seed, tuple(args.image_sides))
         return
     if not (args.load and args.input):
         parser.error("give --load and --input (or --counting-problems N)")

@@ -296,6 +296,10 @@ class RLConfig:
     # Synthetic tasks the prompts come from (data.dataset=synthetic_multimodal).
     tasks: list[str] = field(default_factory=lambda: ["count"])
     eval_prompts: int = 0  # held-out prompts scored greedily every logging.interval; 0: none
+    # "dataset": the prompts of data.dataset; "pacore": PaCoRe synthesis prompts built from the
+    # actor's message pools over data.dataset's first pacore.problems problems (pacore.*,
+    # REFERENCE 8; strict on-policy: needs rl.mini_batches=1).
+    prompt_source: str = "dataset"
 
 
 @dataclass(kw_only=True)
@@ -320,6 +324,13 @@ class PaCoReConfig:
     min_messages: int = 16
     max_messages: int = 24
     stage1_max_accuracy: float = 0.375  # keep 0 < message accuracy < 9/24
+    # PPO on synthesis prompts (rl.prompt_source=pacore; sampling and length from rl.*):
+    problems: int = 64  # data.dataset's first N problems get message pools
+    # Iterations on the stage-1 problems; then the actor (the stage-1 checkpoint) measures
+    # each one's synthesis accuracy over stage2_rollouts prompts and 0 < accuracy < 1 stay.
+    # None: stage 1 throughout.
+    stage1_iters: int | None = None
+    stage2_rollouts: int = 8
 
 
 @dataclass(kw_only=True)

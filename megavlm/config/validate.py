@@ -393,8 +393,38 @@ def validate_rl(cfg: Config, world_size: int) -> None:
                       "(or rl.advantage=grpo)")
     if p.cp > 1:
         errors.append("PPO does not support parallel.cp > 1 yet (set parallel.cp=1)")
+    errors += _pacore_training_errors(cfg)
     if errors:
         raise ConfigError("invalid configuration:\n  - " + "\n  - ".join(errors))
+
+
+def _pacore_training_errors(cfg: Config) -> list[str]:
+    """rl.prompt_source=pacore: strict on-policy PPO on synthesis prompts (REFERENCE 8)."""
+    r, c = cfg.rl, cfg.pacore
+    if r.prompt_source not in ("dataset", "pacore"):
+        return [f"rl.prompt_source: {r.prompt_source!r} is not one of dataset, pacore"]
+    if r.prompt_source != "pacore":
+        return []
+    errors = []
+    if r.mini_batches != 1:
+        errors.append(f"rl.prompt_source=pacore is strict on-policy: rl.mini_batches must be 1 (one optimizer "
+                      f"step per iteration, on rollouts of the weights it updates), got {r.mini_batches}")
+    for key in ("problems", "stage2_rollouts"):
+        if getattr(c, key) < 1:
+            errors.append(f"pacore.{key} must be >= 1, got {getattr(c, key)}")
+    if c.stage1_iters is not None and not 1 <= c.stage1_iters < cfg.train.iters:
+        errors.append(f"pacore.stage1_iters ({c.stage1_iters}) must be in [1, train.iters) so that stage 2 "
+                      f"runs (train.iters={cfg.train.iters}), or null: stage 1 throughout")
+    bounded = ("verifiable", "math", "counting", "iou", "point", "format", "language")  # each in [0, 1]
+    names = [t.name for t in r.rewards]
+    if any(n not in bounded for n in names) or any(t.weight < 0 for t in r.rewards) \
+            or sum(t.weight for t in r.rewards) > 1:
+        errors.append(f"rl.rewards ({names}, weights {[t.weight for t in r.rewards]}): PaCoRe's terminal reward "
+                      f"must lie in [0, 1]: terms from {', '.join(bounded)} with weights >= 0 summing to <= 1")
+    if cfg.data.dataset not in ("synthetic_multimodal", "shards"):
+        errors.append(f"data.dataset={cfg.data.dataset!r}: PaCoRe training needs problems with targets "
+                      "(synthetic_multimodal or shards)")
+    return errors
 
 
 def _pacore_errors(cfg: Config) -> list[str]:

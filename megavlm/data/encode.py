@@ -382,6 +382,12 @@ class SampleEncoder:
         }
         return media, layouts
 
+    def media(self, sample: Sample) -> tuple[dict, list[MediaLayout]]:
+        """The model inputs of ``sample``'s images and videos (``pixel_values``,
+        ``image_grid_thw``, ``pixel_values_videos``, ``video_grid_thw``; None when absent) and
+        each one's layout for the chat template: decode once, render many prompts with them."""
+        return self._media(sample)
+
     def __call__(self, sample: Sample) -> EncodedSample:
         if not sample.messages:
             raise SampleError(sample.id, "empty_conversation", "no messages")

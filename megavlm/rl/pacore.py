@@ -168,7 +168,7 @@ class PromptBuilder:
         key = id(sample.media)
         if key not in self._media:
             # SampleEncoder.prompt() would decode the media again for every synthesis prompt
-            self._media[key] = (sample.media, *self.encoder._media(sample))
+            self._media[key] = (sample.media, *self.encoder.media(sample))
         return self._media[key][1:]
 
     def _tokens(self, sample: Sample) -> torch.Tensor:

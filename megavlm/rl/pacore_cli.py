@@ -29,13 +29,15 @@ def recipe_overrides(path: str | Path) -> list[str]:
     return list(flat(yaml.safe_load(Path(path).read_text()) or {}, ""))
 
 
-def write_counting_problems(path: str | Path, n: int, seed: int) -> None:
+def write_counting_problems(path: str | Path, n: int, seed: int, image_sides: tuple[int, ...] = (64, 96, 128)) -> None:
     """``n`` synthetic counting problems ("How many red shapes?") as HF-chat JSONL with the
-    exact answer in ``targets``; images as PNG files in ``<stem>_images/`` beside it."""
+    exact answer in ``targets``; images as PNG files in ``<stem>_images/`` beside it.
+    ``image_sides``: the sides drawn from (64 alone puts each of the scene's 4 x 4 cells on
+    one 16-pixel patch)."""
     path = Path(path)
     images = path.parent / f"{path.stem}_images"
     images.mkdir(parents=True, exist_ok=True)
-    dataset = SyntheticMultimodalDataset(seed=seed, tasks=("count",))
+    dataset = SyntheticMultimodalDataset(seed=seed, tasks=("count",), image_sides=tuple(image_sides))
     with open(path, "w") as f:
         for i in range(n):
             sample = dataset[i]

@@ -8,12 +8,14 @@
    fixed seed), with the problem's media, within the context budget.
 4. ``synthesis_accuracy`` + ``stage2_filter``: with the stage-1 checkpoint as the engine, keep
    problems with 0 < synthesis accuracy < 1.
-5. The PPO trainer (strict on-policy, GAE 1/1) consumes ``PaCoReTrainingData``: ``draw(step,
-   n)`` gives ``n`` prompts for that step, ``reward(prompt, text)`` the terminal reward in [0, 1].
+5. The PPO trainer (``rl.prompt_source=pacore``: strict on-policy, GAE 1/1) consumes
+   ``PaCoRePromptSource``, which runs 1-4 on the live actor: ``draw(step, n)`` gives ``n``
+   prompts for that step, ``reward(prompt, text)`` the terminal reward in [0, 1].
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import random
 from dataclasses import dataclass
@@ -126,15 +128,18 @@ class PaCoReTrainingData:
 
 
 def synthesis_accuracy(engine, data: PaCoReTrainingData, params: SamplingParams, *, rollouts: int,
-                       max_batch_size: int, seed: int = 0) -> list[float]:
-    """Per pool: mean reward of ``rollouts`` answers, each to its own freshly drawn synthesis
-    prompt (run with the stage-1 checkpoint as ``engine`` for stage 2)."""
-    prompts = [data.draw_for(pool, random.Random(f"{seed}-stage2-{i}-{k}"))
-               for i, pool in enumerate(data.pools) for k in range(rollouts)]
+                       max_batch_size: int, seed: int = 0, indices: Sequence[int] | None = None) -> list[float]:
+    """Per pool (those at ``indices`` of ``data.pools``, default all): mean reward of
+    ``rollouts`` answers, each to its own freshly drawn synthesis prompt (drawn by the pool's
+    index, so a split over ranks draws alike); run with the stage-1 checkpoint as ``engine``
+    for stage 2."""
+    indices = range(len(data.pools)) if indices is None else indices
+    prompts = [data.draw_for(data.pools[i], random.Random(f"{seed}-stage2-{i}-{k}"))
+               for i in indices for k in range(rollouts)]
     texts = sample_texts(engine, data.builder.tokenizer, [p.prompt for p in prompts], params,
                          max_batch_size=max_batch_size)
     rewards = [data.reward(p, t) for p, (t, _) in zip(prompts, texts)]
-    return [sum(rewards[i * rollouts:(i + 1) * rollouts]) / rollouts for i in range(len(data.pools))]
+    return [sum(rewards[j * rollouts:(j + 1) * rollouts]) / rollouts for j in range(len(indices))]
 
 
 def stage2_filter(pools: Sequence[MessagePool], accuracy: Sequence[float]) -> list[MessagePool]:
@@ -154,3 +159,103 @@ def stage1_training_data(cfg: PaCoReConfig, engine, builder: PromptBuilder, samp
                               max_messages=cfg.max_messages, shuffle_seed=cfg.shuffle_seed, seed=cfg.seed,
                               reward_fn=reward_fn)
     return data, pools
+
+
+def terminal_reward(reward) -> Callable[[str, dict], float | None]:
+    """``rl.rewards`` (a ``megavlm.rl.rewards.CombinedReward``) as PaCoRe's terminal reward:
+    scored on the compacted response (the text after the last ``</think>``); None when no
+    term applies to the targets."""
+    def score(text: str, targets: dict) -> float | None:
+        value, parts = reward(compact(text), targets)
+        return value if parts else None
+    return score
+
+
+class PaCoRePromptSource:
+    """``rl.prompt_source=pacore``: the prompts of PPO (REFERENCE 8's training recipe).
+
+    ``prepare``: every DP rank has the live actor answer its share of ``problems``
+    ``pacore.pool_size`` times (the message pools; gathered, so every rank holds all of
+    them), stage 1 keeps 0 < message accuracy < ``pacore.stage1_max_accuracy``.
+    ``stage2`` (at iteration ``pacore.stage1_iters``, the actor then being the stage-1
+    checkpoint): each stage-1 problem's synthesis accuracy over ``pacore.stage2_rollouts``
+    fresh synthesis prompts, 0 < accuracy < 1 stay. ``draw(iteration, n)``: the iteration's
+    synthesis prompts, the same on every rank. Pools and the stage-2 accuracies are written
+    to ``<checkpoint.save>/pacore/`` and read back from ``<checkpoint.load>/pacore/`` on
+    resume (the actor that built them is gone by then)."""
+
+    def __init__(self, cfg, *, builder: PromptBuilder, problems: Sequence[Sample], engine, reward_fn: Callable,
+                 params: SamplingParams, dp_rank: int, dp_size: int, gather: Callable[[list], list],
+                 writer: bool, log: Callable[[str], None] = print):
+        self.cfg, self.p = cfg, cfg.pacore
+        self.builder, self.problems, self.engine, self.reward_fn = builder, list(problems), engine, reward_fn
+        self.params, self.dp_rank, self.dp_size, self.gather = params, dp_rank, dp_size, gather
+        self.writer, self.log = writer, log
+        self.stage = 1
+        self.pools: list[MessagePool] = []
+        self.stage1: list[MessagePool] = []
+        self.stage2_accuracy: dict[str, float] = {}
+        self.data: PaCoReTrainingData | None = None
+
+    def _training_data(self, pools: Sequence[MessagePool]) -> PaCoReTrainingData:
+        p = self.p
+        return PaCoReTrainingData(pools, self.builder, min_messages=p.min_messages, max_messages=p.max_messages,
+                                  shuffle_seed=p.shuffle_seed, seed=p.seed, reward_fn=self.reward_fn)
+
+    @staticmethod
+    def _cache(root: str | None, name: str) -> Path | None:
+        return Path(root) / "pacore" / name if root else None
+
+    def _write(self, name: str, write: Callable[[Path], None]) -> None:
+        path = self._cache(self.cfg.checkpoint.save, name)
+        if path is not None and self.writer:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            write(path)
+
+    def prepare(self, iteration: int) -> None:
+        p = self.p
+        cached = self._cache(self.cfg.checkpoint.load, "pools.jsonl")
+        if cached is not None and cached.is_file():
+            self.pools = load_pools(cached, self.problems)
+            self.log(f"megavlm: PaCoRe message pools read from {cached}")
+        else:
+            mine = list(range(self.dp_rank, len(self.problems), self.dp_size))
+            params = dataclasses.replace(self.params, seed=self.params.seed + 7919 * self.dp_rank)
+            local = build_message_pools(self.engine, self.builder, [self.problems[i] for i in mine], params,
+                                        pool_size=p.pool_size, max_batch_size=p.max_batch_size,
+                                        reward_fn=self.reward_fn)
+            gathered = sorted(self.gather([(i, m.responses, m.rewards) for i, m in zip(mine, local)]))
+            self.pools = [MessagePool(self.problems[i], responses, rewards) for i, responses, rewards in gathered]
+        self._write("pools.jsonl", lambda path: save_pools(self.pools, path))
+        self.stage1 = stage1_filter(self.pools, p.stage1_max_accuracy)
+        self.log(f"megavlm: PaCoRe stage 1: {len(self.stage1)} of {len(self.pools)} problems with "
+                 f"0 < message accuracy < {p.stage1_max_accuracy:.4g}")
+        self.data = self._training_data(self.stage1)
+        if p.stage1_iters is not None and iteration > p.stage1_iters:  # resumed inside stage 2
+            cached = self._cache(self.cfg.checkpoint.load, "stage2.json")
+            if cached is None or not cached.is_file():
+                raise FileNotFoundError(f"resuming PaCoRe stage 2 at iteration {iteration} needs {cached}")
+            self._stage2(json.loads(cached.read_text()))
+
+    def _stage2(self, accuracy: dict[str, float]) -> None:
+        self.stage, self.stage2_accuracy = 2, accuracy
+        kept = stage2_filter(self.stage1, [accuracy[m.sample.id] for m in self.stage1])
+        self.log(f"megavlm: PaCoRe stage 2: {len(kept)} of {len(self.stage1)} problems with 0 < synthesis "
+                 "accuracy < 1")
+        self.data = self._training_data(kept)
+
+    def stage2(self, iteration: int) -> None:
+        """At iteration ``pacore.stage1_iters``: measure with the live actor, filter."""
+        p = self.p
+        if p.stage1_iters is None or iteration != p.stage1_iters or self.stage == 2:
+            return
+        mine = list(range(self.dp_rank, len(self.stage1), self.dp_size))
+        params = dataclasses.replace(self.params, seed=self.params.seed + 1_000_003 + 7919 * self.dp_rank)
+        accuracy = synthesis_accuracy(self.engine, self.data, params, rollouts=p.stage2_rollouts,
+                                      max_batch_size=p.max_batch_size, seed=p.seed, indices=mine) if mine else []
+        gathered = dict(self.gather([(self.stage1[i].sample.id, a) for i, a in zip(mine, accuracy)]))
+        self._write("stage2.json", lambda path: path.write_text(json.dumps(gathered)))
+        self._stage2(gathered)
+
+    def draw(self, iteration: int, n: int) -> list[SynthesisPrompt]:
+        return self.data.draw(iteration, n)

@@ -12,6 +12,13 @@ One iteration (``PPOTrainer.step``):
    IS weights) and of the critic (clipped value loss), each over one slice of the rollouts,
    split over DP ranks; losses are summed per token and megatron's per-token mode divides
    by the global token count (token-level aggregation over the global mini-batch).
+
+``rl.prompt_source=pacore`` (REFERENCE 8): the prompts of step 1 are PaCoRe synthesis
+prompts (``megavlm.rl.pacore_train.PaCoRePromptSource``: message pools from the live actor,
+the two filtrations), scored by the terminal reward of the compacted answer; validation
+requires ``rl.mini_batches=1``, so the one optimizer step of an iteration is taken on
+rollouts of exactly the weights it updates (strict on-policy: the ratio is 1 at that step;
+``abs_log_ratio`` reports it).
 """
 
 from __future__ import annotations
@@ -104,6 +111,7 @@ class PPOTrainer:
         self.forward_backward = get_forward_backward_func()
         self._engine = None
         self._data = None
+        self._pacore = None
 
     # --- setup ----------------------------------------------------------------------------
     def _resume_dirs(self) -> tuple[Path, Path | None] | None:
@@ -201,7 +209,9 @@ class PPOTrainer:
         loss = pg
         n = mask.sum()
         report = {"pg_loss": torch.stack([pg.sum(), n]), "clip_fraction": torch.stack([clipped.sum(), n]),
-                  "approx_kl": torch.stack([(0.5 * (logp - pt["old_logp"]) ** 2 * mask).sum(), n])}
+                  "approx_kl": torch.stack([(0.5 * (logp - pt["old_logp"]) ** 2 * mask).sum(), n]),
+                  # |log ratio|: 0 in a strict on-policy step (the weights that scored old_logp)
+                  "abs_log_ratio": torch.stack([((logp - pt["old_logp"]).abs() * mask).sum(), n])}
         if r.kl_coef > 0:
             kl = kl_penalty(logp, pt["ref_logp"], mask)
             loss = loss + r.kl_coef * kl
@@ -361,34 +371,89 @@ class PPOTrainer:
         engine = GenerationEngine(self.actor.model, pad_token_id=0)
         tokenizer = encoder.template.tok
         self._data = (encoder, train, held_out, reward, engine, tokenizer)
+        if r.prompt_source == "pacore":
+            self._pacore = self._pacore_source(encoder, train, reward, engine)
         return self._data
+
+    def _pacore_source(self, encoder, train, reward, engine):
+        """rl.prompt_source=pacore: message pools of the first pacore.problems problems from
+        the live actor, stage-1 filtered (megavlm.rl.pacore_train.PaCoRePromptSource)."""
+        from megavlm.inference.engine import SamplingParams
+        from megavlm.rl.pacore import PromptBuilder
+        from megavlm.rl.pacore_train import PaCoRePromptSource, terminal_reward
+
+        cfg, r, p = self.cfg, self.cfg.rl, self.cfg.pacore
+        if p.problems > len(train):
+            raise ValueError(f"pacore.problems ({p.problems}) exceeds the {len(train)} problems of data.dataset")
+        budget = p.context_budget or cfg.model.language.max_position_embeddings
+        builder = PromptBuilder(encoder, context_budget=budget, max_new_tokens=r.max_new_tokens)
+        params = SamplingParams(max_new_tokens=r.max_new_tokens, temperature=r.temperature, top_p=r.top_p,
+                                stop_token_ids=[encoder.template.tok.token_id("<|im_end|>")],
+                                seed=cfg.train.seed * 1_000_003 + 17)
+        source = PaCoRePromptSource(
+            cfg, builder=builder, problems=[train[i] for i in range(p.problems)], engine=engine,
+            reward_fn=terminal_reward(reward), params=params, dp_rank=parallel_state.get_data_parallel_rank(),
+            dp_size=parallel_state.get_data_parallel_world_size(), gather=self._gather_dp,
+            writer=dist.get_rank() == 0, log=self._log)
+        source.prepare(self.state.iteration)
+        return source
 
     def _generate(self, samples: list, *, k: int, temperature: float, seed: int) -> list[Experience]:
         """K completions of each sample's prompt with the actor's live weights, scored."""
-        from megavlm.inference.engine import Prompt, SamplingParams
+        from megavlm.inference.engine import Prompt
 
-        encoder, _, _, reward, engine, tokenizer = self._setup_data()
-        r = self.cfg.rl
-        stop = tokenizer.token_id("<|im_end|>")
+        encoder, _, _, reward, _, _ = self._setup_data()
         prompts = []
         for sample in samples:
             tokens, media = encoder.prompt(sample)
             prompts.append(Prompt(tokens=tokens, **media))
+
+        def score(i: int, text: str):
+            sample = samples[i]
+            question = " ".join(p["text"] for m in sample.messages if m.role == "user" for p in m.content
+                                if p["type"] == "text")
+            return reward(text, sample.targets, question, sample)
+        return self._sample(prompts, score, [s.id.rsplit("-", 1)[-1] for s in samples], k=k,
+                            temperature=temperature, seed=seed)
+
+    def _sample(self, prompts: list, score, tasks: list[str], *, k: int, temperature: float,
+                seed: int) -> list[Experience]:
+        """K completions of each prompt with the actor's live weights; ``score(i, text)`` gives
+        prompt i's completion its ``(score, reward parts)``."""
+        from megavlm.inference.engine import SamplingParams
+
+        _, _, _, _, engine, tokenizer = self._setup_data()
+        r = self.cfg.rl
+        stop = tokenizer.token_id("<|im_end|>")
         batch = [p for p in prompts for _ in range(k)]
         params = SamplingParams(max_new_tokens=r.max_new_tokens, temperature=temperature, top_p=r.top_p,
                                 stop_token_ids=[stop], seed=seed)
         completions = engine.rollout(batch, params)
         out = []
         for j, c in enumerate(completions):
-            sample = samples[j // k]
             text = tokenizer.decode([t for t in c.tokens.tolist() if t != stop])
-            question = " ".join(p["text"] for m in sample.messages if m.role == "user" for p in m.content
-                                if p["type"] == "text")
-            score, parts = reward(text, sample.targets, question, sample)
+            value, parts = score(j // k, text)
             out.append(Experience(prompt=batch[j], response=c.tokens, rollout_logp=c.logprobs.float().cpu(),
-                                  group=j // k, score=score, task=sample.id.rsplit("-", 1)[-1],
+                                  group=j // k, score=value, task=tasks[j // k],
                                   finish_reason=c.finish_reason, reward_parts=parts))
         return out
+
+    def _pacore_rollout(self, first: int, per: int, seed: int) -> list[Experience]:
+        """Strict on-policy PaCoRe (REFERENCE 8): K completions of this DP rank's share of
+        the iteration's synthesis prompts, each scored by its terminal reward (``rl.rewards``
+        on the compacted answer, in [0, 1]). The stage-2 filtration runs first when this is
+        iteration ``pacore.stage1_iters``."""
+        self._setup_data()
+        source, it = self._pacore, self.state.iteration
+        source.stage2(it)
+        drawn = source.draw(it, self.cfg.rl.prompts_per_iter)[first:first + per]
+        self.pacore_drawn = drawn  # this rank's prompts of the iteration (inspected by tests)
+
+        def score(i: int, text: str):
+            value = source.data.reward(drawn[i], text)
+            return value, {"terminal": value}
+        return self._sample([d.prompt for d in drawn], score, ["synthesis"] * len(drawn),
+                            k=self.cfg.rl.rollouts_per_prompt, temperature=self.cfg.rl.temperature, seed=seed)
 
     def _gather_dp(self, local: list) -> list:
         """Every DP rank's list, concatenated in DP rank order (the same on all ranks)."""
@@ -403,11 +468,14 @@ class PPOTrainer:
         r = self.cfg.rl
         dp, rank = parallel_state.get_data_parallel_world_size(), parallel_state.get_data_parallel_rank()
         per = r.prompts_per_iter // dp
-        first = self.state.consumed_samples + rank * per
-        samples = [train[(first + j) % len(train)] for j in range(per)]
         # the seed is a function of (run seed, iteration, DP rank): a resumed run samples alike
         seed = (self.cfg.train.seed * 1_000_003 + self.state.iteration * 1_009 + rank) % (2**63)
-        local = self._generate(samples, k=r.rollouts_per_prompt, temperature=r.temperature, seed=seed)
+        if r.prompt_source == "pacore":
+            local = self._pacore_rollout(rank * per, per, seed)
+        else:
+            first = self.state.consumed_samples + rank * per
+            samples = [train[(first + j) % len(train)] for j in range(per)]
+            local = self._generate(samples, k=r.rollouts_per_prompt, temperature=r.temperature, seed=seed)
         for e in local:
             e.group += rank * per
         return self._gather_dp(local)
@@ -443,6 +511,8 @@ class PPOTrainer:
         start = time.perf_counter()
         experiences = self.rollout()
         metrics = {"time/rollout": time.perf_counter() - start}
+        if r.prompt_source == "pacore":
+            metrics.update({"pacore/stage": self._pacore.stage, "pacore/problems": len(self._pacore.data.pools)})
         metrics.update(self._reward_stats(experiences))
         kept = self.difficulty_filter(experiences, r.pass_threshold) if r.difficulty_filter else experiences
         metrics["filter/kept_fraction"] = len(kept) / len(experiences)

@@ -3,7 +3,7 @@
 Usage (repository root): torchrun --nproc_per_node 2 -m tests.parallel.ppo_worker OUT_DIR SCENARIO [...]
 Rank 0 writes ``OUT_DIR/<scenario>.pt``: the update's metrics and the full actor and
 critic parameters after it; ``e2e_counting`` (tests.parallel.ppo_counting) writes the
-end-to-end result.
+end-to-end result, ``pacore`` (tests.parallel.ppo_pacore, after e2e_counting) PaCoRe training.
 """
 
 from __future__ import annotations
@@ -83,6 +83,12 @@ def main() -> None:
             if dist.get_rank() == 0:
                 torch.save(result, out / "e2e_counting.pt")
                 print(result, flush=True)
+        elif name == "pacore":  # after e2e_counting: trains on from its actor
+            from tests.parallel.ppo_pacore import run as run_pacore
+
+            result = run_pacore(out / "pacore", out / "e2e" / "ckpt" / "actor")
+            if dist.get_rank() == 0:
+                torch.save(result, out / "pacore.pt")
         else:
             run_update(name, out)
     dist.barrier()

@@ -22,15 +22,21 @@ from __future__ import annotations
 
 import json
 import os
+import random
+import re
 import subprocess
 import sys
 from pathlib import Path
 
+import jinja2
 import pytest
 import torch
 
+from megavlm.data.tokenizer import synthetic_tokenizer
+from tests.unit.test_pacore import REFERENCE_TEMPLATE
+
 REPO = Path(__file__).parents[2]
-SCENARIOS = ["ref_dp2", "tp2", "pp2", "e2e_counting"]
+SCENARIOS = ["ref_dp2", "tp2", "pp2", "e2e_counting", "pacore"]
 TOL = 1e-5
 MARGIN = 0.05
 
@@ -90,3 +96,49 @@ def test_ppo_improves_held_out_counting_reward_and_resumes_exactly(results):
     # rollouts (images, prompts of different lengths) are scored by the trainer at the same
     # weights before each update: the engine's log-probs must be the trainer's (fp32)
     assert max(m["tis/max_abs_logp_diff"] for m in updated) < 1e-5
+
+
+_COUNT = re.compile(r"\d+|zero|one|two|three|four|five|six|seven|eight|nine|ten|eleven|twelve")
+_WORDS = "zero one two three four five six seven eight nine ten eleven twelve".split()
+
+
+def _counting_reward(text: str, answer: str) -> float:
+    """REFERENCE 8's terminal reward for counting, written from the spec: the text after the
+    last </think>, its last count (digits or a number word), equal to the answer."""
+    found = _COUNT.findall(text.rsplit("</think>", 1)[-1].strip().lower())
+    got = None if not found else int(found[-1]) if found[-1].isdigit() else _WORDS.index(found[-1])
+    return float(got == int(answer))
+
+
+def test_pacore_training_consumes_the_synthesis_prompts_of_the_filtered_problems(results):
+    r = _load(results, "pacore")
+    s, tok = r["settings"], synthetic_tokenizer()
+    stop = tok.token_id("<|im_end|>")
+    pools = {d["id"]: d for d in map(json.loads, Path(r["pools_file"]).read_text().splitlines())}
+    assert all(len(p["responses"]) == 8 for p in pools.values()) and len(pools) == 8
+    stage1 = {i for i, p in pools.items() if 0 < sum(p["rewards"]) / 8 < s["stage1_max_accuracy"]}
+    accuracy = json.loads(Path(r["stage2_file"]).read_text())
+    assert set(accuracy) == stage1  # stage 2 measures the stage-1 problems
+    stage2 = {i for i, a in accuracy.items() if 0 < a < 1}
+    assert stage2 and [m["pacore/stage"] for m in r["metrics"]] == [1, 2]
+    template = jinja2.Template(REFERENCE_TEMPLATE)
+    for drawn, consumed, allowed, m in zip(r["drawn"], r["consumed"], [stage1, stage2], r["metrics"]):
+        assert {pid for pid, _ in drawn} <= allowed and len(consumed) == 4 * 4  # P x K (no difficulty filter)
+        scores = []
+        for tokens, response, score, group in consumed:
+            pid, messages = drawn[group]
+            assert s["min_messages"] <= len(messages) <= s["max_messages"] and len(set(messages)) == len(messages)
+            refs = sorted((pools[pid]["responses"][j].rsplit("</think>", 1)[-1].strip() for j in messages),
+                          key=lambda t: (len(t), t))
+            random.Random(s["shuffle_seed"]).shuffle(refs)
+            synthesis = template.render(original_prompt=r["questions"][pid], ref_responses=refs)
+            text = tok.decode(tokens.tolist())
+            assert text.endswith(f"<|vision_end|>{synthesis}<|im_end|>\n<|im_start|>assistant\n"), text
+            answer = tok.decode([t for t in response.tolist() if t != stop])
+            assert score == _counting_reward(answer, r["targets"][pid]["answer"]), (answer, score)
+            scores.append(score)
+        assert m["reward"] == pytest.approx(sum(scores) / len(scores))
+        # strict on-policy: one optimizer step on rollouts of the weights it updates
+        assert m["abs_log_ratio"] == 0.0 and m["clip_fraction"] == 0.0
+    assert 0 < sum(c[2] for c in r["consumed"][0]) < 16  # the rewards are not all alike
+    assert r["weight_change"] > 1e-5

@@ -105,6 +105,25 @@ def test_recipes_are_valid_overrides():
         validate(cfg, 8)
         assert round_schedule(cfg.pacore.effort, cfg.pacore.rounds) == rounds
     validate(load_config(root / "tiny/pacore_counting.yaml"), 1)
+    from megavlm.config.validate import validate_rl
+
+    validate_rl(load_config(root / "tiny/pacore_train.yaml"), 1)
+    validate_rl(load_config(root / "step3vl_10b/pacore_train.yaml"), 128)
+
+
+def test_pacore_training_config_rules_name_the_key():
+    from megavlm.config.validate import validate_rl
+
+    base = ["model.preset=qwen3vl-tiny", "data.dataset=synthetic_multimodal", "rl.prompt_source=pacore",
+            "rl.mini_batches=1", "train.global_batch_size=32", "train.iters=4"]
+    validate_rl(load_config(None, base), 1)
+    for bad, key in [(["rl.prompt_source=pacor"], "rl.prompt_source"),
+                     (["rl.mini_batches=2"], "rl.mini_batches"),  # strict on-policy
+                     (["pacore.stage1_iters=4"], "pacore.stage1_iters"), (["pacore.problems=0"], "pacore.problems"),
+                     (["rl.rewards=[{name: verifiable}, {name: format, weight: 0.1}]"], "rl.rewards"),
+                     (["data.dataset=synthetic_text"], "data.dataset")]:
+        with pytest.raises(ConfigError, match=key):
+            validate_rl(load_config(None, base + bad), 1)
 
 
 def test_answer_reward_and_vote():
