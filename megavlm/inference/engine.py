@@ -28,7 +28,7 @@ import torch
 from megatron.core import parallel_state
 from megatron.core.inference.contexts import StaticInferenceContext
 from megatron.core.models.common.embeddings.rope_utils import apply_rotary_pos_emb
-from megatron.core.transformer.attention import Attention, _yarn_get_concentration_factor_from_config
+from megatron.core.transformer.attention import SelfAttention, _yarn_get_concentration_factor_from_config
 from megatron.core.transformer.enums import AttnMaskType
 from megatron.core.utils import unwrap_model
 from torch import Tensor
@@ -166,7 +166,7 @@ def keys_rotated_once(model: torch.nn.Module):
     The table the model computes may cover only the new tokens (MRoPE from the positions
     given, ``len == new tokens``) or the whole cache (1D RoPE, sliced by cache offset here).
     """
-    attentions = [m for m in model.modules() if isinstance(m, Attention) and m.attention_type == "self"]
+    attentions = [m for m in model.modules() if isinstance(m, SelfAttention)]
     for attention in attentions:
         original = attention._adjust_key_value_for_inference
 
