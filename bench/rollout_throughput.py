@@ -5,7 +5,8 @@ megavlm loads it the way ``tools/generate.py`` does (``load_for_inference``), HF
 ``from_pretrained``. Both get the same batch of prompts (text + one image each, different
 lengths, so the batch is left-padded) and decode greedily ``--new-tokens`` tokens per prompt
 (no stop token, so every row runs to the end). Timing is interleaved in rounds, the order
-alternating, and the medians give the printed ratio (megavlm new tokens/s over HF's). The
+alternating, and the medians give the printed ratios (megavlm new tokens/s over HF's), by wall
+time and by process CPU time (the one to read on a shared machine). The
 fraction of tokens on which the two agree is printed too (same weights, greedy).
 
 Usage: ``python bench/rollout_throughput.py [--batch 16 --new-tokens 64 --rounds 5 --profile out.txt]``
