@@ -5,8 +5,10 @@ step feeds only the new tokens. Prompts of different lengths are left-padded to 
 end, and a boolean mask keeps every query off the padding keys, so all rows decode in
 lockstep at one cache offset. MRoPE positions are explicit: each row's prompt gets its
 ``megavlm.positions`` ids, and generated token k of a row sits at ``prompt_len + k +
-rope_delta`` on all three axes (REFERENCE 1). megatron slices the rotary table by cache
-offset, so each step passes the positions of the whole sequence so far.
+rope_delta`` on all three axes (REFERENCE 1). Keys enter the cache already rotated
+(``keys_rotated_once``, the layout megatron's flash-decode path uses), so a decoding step
+passes the positions of its new tokens only: the rotary table and RoPE cover those tokens,
+not the whole sequence again.
 
 ``rollout`` returns each completion with the log-prob of every token (fp32, over the real
 vocabulary, at the sampling temperature, before top-p): the rollout log-probs of RL.
@@ -25,11 +27,14 @@ from dataclasses import dataclass, field
 import torch
 from megatron.core import parallel_state
 from megatron.core.inference.contexts import StaticInferenceContext
+from megatron.core.models.common.embeddings.rope_utils import apply_rotary_pos_emb
+from megatron.core.transformer.attention import SelfAttention, _yarn_get_concentration_factor_from_config
 from megatron.core.transformer.enums import AttnMaskType
 from megatron.core.utils import unwrap_model
 from torch import Tensor
 
 from megavlm.data.batch import concat_media
+from megavlm.platform import cpu_adapter
 from megavlm.positions import sample_position_ids
 
 
@@ -144,6 +149,51 @@ def te_mask_types(model: torch.nn.Module):
             del attention.forward
 
 
+@contextlib.contextmanager
+def keys_rotated_once(model: torch.nn.Module):
+    """Store every new key in the KV cache with RoPE already applied, so no step rotates the
+    cached keys again.
+
+    megatron's static-batching path without flash decode caches keys unrotated and, every
+    step, slices the rotary table to the whole sequence and rotates every cached key (O(total)
+    work per step and layer, and a table over the whole sequence). Its flash-decode path
+    caches rotated keys, but needs the CUDA flash-attention kernel. This gives megatron's
+    attention the same cache layout with its own RoPE function: each call rotates its new
+    keys with the rows of the table for its new tokens, stores them, and hands the query alone
+    to the usual rotation. Rotating a key when it is stored or when it is read is the same
+    elementwise product, so the attention is unchanged.
+
+    The table the model computes may cover only the new tokens (MRoPE from the positions
+    given, ``len == new tokens``) or the whole cache (1D RoPE, sliced by cache offset here).
+    """
+    attentions = [m for m in model.modules() if isinstance(m, SelfAttention)]
+    for attention in attentions:
+        original = attention._adjust_key_value_for_inference
+
+        def adjust(inference_context, query, key, value, rotary_pos_emb, *args, _original=original,
+                   _attention=attention, **kwargs):
+            if rotary_pos_emb is None or inference_context is None or not inference_context.is_static_batching():
+                return _original(inference_context, query, key, value, rotary_pos_emb, *args, **kwargs)
+            q_emb, k_emb = rotary_pos_emb
+            new = key.size(0)
+            if k_emb.size(0) != new:  # a table over the whole cache: the rows of the new tokens
+                start = inference_context.sequence_len_offset
+                q_emb, k_emb = q_emb[start : start + new], k_emb[start : start + new]
+            config = _attention.config
+            key = apply_rotary_pos_emb(key, k_emb, config=config, mscale=_yarn_get_concentration_factor_from_config(config),
+                                       cp_group=_attention.pg_collection.cp)
+            query, key, value, _, mask_type, block_table = _original(inference_context, query, key, value, None,
+                                                                     *args, **kwargs)
+            return query, key, value, (q_emb, None), mask_type, block_table
+
+        attention._adjust_key_value_for_inference = adjust
+    try:
+        yield
+    finally:
+        for attention in attentions:
+            del attention._adjust_key_value_for_inference
+
+
 def _sample(logits: Tensor, params: SamplingParams, generator: torch.Generator) -> Tensor:
     """Next token per row from ``[b, vocab]`` float logits (the generator on their device)."""
     if params.temperature <= 0:
@@ -234,7 +284,9 @@ class GenerationEngine:
         pad_token = torch.full((b,), self.pad_token_id, dtype=torch.long, device=dev)
         context = StaticInferenceContext(max_batch_size=b, max_sequence_length=total)
         steps = 0
-        with sequence_parallel_off(model), te_mask_types(model):
+        # No op in here passes a CUDA device, so the CPU adapter's per-op dispatch is lifted.
+        with (sequence_parallel_off(model), te_mask_types(model), keys_rotated_once(model),
+              cpu_adapter.device_redirect_suspended()):
             logits = model(
                 prompt_tokens, positions[..., :longest], inference_context=context, runtime_gather_output=True,
                 attention_mask=padding_mask(pad_key, 0, longest) if padded else None,
@@ -256,7 +308,8 @@ class GenerationEngine:
                 end = longest + steps  # the sequence after this token
                 context.sequence_len_offset = end - 1  # the cache holds every token before this one
                 logits = model(
-                    next_tokens[:, None], positions[..., :end], inference_context=context, runtime_gather_output=True,
+                    next_tokens[:, None], positions[..., end - 1 : end], inference_context=context,
+                    runtime_gather_output=True,
                     # a generated query is never padding: the key padding alone is its mask
                     attention_mask=pad_key[:, None, None, :end] if padded else None,
                     media_mask=False,  # generated tokens are never media

@@ -288,6 +288,23 @@ class _DropCpuRngWarning(logging.Filter):
         return "CPU RNG state changed within GPU RNG context" not in record.getMessage()
 
 
+@contextlib.contextmanager
+def device_redirect_suspended():
+    """Run the block without the CUDA-to-CPU ``TorchFunctionMode``: every torch call in it then
+    dispatches straight to C++ instead of through a Python ``__torch_function__`` (on a tiny
+    model's decode step, most of the time). For code that passes no ``device="cuda"`` (the
+    patched ``torch.cuda.current_device()`` already returns the CPU); a CUDA device argument
+    inside fails loudly ("Torch not compiled with CUDA"), never silently. A no-op when the
+    adapter is not installed or when another mode is on top of it (popping it would pop that one).
+    """
+    stack = torch.overrides._get_current_function_mode_stack()
+    if _function_mode is None or not stack or stack[-1] is not _function_mode:
+        yield
+        return
+    with torch.overrides._pop_mode_temporarily():
+        yield
+
+
 def install() -> None:
     """Patch torch.cuda and megatron-core for CPU execution. Idempotent; refuses on CUDA."""
     global _installed, _function_mode

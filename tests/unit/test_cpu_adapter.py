@@ -51,3 +51,18 @@ def test_all_to_all_split_sizes_become_lists():
 
     cpu_adapter._all_to_all_single_with_list_splits(fake)(None, None, torch.tensor([1, 2]), torch.tensor([3, 0]))
     assert seen == {"out": [1, 2], "inp": [3, 0]}
+
+
+def test_device_redirect_suspended_lifts_only_the_adapter_mode(monkeypatch):
+    """The decode hot path runs without the adapter's per-op Python dispatch; the mode comes back
+    after the block, and a mode pushed on top of it by someone else is never popped instead."""
+    mode = cpu_adapter._CudaToCpuMode()
+    monkeypatch.setattr(cpu_adapter, "_function_mode", mode)
+    stack = torch.overrides._get_current_function_mode_stack
+    with mode:
+        with cpu_adapter.device_redirect_suspended():
+            assert mode not in stack()
+        assert stack()[-1] is mode and torch.zeros(1, device="cuda").device.type == "cpu"
+        with torch.overrides.TorchFunctionMode() as other:
+            with cpu_adapter.device_redirect_suspended():
+                assert stack()[-2:] == [mode, other]
