@@ -145,8 +145,9 @@ def test_generate_from_a_converted_checkpoint_equals_hf_generate(dense, tmp_path
 
 def test_pretrained_finetune_export_gives_hf_our_logits(tmp_path):
     """HF dir -> checkpoint.pretrained -> 3 steps at TP=2+SP -> export -> transformers' logits on
-    an image + video sample equal tools/generate.py --dump-logits of the fine-tuned checkpoint;
-    and the command `make demo` prints (a TP=2 checkpoint answering a prompt from one process)."""
+    an image + video sample equal tools/generate.py --dump-logits of the fine-tuned checkpoint,
+    which reads the TP=2 checkpoint in one process. (A prompt answered from a TP=2 x PP=2
+    checkpoint in one process, as `make demo` prints, is test_generate_from_a_converted_checkpoint.)"""
     hf, _ = hf_dir(tmp_path, "qwen3vl-tiny")
     ckpt = tmp_path / "ft"
     train = TORCHRUN + ["--nproc_per_node=2", "tools/pretrain_vlm.py", "--config", "examples/tiny/pretrain_vlm.yaml",
@@ -165,14 +166,12 @@ def test_pretrained_finetune_export_gives_hf_our_logits(tmp_path):
     # resume wins over pretrained: the same command with checkpoint.load continues at iteration 3
     resume = train[:-3] + ["train.iters=4", f"checkpoint.load={ckpt}", f"checkpoint.save={ckpt}",
                            f"logging.dir={tmp_path / 'log2'}", "logging.tensorboard=false"]
-    _, _, resumed, answered = run_together(
+    _, _, resumed = run_together(
         [sys.executable, "tools/convert_checkpoint.py", "export", "--load", str(step3), "--out", str(tmp_path / "out")],
         [sys.executable, "tools/generate.py", "--load", str(step3), "--inputs", str(tmp_path / "inputs.pt"),
          "--dump-logits", str(tmp_path / "logits.pt")],
         resume,
-        [sys.executable, "tools/generate.py", "--load", str(step3), "--prompt", "What is 3 + 4?", "--max-new-tokens", "4"],
     )
-    assert answered.stdout.strip()  # some decoded answer, from one process
     assert (tmp_path / "out" / "tokenizer.json").is_file()  # carried by the fine-tuning run's saves
     ours = torch.load(tmp_path / "logits.pt")
     exported = transformers.AutoModelForImageTextToText.from_pretrained(tmp_path / "out").eval()
