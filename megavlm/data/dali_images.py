@@ -211,8 +211,8 @@ class ImageDecoder:
     released config uses ``image_rules.QWEN3VL_MIN_PIXELS`` / ``QWEN3VL_MAX_PIXELS``).
     ``device``: "cpu" / "gpu"
     to override ``has_cuda()``. ``max_crops``: STEP3-VL plans with more crops become
-    DecodeErrors (see ``_plan_sizes``). Results are on the pipeline's device (CPU tensors on
-    CPU). Not thread-safe: one decoder per loader worker.
+    DecodeErrors (see ``_plan_sizes``). Results are CPU tensors: on a GPU, images are
+    decoded there (nvJPEG) and copied to the host for the HF-exact resize. Not thread-safe: one decoder per loader worker.
     """
 
     def __init__(
@@ -307,6 +307,7 @@ class ImageDecoder:
                 self._run_group(runnable[half:], results)
             return
         shapes = outputs[-1]
+        decoded = outputs[0] if self.device_id is None else outputs[0].as_cpu()  # GPU: one copy per batch
         redo: list[_Probe] = []
         for j, it in enumerate(runnable):
             decoded_hw = tuple(int(v) for v in np.asarray(shapes[j])[:2])
@@ -318,17 +319,14 @@ class ImageDecoder:
                     results[it.index] = DecodeError(it.name, f"decoded shape {decoded_hw} != probed {it.hw}")
                 continue
             size, plan = plans[j]
-            results[it.index] = _result(self.mode, it.name, it.hw, size, plan, self._fetch(outputs[0], j))
+            results[it.index] = _result(self.mode, it.name, it.hw, size, plan, self._fetch(decoded, j))
         if redo:
             self._run_group(redo, results, retry_shape=False)
 
     def _fetch(self, tensor_list, j: int) -> np.ndarray:
         """Sample j as uint8 ``[H, W, 3]`` on the host: a zero-copy view of DALI's buffer, valid
-        until the next run (the post-processing never keeps it); from a GPU, a copy."""
-        t = tensor_list[j]
-        if self.device_id is not None:
-            t = t.as_cpu()
-        return np.asarray(t)
+        until the next run (the post-processing never keeps it)."""
+        return np.asarray(tensor_list[j])
 
 
 def _reason(e: Exception, data: np.ndarray) -> str:

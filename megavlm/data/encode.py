@@ -14,7 +14,8 @@ where DALI lacks the codec (``video.VideoDecoder``), counted the same way. In-me
 need no decoding.
 
 Process model: on a CUDA machine the decoder in the training process uses DALI's mixed
-(nvJPEG / NVDEC) decoding on the current device and its media stay on the GPU; loader
+(nvJPEG / NVDEC) decoding on the current device (images come back to the host for the
+HF-exact resize of ``data.image_pixels``; videos stay on the GPU) and media are moved there; loader
 worker processes (``data.num_workers``) are *spawned* (``data.sampler``; forking after CUDA
 is initialized breaks CUDA) and decode on DALI's CPU operators, since their tensors cross
 the process boundary through shared CPU memory anyway.
