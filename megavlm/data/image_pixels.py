@@ -29,8 +29,9 @@ from megavlm.data import image_rules as R
 
 def normalize(frames: np.ndarray | torch.Tensor, mean, std) -> torch.Tensor:
     """uint8 ``[..., H, W, 3]`` -> float32 ``[..., 3, H, W]``: ``(x / 255 - mean) / std``."""
-    x = torch.as_tensor(np.ascontiguousarray(frames) if isinstance(frames, np.ndarray) else frames)
-    x = x.float().div(255.0)
+    # astype copies (DALI's and Pillow's arrays are read-only views)
+    x = torch.from_numpy(frames.astype(np.float32)) if isinstance(frames, np.ndarray) else frames.float()
+    x = x.div(255.0)
     x = (x - torch.tensor(mean)) / torch.tensor(std)
     return x.movedim(-1, -3)
 
