@@ -165,7 +165,7 @@ def test_step3_plans_equal_transformers(hf):
             assert plan.num_crops == 0
 
 
-@pytest.mark.parametrize("h,w", [(20, 400), (300, 800), (480, 854), (400, 728), (1000, 700), (31, 120)])
+@pytest.mark.parametrize("h,w", [(20, 400), (300, 800), (400, 728), (1000, 700), (31, 120)])
 def test_step3_pixels_equal_transformers(hf, h, w):
     """The views megavlm feeds the encoder (global 728 and every 504 crop) equal the
     processor's to float rounding, for padded, kept-short-side, window-not-504 and plain plans."""
