@@ -161,6 +161,9 @@ class DataConfig:
     image_decoder: str = "dali"
     # Threads of each DALI decoder (one per training process or loader worker).
     decode_threads: int = 2
+    # Qwen3-VL chat template: "instruct" (Qwen3-VL-*-Instruct) or "thinking" (Qwen3-VL-*-Thinking:
+    # <think> blocks on the answers after the last user turn, generation prompt ends "<think>\n").
+    chat_template: str = "instruct"
 
 
 @dataclass(kw_only=True)

@@ -18,6 +18,7 @@ _CHOICES = {
     "train.precision": ("auto", "fp32", "bf16"),
     "data.dataset": ("synthetic_text", "synthetic_multimodal", "shards", "webdataset"),
     "data.image_decoder": ("dali", "pillow"),
+    "data.chat_template": ("instruct", "thinking"),
     "model.rope.kind": ("rope", "mrope_interleaved", "mrope_chunked"),
     "train.loss_normalization": ("per_token", "per_sample", "sqrt"),
     "parallel.cp_comm_type": ("p2p", "a2a", "a2a+p2p", "all_gather"),

@@ -36,7 +36,7 @@ def sample_encoder(cfg: Config) -> SampleEncoder:
             f"model.language.vocab_size ({cfg.model.language.vocab_size}) is smaller than {name}'s "
             f"vocabulary ({tokenizer.vocab_size})"
         )
-    return SampleEncoder(Qwen3VLChatTemplate(tokenizer), min_pixels=d.min_pixels, max_pixels=d.max_pixels,
+    return SampleEncoder(Qwen3VLChatTemplate(tokenizer, mode=d.chat_template), min_pixels=d.min_pixels, max_pixels=d.max_pixels,
                          max_length=d.seq_length, family=family, image_decoder=d.image_decoder,
                          decode_threads=d.decode_threads)
 

@@ -19,16 +19,17 @@ Flow of ``ImageDecoder.decode(encoded, names)``:
    the O(1) IEND check finds for truncation; with one truncated JPEG in a batch of 16
    (1000x800, STEP3-VL) the suspect route took 0.52 s against 0.61 s for failing the batch
    and splitting it.
-2. Per-sample target sizes are fed with ``fn.external_source`` next to the encoded bytes:
-   Qwen3-VL gets ``smart_resize(h, w)``; STEP3-VL gets the crop canvas of ``step3_crop_plan``
-   (the global view is always 728 x 728).
-3. DALI decodes, resizes (antialiased; cubic for Qwen3-VL, which HF resizes BICUBIC; linear
-   for STEP3-VL, whose processor resizes bilinear) and normalizes to CHW float32.
+2. DALI decodes (``fn.decoders.image``, RGB, EXIF orientation applied) to uint8 HWC;
    ``fn.peek_image_shape`` (orientation-aware) is returned too; a sample whose decoded shape
    differs from the probe is re-run with sizes from the real shape.
-4. After the pipeline, in torch: Qwen3-VL images are patchified (``image_rules.patchify``);
-   STEP3-VL's canvas is cut into its 504 x 504 crops. Crop counts vary per image, which DALI
-   batches do not express well, so the canvas comes out whole and is sliced by a view.
+3. Resize, crop and normalize follow in :mod:`megavlm.data.image_pixels`, the code every
+   decode route shares: Qwen3-VL resizes with Pillow BICUBIC (HF's Pillow backend, exactly),
+   STEP3-VL with torch's uint8 bilinear kernel (transformers' Step3p7ImageProcessor, exactly).
+   DALI's own ``fn.resize`` is not used: its cubic/linear resampling differs from both
+   references (measured: mean 0.6, max 26 levels against Pillow BICUBIC), so a DALI-decoded
+   image would train on other pixels than the same image read by Pillow.
+4. Qwen3-VL images are patchified (``image_rules.patchify``); STEP3-VL's crops come out as
+   ``[n, 3, 504, 504]``. On a GPU the decoded image is copied to the host for step 3.
 
 A DALI batch with a corrupt image raises for the whole batch and leaves the pipeline
 unusable. The decoder then rebuilds the pipeline (~10-20 ms on CPU) and splits the batch:
@@ -54,6 +55,7 @@ import numpy as np
 import torch
 from PIL import Image, ImageOps
 
+from megavlm.data import image_pixels as P
 from megavlm.data import image_rules as R
 
 Mode = Literal["qwen3vl", "step3vl"]
@@ -150,12 +152,11 @@ DEFAULT_MAX_CROPS = 128
 
 
 def _plan_sizes(mode: Mode, hw: tuple[int, int], name: str, min_pixels: int, max_pixels: int, max_crops: int):
-    """Resize target of the pipeline's size input: smart_resize for Qwen3-VL, the crop canvas
-    for STEP3-VL (a dummy 8 x 8 when the plan has no crops).
+    """Resize target: (smart_resize size, None) for Qwen3-VL, (None, crop plan) for STEP3-VL.
 
     Raises ValueError for Qwen3-VL aspect > 200 and for STEP3-VL plans with more than
-    ``max_crops`` crops: a thin image gets windows of its short side (3024 x 10 -> 303 crops,
-    25K tokens, a 0.9 GB float canvas), which the multi-crop rule does not bound. Normal plans
+    ``max_crops`` crops: a thin image gets windows of its short side (9000 x 40, downscaled to
+    3024 x 13: 232 crops, 19K tokens), which the multi-crop rule does not bound. Normal plans
     stay far below: 36 crops for 3024 x 3024, 95 for 3024 x 32."""
     if mode == "qwen3vl":
         return R.smart_resize(*hw, min_pixels=min_pixels, max_pixels=max_pixels, name=name), None
@@ -165,73 +166,37 @@ def _plan_sizes(mode: Mode, hw: tuple[int, int], name: str, min_pixels: int, max
             f"image {name} ({hw[0]}x{hw[1]}, h x w): STEP3-VL plan has {plan.num_crops} crops of "
             f"{plan.window} px, more than max_crops={max_crops}"
         )
-    return (plan.canvas if plan.crops else (8, 8)), plan
+    return None, plan
 
 
-def _qwen_result(name, hw, target, chw: torch.Tensor) -> Qwen3VLImage:
-    patches, grid = R.patchify(chw)
-    if patches.untyped_storage().data_ptr() == chw.untyped_storage().data_ptr():
-        patches = patches.clone()  # never hand out memory the decoder reuses
-    return Qwen3VLImage(name, tuple(hw), tuple(target), patches, grid)
-
-
-def _step3_result(name, hw, plan, global_chw: torch.Tensor, canvas: torch.Tensor | None) -> Step3VLImage:
-    """Copy the global view out and tile the canvas ([3, rows*504, cols*504]) into its crops."""
-    g = torch.empty((1, *global_chw.shape), dtype=global_chw.dtype, device=global_chw.device)
-    g[0].copy_(global_chw)
-    s = plan.local_size
-    crops = torch.empty((plan.num_crops, 3, s, s), dtype=global_chw.dtype, device=global_chw.device)
-    if plan.crops:
-        tiles = canvas.reshape(3, plan.rows, s, plan.cols, s).permute(1, 3, 0, 2, 4)
-        crops.view(plan.rows, plan.cols, 3, s, s).copy_(tiles)
-    return Step3VLImage(name, tuple(hw), plan, {plan.global_size: g, plan.local_size: crops})
+def _result(mode: Mode, name, hw, target, plan, image: np.ndarray) -> Qwen3VLImage | Step3VLImage:
+    """A decoded uint8 ``[H, W, 3]`` image -> its result (copies: never DALI's reused buffers)."""
+    if mode == "qwen3vl":
+        patches, grid = P.qwen3vl_patches(image, target)  # normalize() copies out of ``image``
+        return Qwen3VLImage(name, tuple(hw), tuple(target), patches, grid)
+    global_view, crops = P.step3_views_u8(image, plan)
+    return Step3VLImage(name, tuple(hw), plan, {plan.global_size: global_view, plan.local_size: crops})
 
 
 # --- DALI --------------------------------------------------------------------------------------
 
 
-def _interp_type(interp: str):
-    from nvidia.dali import types
-
-    return {"linear": types.INTERP_LINEAR, "cubic": types.INTERP_CUBIC}[interp]
-
-
-def build_pipeline(mode: Mode, *, batch_size: int, num_threads: int, device_id: int | None, interp: str):
+def build_pipeline(*, batch_size: int, num_threads: int, device_id: int | None):
     """The one DALI pipeline definition, CPU (``device_id=None``) or GPU (``device_id=k``).
 
-    Inputs (``feed_input``): ``encoded`` (uint8 bytes), ``size`` (float32 [h, w] per sample:
-    the smart_resize target, or STEP3-VL's crop canvas). Outputs: Qwen3-VL ``(image, shape)``;
-    STEP3-VL ``(global_728, canvas, shape)``; images CHW float32 normalized, ``shape`` the
-    orientation-aware decoded (H, W, C) from ``fn.peek_image_shape``.
+    Input (``feed_input``): ``encoded`` (uint8 bytes). Outputs: ``(image, shape)``, the image
+    uint8 HWC RGB with EXIF orientation applied, ``shape`` the orientation-aware (H, W, C)
+    from ``fn.peek_image_shape``.
     """
     from nvidia.dali import fn, pipeline_def, types
 
-    if mode == "qwen3vl":
-        mean, std = R.QWEN3VL_MEAN, R.QWEN3VL_STD
-    elif mode == "step3vl":
-        mean, std = R.STEP3_MEAN, R.STEP3_STD
-    else:
-        raise ValueError(f"unknown mode {mode!r}")
-    mean255 = [m * 255.0 for m in mean]
-    std255 = [s * 255.0 for s in std]
-    interp_type = _interp_type(interp)
     decoder_device = "cpu" if device_id is None else "mixed"
-
-    def normalize(img):
-        return fn.crop_mirror_normalize(img, mean=mean255, std=std255, dtype=types.FLOAT, output_layout="CHW")
 
     @pipeline_def(batch_size=batch_size, num_threads=num_threads, device_id=device_id, prefetch_queue_depth=1)
     def pipe():
         encoded = fn.external_source(name="encoded", dtype=types.UINT8, ndim=1)
-        size = fn.external_source(name="size", dtype=types.FLOAT, ndim=1)
         shape = fn.peek_image_shape(encoded)
-        img = fn.decoders.image(encoded, device=decoder_device, output_type=types.RGB)
-        resized = fn.resize(img, size=size, interp_type=interp_type, antialias=True)
-        if mode == "qwen3vl":
-            return normalize(resized), shape
-        g = R.STEP3_GLOBAL_SIZE
-        global_view = fn.resize(img, size=[g, g], interp_type=interp_type, antialias=True)
-        return normalize(global_view), normalize(resized), shape
+        return fn.decoders.image(encoded, device=decoder_device, output_type=types.RGB), shape
 
     p = pipe()
     p.build()
@@ -244,10 +209,10 @@ class ImageDecoder:
     ``mode``: "qwen3vl" or "step3vl". ``batch_size``: the DALI batch (longer inputs are
     chunked). ``min_pixels`` / ``max_pixels``: smart_resize bounds (Qwen3-VL; Qwen3-VL's
     released config uses ``image_rules.QWEN3VL_MIN_PIXELS`` / ``QWEN3VL_MAX_PIXELS``).
-    ``interp``: "cubic" / "linear" (default per mode, see above). ``device``: "cpu" / "gpu"
+    ``device``: "cpu" / "gpu"
     to override ``has_cuda()``. ``max_crops``: STEP3-VL plans with more crops become
-    DecodeErrors (see ``_plan_sizes``). Results are on the pipeline's device (CPU tensors on
-    CPU). Not thread-safe: one decoder per loader worker.
+    DecodeErrors (see ``_plan_sizes``). Results are CPU tensors: on a GPU, images are
+    decoded there (nvJPEG) and copied to the host for the HF-exact resize. Not thread-safe: one decoder per loader worker.
     """
 
     def __init__(
@@ -258,7 +223,6 @@ class ImageDecoder:
         num_threads: int,
         min_pixels: int = R.QWEN3VL_MIN_PIXELS,
         max_pixels: int = R.QWEN3VL_MAX_PIXELS,
-        interp: str | None = None,
         device: Literal["cpu", "gpu"] | None = None,
         max_crops: int = DEFAULT_MAX_CROPS,
     ):
@@ -270,7 +234,6 @@ class ImageDecoder:
         self.batch_size = batch_size
         self.num_threads = num_threads
         self.min_pixels, self.max_pixels = min_pixels, max_pixels
-        self.interp = interp or ("cubic" if mode == "qwen3vl" else "linear")
         self.max_crops = max_crops
         use_gpu = has_cuda() if device is None else device == "gpu"
         self.device_id = torch.cuda.current_device() if use_gpu else None
@@ -279,10 +242,7 @@ class ImageDecoder:
         self._pipe = self._build()
 
     def _build(self):
-        return build_pipeline(
-            self.mode, batch_size=self.batch_size, num_threads=self.num_threads,
-            device_id=self.device_id, interp=self.interp,
-        )
+        return build_pipeline(batch_size=self.batch_size, num_threads=self.num_threads, device_id=self.device_id)
 
     def _rebuild(self):
         old, self._pipe = self._pipe, None
@@ -317,21 +277,19 @@ class ImageDecoder:
     def _run_group(self, items: list[_Probe], results: list, retry_shape: bool = True) -> None:
         if not items:
             return
-        sizes, plans, runnable = [], [], []
+        plans, runnable = [], []
         for it in items:
             try:
                 size, plan = _plan_sizes(self.mode, it.hw, it.name, self.min_pixels, self.max_pixels, self.max_crops)
             except ValueError as e:
                 results[it.index] = DecodeError(it.name, str(e))
                 continue
-            sizes.append(np.asarray(size, dtype=np.float32))
             plans.append((size, plan))
             runnable.append(it)
         if not runnable:
             return
         try:
             self._pipe.feed_input("encoded", [it.data for it in runnable])
-            self._pipe.feed_input("size", sizes)
             outputs = self._pipe.run()
         except Exception as e:  # noqa: BLE001 - DALI raises RuntimeError/IndexError for a bad sample
             self._rebuild()
@@ -349,6 +307,7 @@ class ImageDecoder:
                 self._run_group(runnable[half:], results)
             return
         shapes = outputs[-1]
+        decoded = outputs[0] if self.device_id is None else outputs[0].as_cpu()  # GPU: one copy per batch
         redo: list[_Probe] = []
         for j, it in enumerate(runnable):
             decoded_hw = tuple(int(v) for v in np.asarray(shapes[j])[:2])
@@ -360,25 +319,14 @@ class ImageDecoder:
                     results[it.index] = DecodeError(it.name, f"decoded shape {decoded_hw} != probed {it.hw}")
                 continue
             size, plan = plans[j]
-            if self.mode == "qwen3vl":
-                results[it.index] = _qwen_result(it.name, it.hw, size, self._fetch(outputs[0], j))
-            else:
-                canvas = self._fetch(outputs[1], j) if plan.crops else None
-                results[it.index] = _step3_result(it.name, it.hw, plan, self._fetch(outputs[0], j), canvas)
+            results[it.index] = _result(self.mode, it.name, it.hw, size, plan, self._fetch(decoded, j))
         if redo:
             self._run_group(redo, results, retry_shape=False)
 
-    def _fetch(self, tensor_list, j: int) -> torch.Tensor:
-        """Sample j as a torch tensor. CPU: a zero-copy view of DALI's buffer, valid until the next
-        run (the post-processing always copies out of it). GPU: copied into a torch tensor."""
-        t = tensor_list[j]
-        if self.device_id is None:
-            return torch.from_numpy(np.asarray(t))
-        from nvidia.dali.plugin.pytorch import feed_ndarray
-
-        out = torch.empty(t.shape(), dtype=torch.float32, device=self.torch_device)
-        feed_ndarray(t, out, cuda_stream=torch.cuda.current_stream(self.torch_device))
-        return out
+    def _fetch(self, tensor_list, j: int) -> np.ndarray:
+        """Sample j as uint8 ``[H, W, 3]`` on the host: a zero-copy view of DALI's buffer, valid
+        until the next run (the post-processing never keeps it)."""
+        return np.asarray(tensor_list[j])
 
 
 def _reason(e: Exception, data: np.ndarray) -> str:
@@ -403,9 +351,8 @@ def _reason(e: Exception, data: np.ndarray) -> str:
 class PillowImageDecoder:
     """The same contract as :class:`ImageDecoder`, computed with Pillow + numpy on a thread pool.
 
-    Per image: ``Image.open`` -> ``ImageOps.exif_transpose`` -> RGB -> Pillow resize (BICUBIC
-    for Qwen3-VL as HF does, BILINEAR for STEP3-VL as its processor does; Pillow resizes are
-    antialiased) -> ``(x / 255 - mean) / std`` in float32 -> the same torch post-processing.
+    Per image: ``Image.open`` -> ``ImageOps.exif_transpose`` -> RGB -> the same
+    :mod:`megavlm.data.image_pixels` post-processing as :class:`ImageDecoder`.
     Decoding errors (Pillow raises on truncated files) become DecodeError entries.
     """
 
@@ -416,7 +363,6 @@ class PillowImageDecoder:
         num_threads: int,
         min_pixels: int = R.QWEN3VL_MIN_PIXELS,
         max_pixels: int = R.QWEN3VL_MAX_PIXELS,
-        interp: str | None = None,
         batch_size: int | None = None,  # accepted for API symmetry; unused
         max_crops: int = DEFAULT_MAX_CROPS,
     ):
@@ -425,11 +371,6 @@ class PillowImageDecoder:
         self.mode = mode
         self.min_pixels, self.max_pixels = min_pixels, max_pixels
         self.max_crops = max_crops
-        interp = interp or ("cubic" if mode == "qwen3vl" else "linear")
-        self.resample = {"cubic": Image.BICUBIC, "linear": Image.BILINEAR}[interp]
-        mean, std = (R.QWEN3VL_MEAN, R.QWEN3VL_STD) if mode == "qwen3vl" else (R.STEP3_MEAN, R.STEP3_STD)
-        self._scale = (1.0 / (255.0 * np.asarray(std, dtype=np.float32))).reshape(3, 1, 1)
-        self._shift = (np.asarray(mean, dtype=np.float32) / np.asarray(std, dtype=np.float32)).reshape(3, 1, 1)
         self._pool = ThreadPoolExecutor(max_workers=num_threads)
 
     def close(self):
@@ -440,10 +381,6 @@ class PillowImageDecoder:
         if len(names) != len(encoded):
             raise ValueError(f"{len(encoded)} images but {len(names)} names")
         return list(self._pool.map(self.decode_one, encoded, names))
-
-    def _chw(self, im: Image.Image, hw: tuple[int, int]) -> torch.Tensor:
-        arr = np.asarray(im.resize((hw[1], hw[0]), self.resample), dtype=np.float32).transpose(2, 0, 1)
-        return torch.from_numpy(arr * self._scale - self._shift)
 
     def decode_one(self, data: bytes, name: str) -> Result:
         try:
@@ -456,8 +393,4 @@ class PillowImageDecoder:
             size, plan = _plan_sizes(self.mode, hw, name, self.min_pixels, self.max_pixels, self.max_crops)
         except ValueError as e:
             return DecodeError(name, str(e))
-        if self.mode == "qwen3vl":
-            return _qwen_result(name, hw, size, self._chw(im, size))
-        g = R.STEP3_GLOBAL_SIZE
-        canvas = self._chw(im, size) if plan.crops else None
-        return _step3_result(name, hw, plan, self._chw(im, (g, g)), canvas)
+        return _result(self.mode, name, hw, size, plan, np.asarray(im))

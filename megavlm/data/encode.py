@@ -14,7 +14,8 @@ where DALI lacks the codec (``video.VideoDecoder``), counted the same way. In-me
 need no decoding.
 
 Process model: on a CUDA machine the decoder in the training process uses DALI's mixed
-(nvJPEG / NVDEC) decoding on the current device and its media stay on the GPU; loader
+(nvJPEG / NVDEC) decoding on the current device (images come back to the host for the
+HF-exact resize of ``data.image_pixels``; videos stay on the GPU) and media are moved there; loader
 worker processes (``data.num_workers``) are *spawned* (``data.sampler``; forking after CUDA
 is initialized breaks CUDA) and decode on DALI's CPU operators, since their tensors cross
 the process boundary through shared CPU memory anyway.
@@ -30,14 +31,13 @@ import numpy as np
 import torch
 from PIL import Image, ImageOps
 
+from megavlm.data import image_pixels
 from megavlm.data.chat_template import MediaLayout, Qwen3VLChatTemplate
 from megavlm.data.image_rules import (
     QWEN3VL_MEAN,
     QWEN3VL_STD,
     STEP3_GLOBAL_SIZE,
     STEP3_LOCAL_SIZE,
-    STEP3_MEAN,
-    STEP3_STD,
     patchify,
     qwen3vl_num_tokens,
     smart_resize,
@@ -120,40 +120,17 @@ class EncodedSample:
 
 def _normalize(frames: np.ndarray, mean=QWEN3VL_MEAN, std=QWEN3VL_STD) -> torch.Tensor:
     """uint8 ``[..., H, W, 3]`` -> float ``[..., 3, H, W]`` with the model's mean/std."""
-    x = torch.from_numpy(np.ascontiguousarray(frames)).float().div(255.0)
-    x = (x - torch.tensor(mean)) / torch.tensor(std)
-    return x.movedim(-1, -3)
-
-
-def _raster_patches(view: torch.Tensor, patch: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """``[3, H, W]`` -> row-major ``[h*w, 3*p*p]`` patches and grid ``[1, h, w]`` (STEP3-VL / PE)."""
-    c, height, width = view.shape
-    h, w = height // patch, width // patch
-    x = view.reshape(c, h, patch, w, patch).permute(1, 3, 0, 2, 4).reshape(h * w, c * patch * patch)
-    return x, torch.tensor([1, h, w])
+    return image_pixels.normalize(frames, mean, std)
 
 
 def step3_views(image: np.ndarray, patch: int = 14) -> tuple[list[tuple[torch.Tensor, torch.Tensor]], list[str]]:
-    """STEP3-VL multi-crop (REFERENCE 5): local crops row-major, then the 728 global view,
-    as (patches, grid) per view, and the image's token layout."""
+    """STEP3-VL multi-crop (REFERENCE 5, transformers' Step3p7ImageProcessor): local crops
+    row-major, then the 728 global view, as (patches, grid) per view, and the token layout."""
     plan = step3_crop_plan(*image.shape[:2])
-    views = []
-    if plan.num_crops:
-        ch, cw = plan.canvas
-        canvas = _normalize(_resize(image, (ch, cw)), STEP3_MEAN, STEP3_STD)
-        for r in range(plan.rows):
-            for c in range(plan.cols):
-                crop = canvas[:, r * STEP3_LOCAL_SIZE:(r + 1) * STEP3_LOCAL_SIZE, c * STEP3_LOCAL_SIZE:(c + 1) * STEP3_LOCAL_SIZE]
-                views.append(_raster_patches(crop, patch))
-    views.append(_raster_patches(_normalize(_resize(image, (STEP3_GLOBAL_SIZE,) * 2), STEP3_MEAN, STEP3_STD), patch))
+    global_view, crops = image_pixels.step3_views_u8(image, plan)
+    views = [image_pixels.raster_patches(c, patch) for c in crops]
+    views.append(image_pixels.raster_patches(global_view[0], patch))
     return views, step3_token_layout(plan)
-
-
-def _resize(frame: np.ndarray, size: tuple[int, int]) -> np.ndarray:
-    h, w = size
-    if frame.shape[:2] == (h, w):
-        return frame
-    return np.asarray(Image.fromarray(frame).resize((w, h), Image.BICUBIC))
 
 
 def _decode_device() -> str:
@@ -204,7 +181,7 @@ class SampleEncoder:
 
                 self._decoders[kind] = ImageDecoder(
                     mode=self.family, batch_size=16, num_threads=self.decode_threads, min_pixels=self.min_pixels,
-                    max_pixels=self.max_pixels, interp="cubic", device=_decode_device(),
+                    max_pixels=self.max_pixels, device=_decode_device(),
                 )
             else:
                 from megavlm.data.video import VideoDecoder
@@ -298,8 +275,8 @@ class SampleEncoder:
                 if self.family == "qwen3vl":
                     return [(result.pixel_values, result.grid_thw.cpu())], qwen3vl_num_tokens(result.grid_thw), None
                 crops = result.pixel_values[STEP3_LOCAL_SIZE]
-                views = [_raster_patches(c, 14) for c in crops]
-                views.append(_raster_patches(result.pixel_values[STEP3_GLOBAL_SIZE][0], 14))
+                views = [image_pixels.raster_patches(c, 14) for c in crops]
+                views.append(image_pixels.raster_patches(result.pixel_values[STEP3_GLOBAL_SIZE][0], 14))
                 return views, 0, result.token_layout
         try:  # Pillow: what DALI cannot decode as HF does, or a file DALI failed on
             with Image.open(io.BytesIO(raw)) as im:
@@ -316,7 +293,7 @@ class SampleEncoder:
             views, names = step3_views(pixels)
             return views, 0, names
         size = self._size(sample, *pixels.shape[:2])
-        patches, grid = patchify(_normalize(_resize(pixels, size)))
+        patches, grid = image_pixels.qwen3vl_patches(pixels, size)
         return [(patches, grid)], qwen3vl_num_tokens(grid), None
 
     def _step3_plan(self, sample: Sample, h: int, w: int) -> None:

@@ -54,7 +54,7 @@ def _from_hf_chat(record: dict, sid: str, root: Path) -> Sample:
                 parts.append({"type": "text", "text": part["text"]})
             else:
                 raise ValueError(f"unknown content type {part['type']!r}")
-        messages.append(Message(m["role"], parts))
+        messages.append(Message(m["role"], parts, reasoning=m.get("reasoning_content")))
     return Sample(id=sid, messages=messages, media=media, targets=record.get("targets"))
 
 

@@ -153,13 +153,14 @@ PATCH_START, PATCH_END, PATCH_NEWLINE = "<patch_start>", "<patch_end>", "<patch_
 class CropPlan:
     """How one STEP3-VL image becomes a global view plus non-overlapping local crops.
 
-    Sizes are (height, width). ``source`` is the image size, ``scaled`` the size after the
-    3024-long-side downscale, ``resized`` the size whose sides are multiples of ``window``
-    (equal to ``scaled`` when there are no crops), ``crops`` the (top, left, size) windows in
-    ``resized`` coordinates, row-major, ``rows`` x ``cols`` of them. Every crop is fed to the
-    encoder at ``local_size`` (504); ``canvas`` is ``resized`` scaled so that one window is
-    exactly ``local_size`` (== ``resized`` whenever window == 504), so the local views are a
-    plain tiling of the canvas.
+    Sizes are (height, width). ``source`` is the image size, ``pad_square`` whether it is
+    zero-padded to a ``max(h, w)`` square first (bottom/right, as upstream), ``scaled`` the
+    (padded) size after the 3024-long-side downscale, ``resized`` the size the image is resized
+    to before cropping: each side a multiple of ``window``, or kept when shorter than the window
+    (equal to ``scaled`` when there are no crops). ``crops`` are the (top, left, window) windows
+    in ``resized`` coordinates, row-major, ``rows`` x ``cols`` of them; a window running past a
+    kept short side is cut there. Every crop is then resized to ``local_size`` (504), the
+    global view to ``global_size`` (728) square.
     """
 
     source: tuple[int, int]
@@ -169,16 +170,13 @@ class CropPlan:
     crops: tuple[tuple[int, int, int], ...]
     rows: int
     cols: int
+    pad_square: bool = False
     global_size: int = STEP3_GLOBAL_SIZE
     local_size: int = STEP3_LOCAL_SIZE
 
     @property
     def num_crops(self) -> int:
         return len(self.crops)
-
-    @property
-    def canvas(self) -> tuple[int, int]:
-        return (self.rows * self.local_size, self.cols * self.local_size)
 
 
 def _step3_downscale(height: int, width: int) -> tuple[int, int]:
@@ -197,51 +195,45 @@ def _step3_window(long: int, short: int) -> int:
 
 
 def _step3_side(side: int, window: int) -> int:
-    # Multiple of the window, rounding up when the fractional part exceeds 0.2 (same float
-    # expression as the STEP3-VL processor). A side shorter than the window has integer part
-    # 0 and fractional part side/window > 0.2 in every reachable case, so it rounds up to one
-    # window (REFERENCE's rule read literally; see step3_crop_plan).
-    ratio = side / window
-    n = int(ratio) + 1 if ratio - side // window > 0.2 else int(ratio)
-    return window * max(n, 1)
+    # A multiple of the window, one more when the remainder exceeds 20 % of it; a side shorter
+    # than the window is kept (its crops are cut short and stretched to 504 afterwards).
+    if side < window:
+        return side
+    return window * (side // window + (side % window > 0.2 * window))
 
 
 def step3_crop_plan(height: int, width: int) -> CropPlan:
     """STEP3-VL multi-crop plan of an image of ``height`` x ``width`` pixels (REFERENCE §5).
 
-    1. Long side over 3024: downscale so the long side is 3024 (each side ``int(side * 3024 /
-       long)``, as the STEP3-VL processor truncates).
-    2. Window: long side <= 728 -> no crops, *except* when aspect > 1.5, where the window is
-       the short side; long side > 728 -> 504, or ``min(short, 504)`` when aspect > 4.
-    3. Each side becomes a multiple of the window (round up iff the fractional part > 0.2);
-       crops tile that size without overlap, row-major.
+    Follows transformers' ``Step3p7ImageProcessor._plan_patches`` (the open STEP3 processor;
+    tests/unit/test_step3_crops.py holds the two equal on many sizes):
+
+    0. Short side under 32 with aspect over 4: zero-pad to a square first (bottom/right).
+    1. Long side over 3024: downscale so the long side is 3024 (``int(side * 3024 / long)``).
+    2. Window: long side <= 728 -> no crops when aspect <= 1.5, else the short side; long
+       side > 728 -> 504, or ``min(short, 504)`` when aspect > 4 (strict ``>`` throughout).
+    3. Each side at least one window long becomes a multiple of it (one more window when the
+       remainder exceeds 20 %); a shorter side is kept. Crops tile it row-major; a side
+       shorter than the window gives one crop cut to that side.
     4. A global 728 x 728 view (aspect not kept) always exists.
 
-    Ambiguities resolved:
-    * "long side <= 728: no local crops (window = short side when aspect > 1.5)" is read
-      as: no crops when aspect <= 1.5; crops with window = short side when aspect > 1.5 —
-      the only reading in which the parenthesis has an effect, and what the STEP3-VL
-      processor (``determine_window_size``) does. Aspect uses the downscaled sizes and a
-      strict ``>``: 300 x 200 (exactly 1.5) gets no crops.
-    * A side shorter than the window (long > 728, aspect <= 4, short < 504) is resized *up*
-      to one window, as the rule says literally (fraction > 0.2 rounds up). The vLLM/SGLang
-      ports keep such a side and crop past the border (PIL path: zero padding; tensor path:
-      a short crop stretched to 504); token counts are the same either way.
-    * Crops whose window is not 504 are resized to 504 for the encoder (the processor's
-      patch transform); ``CropPlan.canvas`` gives the size at which tiling yields 504 crops.
-    * Not in REFERENCE and not done here: the processor's square zero-padding of images whose
-      short side is < 32 with aspect > 4.
+    The vLLM/SGLang Pillow path crops a window past a short side with zero fill instead of
+    cutting it (same token count, other pixels); megavlm follows transformers.
     """
     if height <= 0 or width <= 0:
         raise ValueError(f"empty image size {height}x{width} (h x w)")
-    sh, sw = _step3_downscale(height, width)
+    pad = min(height, width) < 32 and max(width / height, height / width) > 4
+    h, w = (max(height, width),) * 2 if pad else (height, width)
+    sh, sw = _step3_downscale(h, w)
     window = _step3_window(max(sh, sw), min(sh, sw))
     if window == 0:
-        return CropPlan(source=(height, width), scaled=(sh, sw), resized=(sh, sw), window=0, crops=(), rows=0, cols=0)
+        return CropPlan(source=(height, width), scaled=(sh, sw), resized=(sh, sw), window=0, crops=(), rows=0,
+                        cols=0, pad_square=pad)
     rh, rw = _step3_side(sh, window), _step3_side(sw, window)
-    rows, cols = rh // window, rw // window
+    rows, cols = max(1, rh // window), max(1, rw // window)
     crops = tuple((r * window, c * window, window) for r in range(rows) for c in range(cols))
-    return CropPlan(source=(height, width), scaled=(sh, sw), resized=(rh, rw), window=window, crops=crops, rows=rows, cols=cols)
+    return CropPlan(source=(height, width), scaled=(sh, sw), resized=(rh, rw), window=window, crops=crops,
+                    rows=rows, cols=cols, pad_square=pad)
 
 
 def step3_token_layout(plan: CropPlan) -> list[str]:

@@ -28,6 +28,9 @@ class Message:
     role: str  # "system" | "user" | "assistant"
     # parts: {"type": "text", "text": str} | {"type": "image" | "video", "index": int}
     content: list[dict]
+    # Assistant turns of thinking models: the reasoning, HF's ``reasoning_content`` (None: taken
+    # from a ``<think>...</think>`` prefix of the text, as the Qwen3-VL Thinking template does).
+    reasoning: str | None = None
 
 
 @dataclass

@@ -115,7 +115,7 @@ class ShardDataset:
                 media.append(Media(spec["kind"], array=np.load(io.BytesIO(data)), fps=spec["fps"]))
             else:
                 media.append(Media(spec["kind"], data=data, fps=spec["fps"]))
-        messages = [Message(m["role"], m["content"]) for m in header["messages"]]
+        messages = [Message(m["role"], m["content"], reasoning=m.get("reasoning")) for m in header["messages"]]
         return Sample(id=header["id"], messages=messages, media=media, targets=header["targets"])
 
 

@@ -1,12 +1,9 @@
 """DALI image decoding (CPU pipeline) for Qwen3-VL and STEP3-VL: shapes, token counts, pixel
 values against Pillow / HF references, and per-image error isolation.
 
-Tolerances (normalized units, measured on these synthetic images with DALI 2.4 / Pillow 11):
-* Qwen3-VL, DALI cubic vs HF ``Qwen2VLImageProcessorPil`` (Pillow BICUBIC): mean |d| ~0.0017,
-  max ~0.055 (1 uint8 step = 0.0078); asserted mean < 0.004, max < 0.1.
-* STEP3-VL, DALI linear vs Pillow BILINEAR: mean ~0.0028, max ~0.075 (1 step = 0.015 in CLIP
-  units); asserted mean < 0.005, max < 0.12.
-* Same-size views (no resampling) are bit-identical: DALI and Pillow decode JPEG identically.
+DALI only decodes; the pixel arithmetic is megavlm.data.image_pixels for both decoders, so
+DALI, Pillow and HF's processors agree to float rounding (asserted 1e-5): DALI and Pillow
+decode these JPEGs and PNGs bit for bit.
 """
 
 from __future__ import annotations
@@ -91,9 +88,7 @@ def test_qwen3vl_shapes_tokens_and_values_vs_hf(qwen, images):
         ref = hf(images=[Image.open(io.BytesIO(enc)).convert("RGB")], return_tensors="np")
         assert ref["image_grid_thw"][0].tolist() == res.grid_thw.tolist()
         d = np.abs(res.pixel_values.numpy() - ref["pixel_values"])
-        assert d.mean() < 0.004 and d.max() < 0.1, (w, h, d.mean(), d.max())
-        if (th, tw) == (h, w):  # no resampling: bit-identical decode
-            assert d.max() < 1e-6
+        assert d.max() < 1e-5, (w, h, d.max())
 
 
 def test_step3vl_shapes_and_tokens(step3_results):
@@ -118,21 +113,7 @@ def test_step3vl_values_vs_pillow(step3_results, step3_pillow):
             x, y = a.pixel_values[size], b.pixel_values[size]
             assert x.shape == y.shape
             if x.numel():
-                d = (x - y).abs()
-                assert d.mean() < 0.005 and d.max() < 0.12, (w, h, size, d.mean(), d.max())
-    same = step3_results[1].pixel_values[728] - step3_pillow[1].pixel_values[728]  # 728x728: no resize
-    assert same.abs().max() < 1e-5
-
-
-def test_step3vl_crops_are_canvas_tiles(step3, images):
-    # crop k of a 1 x 4 plan is columns [504k, 504(k+1)) of the resized canvas: rebuild it
-    [res] = step3.decode([images[2]], ["wide"])
-    canvas = PillowImageDecoder(mode="step3vl", num_threads=1)._chw(
-        Image.open(io.BytesIO(images[2])).convert("RGB"), res.plan.canvas
-    )
-    tiles = torch.cat(list(res.pixel_values[504]), dim=-1)  # [3, 504, 2016]
-    assert tiles.shape == canvas.shape
-    assert (tiles - canvas).abs().mean() < 0.005
+                assert (x - y).abs().max() < 1e-5, (w, h, size)
 
 
 def test_corrupt_truncated_and_unsupported_images(step3, images):
@@ -179,8 +160,7 @@ def test_exif_orientation_gray_rgba_and_chunking(qwen):
     for r, p in zip(out, pil):
         assert r.ok and p.ok
         assert r.grid_thw.tolist() == p.grid_thw.tolist()
-        d = (r.pixel_values - p.pixel_values).abs()
-        assert d.mean() < 0.004 and d.max() < 0.1
+        assert (r.pixel_values - p.pixel_values).abs().max() < 1e-5
     assert out[0].source_size == (320, 256)  # EXIF-rotated: h and w swapped
     assert out[1].source_size == out[2].source_size == (256, 320)
 
@@ -193,7 +173,8 @@ def test_aspect_ratio_over_200_is_an_error_entry(qwen, images):
 
 
 def test_step3vl_thin_image_crop_bound(step3):
-    # 3000x10: aspect 300 > 4 -> window min(10, 504) = 10 -> 3000/10 = 300 crops > max_crops 128
-    thin = _encode(_pixels(3000, 10, 2), "PNG")
+    # 9000x40: not square-padded (short side 40 >= 32), downscaled to 3024 x 13, aspect > 4 ->
+    # window 13 -> 232 crops > max_crops 128 (a 3000x10 image is padded to a square: 36 crops)
+    thin = _encode(_pixels(9000, 40, 2), "PNG")
     [res] = step3.decode([thin], ["banner.png"])
     assert isinstance(res, DecodeError) and "banner.png" in res.reason and "max_crops" in res.reason

@@ -1,0 +1,85 @@
+"""Decoded pixels (uint8 ``[H, W, 3]``) -> the model's normalized views, as HF's processors compute them.
+
+One home for the resize / crop / normalize arithmetic of both families, used by every decode
+route (DALI, Pillow, in-memory arrays), so the same image gives the same pixels whichever
+decoder read it (tests/unit/test_data_decode.py holds DALI against Pillow at 1e-5).
+
+Qwen3-VL: HF's Qwen2-VL/Qwen3-VL image processor with its Pillow backend: Pillow BICUBIC
+(antialiased, a = -0.5, Pillow's fixed-point two-pass resampler), rescale 1/255, mean = std = 0.5,
+``patchify``. Pillow is used, not a resize of DALI's or torch's: neither equals Pillow's integer
+resampler (torch's uint8 antialiased bicubic is up to 21 levels off on a 1000x700 -> 728 downscale,
+DALI's cubic up to 26), and HF's Pillow backend is the reference the released model documents.
+
+STEP3-VL: transformers' ``Step3p7ImageProcessor`` (torchvision backend): square zero-padding of
+tiny thin images, the global view resized to the (downscaled) size and then to 728 x 728, the
+image resized to the crop plan's size, cut into windows, each window resized to 504 x 504;
+bilinear, antialiased, on uint8 (torchvision resizes uint8 CPU tensors with torch's native
+uint8 kernel, ``interpolate(..., antialias=True)``, which this calls directly); rescale and
+CLIP normalization in float32.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+from PIL import Image
+
+from megavlm.data import image_rules as R
+
+
+def normalize(frames: np.ndarray | torch.Tensor, mean, std) -> torch.Tensor:
+    """uint8 ``[..., H, W, 3]`` -> float32 ``[..., 3, H, W]``: ``(x / 255 - mean) / std``."""
+    # astype copies (DALI's and Pillow's arrays are read-only views)
+    x = torch.from_numpy(frames.astype(np.float32)) if isinstance(frames, np.ndarray) else frames.float()
+    x = x.div(255.0)
+    x = (x - torch.tensor(mean)) / torch.tensor(std)
+    return x.movedim(-1, -3)
+
+
+def pillow_resize(image: np.ndarray, size: tuple[int, int], resample=Image.BICUBIC) -> np.ndarray:
+    """uint8 ``[H, W, 3]`` resized to ``size`` (h, w) by Pillow (the identity when equal)."""
+    h, w = size
+    if image.shape[:2] == (h, w):
+        return image
+    return np.asarray(Image.fromarray(image).resize((w, h), resample))
+
+
+def qwen3vl_patches(image: np.ndarray, size: tuple[int, int]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Qwen3-VL patches and grid of a uint8 image resized to ``size`` (the smart_resize target)."""
+    return R.patchify(normalize(pillow_resize(image, size), R.QWEN3VL_MEAN, R.QWEN3VL_STD))
+
+
+def _resize_u8(chw: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+    """uint8 ``[3, H, W]`` -> ``[3, h, w]``: bilinear, antialiased, torch's uint8 kernel (torchvision's)."""
+    if tuple(chw.shape[-2:]) == tuple(size):
+        return chw
+    return torch.nn.functional.interpolate(chw[None], size=size, mode="bilinear", antialias=True,
+                                           align_corners=False)[0]
+
+
+def step3_views_u8(image: np.ndarray, plan: R.CropPlan | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """STEP3-VL views of a uint8 ``[H, W, 3]`` image: (global ``[1, 3, 728, 728]``, crops
+    ``[n, 3, 504, 504]``) as float32, normalized, crops row-major."""
+    plan = plan or R.step3_crop_plan(*image.shape[:2])
+    chw = torch.from_numpy(np.ascontiguousarray(image)).permute(2, 0, 1)
+    if plan.pad_square:  # original at the top left, zeros elsewhere
+        side = max(chw.shape[1:])
+        chw = torch.nn.functional.pad(chw, (0, side - chw.shape[2], 0, side - chw.shape[1]))
+    g = plan.global_size
+    global_view = _resize_u8(_resize_u8(chw, plan.scaled), (g, g))
+    s = plan.local_size
+    crops = torch.empty((plan.num_crops, 3, s, s), dtype=torch.uint8)
+    if plan.crops:
+        resized = _resize_u8(chw, plan.resized)
+        for k, (top, left, window) in enumerate(plan.crops):
+            crops[k] = _resize_u8(resized[:, top:top + window, left:left + window], (s, s))
+    to_float = lambda x: normalize(x.movedim(-3, -1), R.STEP3_MEAN, R.STEP3_STD)  # noqa: E731
+    return to_float(global_view[None]), to_float(crops)
+
+
+def raster_patches(view: torch.Tensor, patch: int = 14) -> tuple[torch.Tensor, torch.Tensor]:
+    """``[3, H, W]`` -> row-major ``[h*w, 3*p*p]`` patches and grid ``[1, h, w]`` (STEP3-VL / PE)."""
+    c, height, width = view.shape
+    h, w = height // patch, width // patch
+    x = view.reshape(c, h, patch, w, patch).permute(1, 3, 0, 2, 4).reshape(h * w, c * patch * patch)
+    return x, torch.tensor([1, h, w])
