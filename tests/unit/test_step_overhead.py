@@ -1,0 +1,78 @@
+"""Fixed costs of a 1-rank train step: megatron's collectives over a group of one rank are
+skipped (megavlm.training.data_parallel.skip_single_rank_collectives), and the result is
+bit-identical to megatron-core's own path with the collectives."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from megatron.core.transformer.module import MegatronModule
+from megatron.core.transformer.transformer_config import TransformerConfig
+
+from megavlm.config import load_config
+from megavlm.training import data_parallel
+from megavlm.training.optimizer import build_optimizer
+
+
+class _Tiny(MegatronModule):
+    def __init__(self, config: TransformerConfig):
+        super().__init__(config=config)
+        self.a = torch.nn.Linear(12, 16)
+        self.b = torch.nn.Linear(16, 3, bias=False)
+
+    def forward(self, x):
+        return self.b(torch.tanh(self.a(x)))
+
+
+def _counting(monkeypatch) -> list[int]:
+    """Counts megatron's coalesced gradient/parameter collectives."""
+    from megatron.core.distributed import param_and_grad_buffer as buffers
+
+    calls, original = [], buffers._coalescing_manager
+
+    def counted(*args, **kwargs):
+        calls.append(1)
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(buffers, "_coalescing_manager", counted)
+    return calls
+
+
+def _train(overrides: list[str], skip: bool, steps: int = 3):
+    cfg = load_config(None, ["model.preset=qwen3-tiny", "train.lr=1e-2", *overrides])
+    tconfig = TransformerConfig(num_layers=1, hidden_size=16, num_attention_heads=1, use_cpu_initialization=True)
+    torch.manual_seed(0)
+    module = _Tiny(tconfig)
+    original = data_parallel.skip_single_rank_collectives
+    changed = []
+    data_parallel.skip_single_rank_collectives = (lambda c: changed.append(original(c))) if skip else (lambda c: 0)
+    try:
+        model = data_parallel.wrap_data_parallel([module], tconfig, cfg.parallel)
+    finally:
+        data_parallel.skip_single_rank_collectives = original
+    optimizer = build_optimizer(cfg, model)
+    g = torch.Generator().manual_seed(1)
+    for _ in range(steps):
+        model[0].zero_grad_buffer()
+        optimizer.zero_grad()
+        x = torch.randn(8, 12, generator=g)
+        model[0](x).square().sum().backward()
+        model[0].finish_grad_sync()
+        optimizer.step()
+    return [p.detach().clone() for p in model[0].parameters()], changed
+
+
+@pytest.mark.parametrize("overrides", [
+    ["parallel.distributed_optimizer=true"],
+    ["parallel.distributed_optimizer=false", "parallel.overlap_grad_reduce=true"],
+])
+def test_single_rank_step_skips_collectives_bit_identically(single_rank_megatron, overrides, monkeypatch):
+    collectives = _counting(monkeypatch)
+    reference, _ = _train(overrides, skip=False)
+    assert collectives  # megatron's own path communicates over the 1-rank group
+    collectives.clear()
+    ours, changed = _train(overrides, skip=True)
+    assert not collectives
+    assert changed == [1]  # the one bucket group over the 1-rank DP group
+    assert all(torch.equal(a, b) for a, b in zip(ours, reference))
+    assert not all(torch.equal(a, b) for a, b in zip(ours, _train(overrides, skip=False, steps=0)[0]))
