@@ -64,7 +64,8 @@ def parse_args() -> argparse.Namespace:
 
 def add_common_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--compile", action="store_true",
-                   help="also time HF with torch.compile on its decoder and vision layers")
+                   help="megavlm with train.compile=true, and HF both eager and with torch.compile on its "
+                        "decoder and vision layers (the same layer-wise granularity)")
     p.add_argument("--profile-top", type=int, default=0, help="also print the top operators of each profile")
 
 
@@ -327,7 +328,8 @@ def main() -> None:
         f"head_dim {a.head_dim} vocab {a.vocab} | batch {a.mbs}x{a.seq} fp32 | "
         f"{a.rounds} rounds x {a.steps} steps after {a.warmup} warmup"
     )
-    trainer, mega_params, cfg = build_megavlm(a, iters=a.warmup + a.rounds * a.steps + 1)
+    trainer, mega_params, cfg = build_megavlm(a, iters=a.warmup + a.rounds * a.steps + 1,
+                                              extra=("train.compile=true",) if a.compile else ())
     hf_step, hf_params, _ = build_hf(a, cfg)
     print(f"parameters: megavlm {mega_params:,} | hf {hf_params:,}")
     steps = {"megavlm": lambda: trainer.step()["loss"], "hf": hf_step}
@@ -339,6 +341,8 @@ def main() -> None:
 
 def run_bench(a: argparse.Namespace, steps: dict, trainer, *, tokens: int) -> None:
     """Interleaved timing, then the per-phase profile of one more (warm) step of each."""
+    if a.compile:
+        print("megavlm runs with train.compile=true (compiled decoder and vision layers)")
     compare(steps, tokens=tokens, warmup=a.warmup, rounds=a.rounds, steps_per_block=a.steps)
     profiles = {}
     for name, step in steps.items():

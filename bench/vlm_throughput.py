@@ -110,7 +110,8 @@ def main() -> None:
 
     iters = a.warmup + a.rounds * a.steps + 2
     cfg = load_config(None, OVERRIDES + [f"train.iters={iters}", f"data.seq_length={a.seq}",
-                                         f"train.micro_batch_size={a.mbs}", f"train.global_batch_size={a.mbs}"])
+                                         f"train.micro_batch_size={a.mbs}", f"train.global_batch_size={a.mbs}",
+                                         f"train.compile={str(a.compile).lower()}"])
     with contextlib.redirect_stdout(io.StringIO()):
         trainer = Trainer(cfg)
     batch, hf_inputs = make_batch(cfg, a)

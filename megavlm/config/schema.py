@@ -206,6 +206,13 @@ class TrainConfig:
     # trained this many minutes (0: off); resume with checkpoint.load as after a SIGTERM.
     exit_interval: int = 0
     exit_duration_mins: float = 0.0
+    # torch.compile every transformer layer (decoder and ViT): megavlm.training.compile.
+    compile: bool = False
+    # CUDA graphs of the decoder layers, megatron-core's ``cuda_graph_impl``: None (off) or
+    # "local" (megatron's CudaGraphManager, captured after cuda_graph_warmup_steps steps);
+    # cuda_graph_scope: [] for whole layers, or some of attn, mlp, moe, moe_router, moe_preprocess.
+    cuda_graph: str | None = None
+    cuda_graph_scope: list[str] = field(default_factory=list)
 
 
 @dataclass(kw_only=True)

@@ -24,6 +24,7 @@ _CHOICES = {
     "parallel.cp_comm_type": ("p2p", "a2a", "a2a+p2p", "all_gather"),
     "train.recompute.granularity": (None, "selective", "full"),
     "train.recompute.method": ("uniform", "block"),
+    "train.cuda_graph": (None, "local"),
 }
 _VISION_CHOICES = {
     "kind": ("qwen3vl", "pe"),
@@ -162,6 +163,7 @@ def _collect_errors(cfg: Config, world_size: int) -> list[str]:
     if p.sequence_parallel and p.tp == 1:
         errors.append("parallel.sequence_parallel=true needs parallel.tp > 1")
     errors += _overlap_errors(cfg)
+    errors += _cuda_graph_errors(cfg)
     if p.sequence_parallel and cfg.data.seq_length % p.tp:
         errors.append(
             f"data.seq_length ({cfg.data.seq_length}) must be a multiple of parallel.tp ({p.tp}) "
@@ -478,6 +480,39 @@ def _uneven_stage_errors(p, num_layers: int) -> list[str]:
             f"leave {rest_layers} of model.language.num_layers ({num_layers}) for the other {rest_stages} "
             f"pipeline stage(s); that must be a positive multiple of their count"
         )
+    return errors
+
+
+_GRAPH_SCOPES = ("attn", "mlp", "moe", "moe_router", "moe_preprocess")
+
+
+def _cuda_graph_errors(cfg: Config) -> list[str]:
+    """train.cuda_graph / cuda_graph_scope: what megatron-core 0.16.1 accepts for layer graphs
+    (TransformerConfig.__post_init__), checked before any process group starts."""
+    t, errors = cfg.train, []
+    if t.cuda_graph is None:
+        return ["train.cuda_graph_scope needs train.cuda_graph=local"] if t.cuda_graph_scope else []
+    from megavlm.platform.device import has_cuda, has_transformer_engine
+
+    if not (has_cuda() and has_transformer_engine()):
+        errors.append(f"train.cuda_graph={t.cuda_graph} needs CUDA and Transformer Engine (megatron-core's "
+                      "graph capture uses TE's graph-safe RNG tracker)")
+    bad = [s for s in t.cuda_graph_scope if s not in _GRAPH_SCOPES]
+    if bad:
+        errors.append(f"train.cuda_graph_scope: {bad} not among {', '.join(_GRAPH_SCOPES)} ([] captures whole "
+                      "layers; megatron's full_iteration graph needs its own training loop wrapper)")
+    moe = cfg.model.language.moe
+    if moe is None and {"moe", "moe_router", "moe_preprocess"} & set(t.cuda_graph_scope):
+        errors.append("train.cuda_graph_scope: moe, moe_router and moe_preprocess need a MoE model")
+    if "moe_preprocess" in t.cuda_graph_scope and "moe_router" not in t.cuda_graph_scope:
+        errors.append("train.cuda_graph_scope: moe_preprocess needs moe_router")
+    if "moe" in t.cuda_graph_scope:
+        errors.append("train.cuda_graph_scope: moe needs drop-and-pad MoE (expert capacity), which megavlm does not configure")
+    if moe is not None and moe.layer_freq == 1 and "mlp" in t.cuda_graph_scope:
+        errors.append("train.cuda_graph_scope: mlp graphs dense MLPs only, and every layer is MoE")
+    if t.recompute.granularity == "full":
+        errors.append("train.cuda_graph with train.recompute.granularity=full: megatron-core allows full "
+                      "recompute only with a full-iteration graph; use selective")
     return errors
 
 

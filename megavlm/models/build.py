@@ -25,7 +25,8 @@ def build_model_chunks(cfg: Config) -> tuple[list[torch.nn.Module], TransformerC
     """Unwrapped model chunks (one per virtual pipeline stage) on this rank's device."""
     use_te = device.use_transformer_engine(cfg.model.transformer_impl)
     dtype = device.default_dtype(cfg.train.precision)
-    tconfig = transformer_config(cfg.model, cfg.parallel, dtype=dtype, use_te=use_te, recompute=cfg.train.recompute)
+    tconfig = transformer_config(cfg.model, cfg.parallel, dtype=dtype, use_te=use_te, recompute=cfg.train.recompute,
+                                 cuda_graph=cfg.train.cuda_graph, cuda_graph_scope=cfg.train.cuda_graph_scope)
     if cfg.parallel.tp_comm_overlap:
         initialize_tp_comm_overlap(cfg.model, cfg.parallel, seq_length=cfg.data.seq_length,
                                    micro_batch_size=cfg.train.micro_batch_size, dtype=dtype)

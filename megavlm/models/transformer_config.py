@@ -49,7 +49,8 @@ def recompute_fields(recompute: RecomputeConfig | None) -> dict:
 
 def transformer_config(
     model: ModelConfig, parallel: ParallelConfig, *, dtype: torch.dtype, use_te: bool,
-    recompute: RecomputeConfig | None = None,
+    recompute: RecomputeConfig | None = None, cuda_graph: str | None = None,
+    cuda_graph_scope: list[str] | None = None,
 ) -> TransformerConfig:
     """megatron-core's TransformerConfig for a Qwen3 decoder under the given layout."""
     lm = model.language
@@ -77,6 +78,10 @@ def transformer_config(
         sequence_parallel=parallel.sequence_parallel,
         cp_comm_type=parallel.cp_comm_type if parallel.cp > 1 else None,
         **recompute_fields(recompute),
+        # CUDA graphs of the decoder layers (train.cuda_graph): megatron's schedules capture
+        # them after cuda_graph_warmup_steps steps; [] is the whole layer
+        cuda_graph_impl=cuda_graph or "none",
+        cuda_graph_scope=list(cuda_graph_scope or []),
         num_layers_in_first_pipeline_stage=parallel.first_stage_layers,
         num_layers_in_last_pipeline_stage=parallel.last_stage_layers,
         # TE userbuffers (initialize_tp_comm_overlap) for the decoder's TP communication
@@ -106,6 +111,15 @@ def transformer_config(
         moe_layer_freq=moe.layer_freq if moe else 1,
         moe_permute_fusion=False,
     )
+
+
+def use_graph_safe_rng() -> None:
+    """Megatron's RNG trackers as Transformer Engine's graph-safe ones, which its CUDA graph
+    capture requires (Megatron-LM's ``--te-rng-tracker``). Same seeds: ``torch.initial_seed()``
+    is the stage seed ``megavlm.platform.distributed.seed_everything`` set."""
+    from megatron.core.tensor_parallel.random import model_parallel_cuda_manual_seed
+
+    model_parallel_cuda_manual_seed(torch.initial_seed(), te_rng_tracker=True)
 
 
 def initialize_tp_comm_overlap(model: ModelConfig, parallel: ParallelConfig, *, seq_length: int,

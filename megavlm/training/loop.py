@@ -31,6 +31,8 @@ from megavlm.training.evaluation import Evaluator
 from megavlm.training.metrics import MetricsLogger, ThroughputMeter
 from megavlm.training.run_control import ExitRule, collective_phase
 from megavlm.models.build import build_model_chunks
+from megavlm.models.transformer_config import use_graph_safe_rng
+from megavlm.training.compile import compile_layers
 from megavlm.training.data_parallel import parameters_in_sync, wrap_data_parallel
 from megavlm.training.optimizer import build_lr_schedule, build_optimizer
 from megavlm.training.step import forward_step
@@ -92,6 +94,8 @@ class Trainer:
         env = detect_dist_env()
         validate(cfg, env.world_size)
         initialize(cfg.parallel, cfg.train.seed, env)
+        if cfg.train.cuda_graph:
+            use_graph_safe_rng()
         if cfg.checkpoint.save:  # fail now, not at the first save, if nodes see different directories
             check_shared_directory(cfg.checkpoint.save, "checkpoint.save")
         self.cfg = cfg
@@ -108,6 +112,8 @@ class Trainer:
             if dist.get_rank() == 0:
                 print(f"megavlm: weights from checkpoint.pretrained={cfg.checkpoint.pretrained}; "
                       "fresh optimizer, iteration 0", flush=True)
+        if cfg.train.compile:
+            compile_layers(chunks)
         self.model = wrap_data_parallel(chunks, tconfig, cfg.parallel)
         tconfig.no_sync_func = [m.no_sync for m in self.model] if len(self.model) > 1 else self.model[0].no_sync
         tconfig.finalize_model_grads_func = finalize_model_grads

@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import functools
+
 import torch
 from megatron.core.optimizer import MegatronOptimizer, OptimizerConfig, get_megatron_optimizer
+from megatron.core.optimizer.distrib_optimizer import DistributedOptimizer
 
 from megavlm.config.schema import Config
 from megavlm.platform import device
@@ -13,7 +16,46 @@ from megavlm.training.lr_schedule import LRPhase, LRSchedule
 def build_optimizer(cfg: Config, model_chunks: list[torch.nn.Module]) -> MegatronOptimizer:
     optimizer = get_megatron_optimizer(optimizer_config(cfg), model_chunks)
     use_fused_torch_adam(optimizer)
+    skip_aliased_param_copies(optimizer)
     return optimizer
+
+
+def _aliases_its_buffer_slot(opt: DistributedOptimizer, main: torch.Tensor, model_param: torch.Tensor) -> bool:
+    """Whether ``main`` is the very memory megatron's ``_copy_main_params_to_model_params``
+    would copy it to (the parameter's range of its bucket's param buffer)."""
+    world_range = opt._get_model_param_range_map(model_param)["gbuf_world_in_bucket"]
+    gbuf_index, _, bucket_id = opt.model_param_gbuf_map[model_param]
+    target = opt.buffers[gbuf_index].buckets[bucket_id].param_data.view(-1)[world_range.start:world_range.end]
+    return target.data_ptr() == main.data_ptr() and target.numel() == main.numel() and target.dtype == main.dtype
+
+
+def skip_aliased_param_copies(optimizer: MegatronOptimizer) -> list[DistributedOptimizer]:
+    """Drop the distributed optimizer's copy of fp32 main parameters into the param buffer
+    where every one of them is a view of that same buffer (fp32 parameters: megatron's
+    main shard of an fp32 parameter is the parameter's own slice), so the copy writes each
+    byte onto itself every step. The copies from fp32 main parameters of bf16/fp16
+    parameters are kept. Returns the optimizers changed."""
+    changed = []
+    for opt in getattr(optimizer, "chained_optimizers", [optimizer]):
+        if not isinstance(opt, DistributedOptimizer) or opt.config.use_precision_aware_optimizer_no_fp8_or_ds_fp8:
+            continue
+        pairs = [(main, model) for mains, models in zip(opt.shard_fp32_groups, opt.model_fp32_groups)
+                 for main, model in zip(mains, models)]
+        if not pairs or not all(_aliases_its_buffer_slot(opt, main, model) for main, model in pairs):
+            continue
+        opt._copy_main_params_to_model_params = functools.partial(_copy_without_fp32_groups, opt,
+                                                                  opt._copy_main_params_to_model_params)
+        changed.append(opt)
+    return changed
+
+
+def _copy_without_fp32_groups(opt: DistributedOptimizer, copy) -> None:
+    saved = opt.shard_fp32_groups
+    opt.shard_fp32_groups = [[] for _ in saved]  # megatron zips these with the model groups
+    try:
+        copy()
+    finally:
+        opt.shard_fp32_groups = saved
 
 
 def optimizer_config(cfg: Config) -> OptimizerConfig:

@@ -152,3 +152,32 @@ def test_packed_seq_params_reads_lengths_on_the_host():
     p = packed_seq_params(cu, torch.device("cpu"))
     assert (p.max_seqlen_q, p.max_seqlen_kv) == (7, 7)
     assert torch.equal(p.cu_seqlens_q, cu)
+
+
+def test_cuda_graph_reaches_megatron_and_is_refused_without_cuda_and_te(monkeypatch):
+    from megatron.core.transformer.enums import CudaGraphScope
+
+    from megavlm.platform import device
+
+    cfg = _cfg("train.cuda_graph=local", "train.cuda_graph_scope=[attn,mlp]")
+    with pytest.raises(ConfigError, match=r"train\.cuda_graph=local needs CUDA and Transformer Engine"):
+        validate(cfg, world_size=1)  # this machine: no CUDA
+    monkeypatch.setattr(device, "has_cuda", lambda: True)
+    monkeypatch.setattr(device, "has_transformer_engine", lambda: True)
+    validate(cfg, world_size=1)
+    tc = transformer_config(cfg.model, cfg.parallel, dtype=torch.float32, use_te=False,
+                            cuda_graph=cfg.train.cuda_graph, cuda_graph_scope=cfg.train.cuda_graph_scope)
+    assert (tc.cuda_graph_impl, tc.cuda_graph_scope) == ("local", [CudaGraphScope.attn, CudaGraphScope.mlp])
+    whole = transformer_config(cfg.model, cfg.parallel, dtype=torch.float32, use_te=False, cuda_graph="local")
+    assert whole.cuda_graph_scope == []  # megatron: the whole layer
+    off = transformer_config(cfg.model, cfg.parallel, dtype=torch.float32, use_te=False)
+    assert off.cuda_graph_impl == "none"
+    for overrides, key in [
+        (["train.cuda_graph=transformer_engine"], "train.cuda_graph"),
+        (["train.cuda_graph=local", "train.cuda_graph_scope=[full_iteration]"], "train.cuda_graph_scope"),
+        (["train.cuda_graph=local", "train.cuda_graph_scope=[moe_router]"], "need a MoE model"),
+        (["train.cuda_graph=local", "train.recompute.granularity=full"], "recompute.granularity=full"),
+        (["train.cuda_graph_scope=[attn]"], "needs train.cuda_graph=local"),
+    ]:
+        with pytest.raises(ConfigError, match=key.replace(".", r"\.")):
+            validate(_cfg(*overrides), world_size=1)
