@@ -6,7 +6,8 @@ a Trainer saving every step grew 519 -> 588 MiB in 15 saves, and this test witho
 448.7 -> 466.6 -> 500.0 -> 491.1 -> 512.3 MiB. With it, 15 saves of the Trainer stayed within
 450-454 MiB, a 3 MiB step that comes and goes (an allocation of that size made and freed
 between saves). malloc_trim returns only free memory, so what it removes was never a leak of
-live objects.
+live objects; and tracemalloc over 25 such saves (before the fix: RSS 520 -> 591 MiB) counted
+0.16 MiB of live Python allocations added.
 """
 
 import os
@@ -40,13 +41,13 @@ def test_repeated_saves_keep_rss_flat(tmp_path):
     checkpoint._materialize_optimizer_state(optimizer)  # Adam's moments, as after a first step
     state = checkpoint.TrainState()
     rss = []
-    for it in range(1, 5):
+    for it in range(1, 4):
         state.iteration = it
         checkpoint.save_checkpoint(tmp_path, cfg, state, model, optimizer)
         rss.append(_rss_mib())
     print("RSS after each save (MiB):", [round(r, 1) for r in rss])
     # The first save fills megatron's and torch's one-time caches (strategies, the writer's
-    # results queue); after it, 3 saves without the trim grew 42 MiB. The bound allows the
+    # results queue); after it, 2 saves without the trim grew 51 MiB. The bound allows the
     # 3 MiB step above plus 1 MiB.
     assert rss[-1] - rss[0] < 4.0, f"RSS after each save (MiB): {[round(r, 1) for r in rss]}"
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["iter_0000004"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["iter_0000003"]
