@@ -15,6 +15,7 @@ from typing import Iterable, Iterator
 import torch
 import torch.distributed.checkpoint as dcp
 from megatron.core import dist_checkpointing
+from megatron.core.msc_utils import MultiStorageClientFeature
 from megatron.core.utils import unwrap_model
 from torch.distributed.checkpoint import DefaultLoadPlanner, FileSystemReader
 from torch.distributed.checkpoint.metadata import ChunkStorageMetadata, TensorStorageMetadata
@@ -23,6 +24,14 @@ from torch.distributed.checkpoint.planner_helpers import create_read_items_for_c
 
 from megavlm.checkpointing.directories import COMPLETE_MARKER, require_complete
 from megavlm.checkpointing.integrity import verify_checkpoint
+
+# megatron-core routes dist_checkpointing's reads and writes through multi-storage-client
+# whenever that package imports (megatron-energon, a data dependency, installs it), with its
+# own reader threads. megavlm's checkpoints are POSIX directories -- the completion marker,
+# its checksums, rotation and the fault-injection guarantees are built and tested on that
+# path -- so keep megatron on it in every process that touches checkpoints (Megatron-LM's
+# --disable-msc does the same). Object stores would be a config key, not a side effect.
+MultiStorageClientFeature.disable()
 
 # Keys of a training checkpoint that are not model weights (megatron's optimizer state).
 _NOT_MODEL = ("optimizer.",)

@@ -5,13 +5,14 @@ messages, and ``{key}.{i}.{ext}`` with the bytes of medium i) and ``index.json``
 sample: shard, byte offsets and sizes of its members). Samples are shuffled once, by seed,
 when written.
 
-Why not megatron-energon (evaluated from its documentation; not installed here): its loader
+Why not megatron-energon's loader for megavlm's own shards: its loader
 is an IterableDataset with shuffle buffers whose saved state is per rank (and per worker)
 and restores into that layout (``save_state_rank`` / ``restore_state_rank``). megavlm's
 position is one integer (consumed samples) that resumes into any DP size and worker count
 and is the same for every model-parallel rank, which needs random access to sample ``i``:
 an index of byte offsets gives that in one seek. The tar layout stays webdataset-style, so
-webdataset tooling can still read the shards.
+webdataset tooling can still read the shards. Existing webdataset and Energon-prepared
+folders are read by ``data/webdataset.py`` (Energon's index readers, megavlm's order).
 """
 
 from __future__ import annotations
