@@ -118,11 +118,6 @@ class EncodedSample:
     decode_counts: dict[str, int] | None = None  # DECODE_COUNTS name -> media decoded that way
 
 
-def _normalize(frames: np.ndarray, mean=QWEN3VL_MEAN, std=QWEN3VL_STD) -> torch.Tensor:
-    """uint8 ``[..., H, W, 3]`` -> float ``[..., 3, H, W]`` with the model's mean/std."""
-    return image_pixels.normalize(frames, mean, std)
-
-
 def step3_views(image: np.ndarray, patch: int = 14) -> tuple[list[tuple[torch.Tensor, torch.Tensor]], list[str]]:
     """STEP3-VL multi-crop (REFERENCE 5, transformers' Step3p7ImageProcessor): local crops
     row-major, then the 728 global view, as (patches, grid) per view, and the token layout."""
@@ -329,11 +324,13 @@ class SampleEncoder:
                                       name=sample.id)
         except ValueError as e:
             raise SampleError(sample.id, "image_aspect", str(e)) from None
-        patches, grid = patchify(_normalize(_resize_video(pixels[index], size)))
+        patches, grid = patchify(image_pixels.normalize(_resize_video(pixels[index], size), QWEN3VL_MEAN, QWEN3VL_STD))
         return patches, grid, pair_timestamps(index, fps)
 
-    def _media(self, sample: Sample):
-        """Patches of every image and video, and what the chat template needs of each."""
+    def media(self, sample: Sample) -> tuple[dict, list[MediaLayout]]:
+        """The model inputs of ``sample``'s images and videos (``pixel_values``,
+        ``image_grid_thw``, ``pixel_values_videos``, ``video_grid_thw``; None when absent) and
+        each one's layout for the chat template: decode once, render many prompts with them."""
         images, videos, layouts = [], [], []
         self._counts = {}
         for j, media in enumerate(sample.media):
@@ -359,16 +356,10 @@ class SampleEncoder:
         }
         return media, layouts
 
-    def media(self, sample: Sample) -> tuple[dict, list[MediaLayout]]:
-        """The model inputs of ``sample``'s images and videos (``pixel_values``,
-        ``image_grid_thw``, ``pixel_values_videos``, ``video_grid_thw``; None when absent) and
-        each one's layout for the chat template: decode once, render many prompts with them."""
-        return self._media(sample)
-
     def __call__(self, sample: Sample) -> EncodedSample:
         if not sample.messages:
             raise SampleError(sample.id, "empty_conversation", "no messages")
-        media, layouts = self._media(sample)
+        media, layouts = self.media(sample)
         try:
             rendered = self.template.render(sample, layouts)
         except (ValueError, KeyError, IndexError, TypeError) as e:  # roles, part types, media indices
@@ -387,7 +378,7 @@ class SampleEncoder:
     def prompt(self, sample: Sample) -> tuple[torch.Tensor, dict]:
         """Tokens of every turn before the last assistant turn plus the generation prompt,
         and the media: what a model answers from at inference."""
-        media, layouts = self._media(sample)
+        media, layouts = self.media(sample)
         assistant = [i for i, m in enumerate(sample.messages) if m.role == "assistant"]
         last = assistant[-1] if assistant else len(sample.messages)
         context = Sample(id=sample.id, messages=sample.messages[:last], media=sample.media)

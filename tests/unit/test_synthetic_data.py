@@ -87,7 +87,7 @@ def test_image_patches_equal_hf_processor(encoder):
     hf = Qwen2VLImageProcessor(patch_size=16, temporal_patch_size=2, merge_size=2, image_mean=[0.5] * 3,
                                image_std=[0.5] * 3, min_pixels=4096, max_pixels=16384)
     ref = hf(images=[image], return_tensors="pt")
-    media, _ = encoder._media(type("S", (), {"id": "x", "media": [data[0].media[0].__class__("image", array=image)]})())
+    media, _ = encoder.media(type("S", (), {"id": "x", "media": [data[0].media[0].__class__("image", array=image)]})())
     assert torch.equal(media["image_grid_thw"], ref["image_grid_thw"])
     assert (media["pixel_values"] - ref["pixel_values"]).abs().max().item() < 1e-5
 

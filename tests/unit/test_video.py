@@ -20,7 +20,6 @@ Tolerances, measured here (DALI 2.4, PyAV 18.1 with its bundled FFmpeg):
 from __future__ import annotations
 
 import io
-import os
 
 import numpy as np
 import pytest
@@ -295,7 +294,9 @@ def test_bad_videos_become_errors(tmp_path, qwen, vp9, h264):
     path = tmp_path / "good.webm"
     path.write_bytes(vp9)
     missing = tmp_path / "missing.mp4"
-    sources = [vp9[: len(vp9) // 2], h264, os.urandom(5000), str(path), missing, h264[: len(h264) // 2], vp9]
+    # seeded garbage: os.urandom bytes now and then probe as some container, with another reason
+    garbage = np.random.default_rng(0).integers(0, 256, 5000, dtype=np.uint8).tobytes()
+    sources = [vp9[: len(vp9) // 2], h264, garbage, str(path), missing, h264[: len(h264) // 2], vp9]
     names = ["half.webm", "ok.mp4", "random.bin", None, None, "half.mp4", "ok.webm"]
     names = [n or str(s) for n, s in zip(names, sources)]
     res = qwen.decode(sources, names)
