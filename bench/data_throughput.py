@@ -185,7 +185,7 @@ def packing_efficiency(samples: int = 2048, seq_lengths=(1024, 8192)) -> None:
         while packed._next < samples:
             packed[k]
             k += 1
-        print(f"packing {samples} synthetic samples into rows of {seq}: {len(packed._bins)} rows, "
+        print(f"packing {samples} synthetic samples into rows of {seq}: {packed._found} rows, "
               f"{1 - packed.padding_fraction():.1%} of tokens are real (padding {packed.padding_fraction():.1%})")
 
 

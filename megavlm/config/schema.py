@@ -135,6 +135,9 @@ class DataConfig:
     # with .nv-meta/: its train split), in megavlm's seeded order (megavlm.data.webdataset).
     dataset: str = "synthetic_text"
     path: str | None = None
+    # The split of a Megatron-Energon-prepared data.path to train on (train, val or test of
+    # its .nv-meta/split.yaml). Evaluation without eval.data.path reads its "val" split.
+    split: str = "train"
     # tokenizer.json (HF) or .model (sentencepiece) of the model; None: the synthetic one.
     tokenizer: str | None = None
     # Bad samples (corrupt media, too long, ...) are skipped and counted; above this fraction
@@ -245,7 +248,8 @@ class LoggingConfig:
 
 @dataclass(kw_only=True)
 class EvalDataConfig:
-    # A folder of shards written by tools/prepare_data.py; None: a held-out split (below).
+    # A folder of shards written by tools/prepare_data.py, or of webdataset tars (plain or
+    # Energon-prepared: its train split); None: a held-out split (below).
     path: str | None = None
 
 
@@ -256,7 +260,8 @@ class EvalConfig:
     interval: int = 0
     iters: int = 1
     # Without eval.data.path, synthetic data is drawn with this seed: samples the training
-    # run (data.seed) never sees. data.dataset=shards needs eval.data.path.
+    # run (data.seed) never sees. data.dataset=shards needs eval.data.path; webdataset needs
+    # it too, unless data.path is Energon-prepared with a "val" split (then that is read).
     seed: int = 987654
     data: EvalDataConfig = field(default_factory=EvalDataConfig)
 

@@ -18,6 +18,7 @@ _CHOICES = {
     "train.precision": ("auto", "fp32", "bf16"),
     "data.dataset": ("synthetic_text", "synthetic_multimodal", "shards", "webdataset"),
     "data.image_decoder": ("dali", "pillow"),
+    "data.split": ("train", "val", "test"),
     "data.chat_template": ("instruct", "thinking"),
     "model.rope.kind": ("rope", "mrope_interleaved", "mrope_chunked"),
     "train.loss_normalization": ("per_token", "per_sample", "sqrt"),
@@ -241,6 +242,9 @@ def _collect_errors(cfg: Config, world_size: int) -> list[str]:
         errors.append("data.dataset=shards needs data.path (a folder written by tools/prepare_data.py)")
     if cfg.data.dataset == "webdataset":
         errors += _webdataset_errors(cfg.data.path)
+    if cfg.data.split != "train" and not (cfg.data.dataset == "webdataset" and _energon_split(cfg.data.path, cfg.data.split)):
+        errors.append(f"data.split={cfg.data.split} needs data.dataset=webdataset on a Megatron-Energon-prepared "
+                      f"data.path whose .nv-meta/split.yaml has a non-empty {cfg.data.split!r} split")
     if cfg.data.num_workers < 0:
         errors.append(f"data.num_workers must be >= 0, got {cfg.data.num_workers}")
     if cfg.data.decode_threads < 1:
@@ -262,9 +266,11 @@ def _collect_errors(cfg: Config, world_size: int) -> list[str]:
         errors.append(f"parallel.timeout_minutes must be > 0, got {p.timeout_minutes}")
     if cfg.eval.interval < 0 or cfg.eval.iters < 1:
         errors.append(f"eval.interval must be >= 0 (0: off) and eval.iters >= 1, got {cfg.eval.interval}, {cfg.eval.iters}")
-    if cfg.eval.interval and cfg.data.dataset in ("shards", "webdataset") and not cfg.eval.data.path:
+    energon_val = cfg.data.dataset == "webdataset" and _energon_split(cfg.data.path, "val")
+    if cfg.eval.interval and cfg.data.dataset in ("shards", "webdataset") and not cfg.eval.data.path and not energon_val:
         errors.append(f"eval.interval with data.dataset={cfg.data.dataset} needs eval.data.path (a held-out folder written by "
-                      "tools/prepare_data.py); a seed gives no held-out split of fixed shards")
+                      "tools/prepare_data.py, or webdataset tars), or an Energon-prepared data.path with a 'val' "
+                      "split; a seed gives no held-out split of fixed shards")
     if cfg.eval.interval and cfg.eval.seed == cfg.data.seed and not cfg.eval.data.path:
         errors.append(f"eval.seed equals data.seed ({cfg.data.seed}): the eval samples would be training samples")
     if cfg.checkpoint.keep_last < 0:
@@ -277,6 +283,22 @@ def _collect_errors(cfg: Config, world_size: int) -> list[str]:
             f"({lm.max_position_embeddings})"
         )
     return errors
+
+
+def _energon_split(path: str | None, split: str) -> bool:
+    """Whether ``path`` is Energon-prepared and its split.yaml lists shards for ``split``."""
+    from pathlib import Path
+
+    import yaml
+
+    split_file = Path(path or "") / ".nv-meta" / "split.yaml"
+    if not path or not split_file.is_file():
+        return False
+    try:
+        parts = (yaml.safe_load(split_file.read_text()) or {}).get("split_parts") or {}
+    except yaml.YAMLError:
+        return False  # named by _webdataset_errors' reader when the data is opened
+    return bool(parts.get(split))
 
 
 def _webdataset_errors(path: str | None) -> list[str]:
@@ -396,6 +418,9 @@ def validate_rl(cfg: Config, world_size: int) -> None:
                       "(or rl.advantage=grpo)")
     if p.cp > 1:
         errors.append("PPO does not support parallel.cp > 1 yet (set parallel.cp=1)")
+    if cfg.data.dataset not in ("synthetic_multimodal", "shards", "webdataset"):
+        errors.append(f"data.dataset={cfg.data.dataset!r}: PPO needs prompts with targets "
+                      "(synthetic_multimodal, shards or webdataset: megavlm.rl.prompt_data)")
     errors += _pacore_training_errors(cfg)
     if errors:
         raise ConfigError("invalid configuration:\n  - " + "\n  - ".join(errors))

@@ -54,7 +54,7 @@ def training_rows(cfg: Config) -> Sequence[Batch]:
                                     seed=d.seed, min_length=d.min_sample_length)
     else:
         if d.dataset == "webdataset":  # existing webdataset / Energon shards, in megavlm's seeded order
-            source = WebdatasetSource(d.path, seed=d.seed)
+            source = WebdatasetSource(d.path, seed=d.seed, split=d.split)
         else:
             source = SyntheticMultimodalDataset(seed=d.seed) if d.dataset == "synthetic_multimodal" else ShardDataset(d.path)
         rows = EncodedDataset(source, sample_encoder(cfg), cfg.model)

@@ -84,7 +84,11 @@ class PackedDataset:
         # parallelism, where every sample is padded to that multiple: megavlm.parallel.context).
         self.align = align
         self.window_rows, self.max_window = window_rows, max_window
-        self._bins: list[list[int]] = []  # packed rows found so far, as source indices
+        # Packed rows found and not yet passed, as source indices, by row number. Rows this
+        # reader has passed are dropped: a run reads billions of samples, and a plan of every
+        # row kept in memory grew without bound (about 2 lists per training step).
+        self._bins: dict[int, list[int]] = {}
+        self._found = 0  # rows planned so far
         self._next = 0  # the first source index not read yet
         self._carry: list[int] = []  # the samples of the last window's held-back bin
         self._rows: dict[int, Batch] = {}  # samples read for their length, kept until their row is served
@@ -119,20 +123,25 @@ class PackedDataset:
         self._carry = bins[held] if held is not None else []
         for b, members in enumerate(bins):
             if b != held:
-                self._bins.append(members)
+                self._bins[self._found] = members
+                self._found += 1
                 self.padding_tokens += free[b]
 
     def padding_fraction(self) -> float:
-        return self.padding_tokens / max(len(self._bins) * self.seq_length, 1)
+        return self.padding_tokens / max(self._found * self.seq_length, 1)
 
     def __getitem__(self, k: int) -> Batch:
-        while k >= len(self._bins):
+        if k < self._served:  # rows are read in increasing order; a reader that goes back re-plans
+            self.__init__(self.source, seq_length=self.seq_length, window_rows=self.window_rows,
+                          max_window=self.max_window, align=self.align)
+        while k >= self._found:
             self._extend()
-        rows = [self._rows.pop(i) if i in self._rows else self.source[i] for i in self._bins[k]]
-        # Rows are read in increasing order (each loader worker reads every n-th): samples of
-        # rows this reader has passed will not be asked for again; drop them.
-        for j in range(self._served, k):
-            for i in self._bins[j]:
+        members = self._bins[k]
+        rows = [self._rows.pop(i) if i in self._rows else self.source[i] for i in members]
+        # Rows are read in increasing order (each loader worker reads every n-th): rows this
+        # reader has passed, and their samples, will not be asked for again; drop them.
+        for j in range(self._served, k + 1):
+            for i in self._bins.pop(j, ()):
                 self._rows.pop(i, None)
-        self._served = max(self._served, k + 1)
+        self._served = k + 1
         return pack(rows, self.seq_length)

@@ -7,7 +7,8 @@
   (``wids.IndexedTarSamples``: the webdataset authors' random-access reader, one mmap scan of
   the tar headers per shard). wids' own ``ShardListDataset`` is not used: it copies local
   shards into a cache folder and needs the per-shard counts up front;
-* a Megatron-Energon-prepared folder (``.nv-meta/``): the ``train`` shard list of
+* a Megatron-Energon-prepared folder (``.nv-meta/``): the ``data.split`` shard list (``train``;
+  evaluation reads ``val``) of
   ``split.yaml``, the per-shard sample counts of ``.info.json``/``.info.yaml`` and the
   ``<shard>.tar.idx`` byte offsets, all read by Energon's own ``WebdatasetMeta`` and
   ``ShardInfosITarReader`` (random access by index, no scan). Energon's loader itself is not
@@ -27,7 +28,8 @@ How a sample becomes a megavlm conversation (``Sample``):
 * no ``json`` member, one image and a ``txt`` member: a caption (as below);
 * Energon ``CaptioningSample`` (crude mapping): user turn = the image, assistant = ``caption``;
 * Energon ``VQASample`` (crude mapping): user turn = the image, then ``context``; assistant =
-  the answer of highest ``answer_weights`` (the first of ``answers`` without weights).
+  the answer of highest ``answer_weights`` (the first of ``answers`` without weights), which
+  is also the sample's ``targets["answer"]`` (what RL's exact-answer reward checks).
   Energon's ``field_map`` (``json[question]``, ``jpg,png``) is resolved with Energon's own
   field access. Other sample types and ``sample_loader`` scripts are refused by name.
 
@@ -167,9 +169,12 @@ class WebdatasetSource:
     """Index -> ``Sample`` of a plain webdataset folder or an Energon-prepared one, in
     megavlm's seeded, resumable order (see the module docstring)."""
 
-    def __init__(self, path: str | Path, *, seed: int = 0, shuffle: bool = True):
+    def __init__(self, path: str | Path, *, seed: int = 0, shuffle: bool = True, split: str = "train"):
         path = Path(path)
-        self.shards = _EnergonShards(path) if is_energon(path) else _WidsShards(path)
+        if split != "train" and not is_energon(path):
+            raise ValueError(f"{path}: split {split!r} needs an Energon-prepared folder (.nv-meta/split.yaml); "
+                             "plain webdataset tars have no splits")
+        self.shards = _EnergonShards(path, split) if is_energon(path) else _WidsShards(path)
         self.seed, self.shuffle = seed, shuffle
         self._epoch: tuple[int, np.ndarray] | None = None
 
@@ -214,13 +219,13 @@ def _media_kind(ext: str) -> str | None:
     return "image" if last in IMAGE_EXTS else "video" if last in VIDEO_EXTS else None
 
 
-def _caption(sid: str, image: Any, caption: Any, question: str | None = None) -> Sample:
+def _caption(sid: str, image: Any, caption: Any, question: str | None = None, targets: dict | None = None) -> Sample:
     if not isinstance(image, (bytes, bytearray)):
         raise SampleError(sid, "missing_media", f"no image bytes (got {type(image).__name__})")
     if not isinstance(caption, str) or not caption.strip():
         raise SampleError(sid, "empty_conversation", "no answer or caption text")
     user = [{"type": "image", "index": 0}] + ([{"type": "text", "text": question}] if question else [])
-    return Sample(id=sid, media=[Media("image", data=bytes(image))],
+    return Sample(id=sid, media=[Media("image", data=bytes(image))], targets=targets,
                   messages=[Message("user", user), Message("assistant", [{"type": "text", "text": caption}])])
 
 
@@ -281,4 +286,6 @@ def energon_sample(sid: str, parts: dict[str, bytes], sample_type: str, field_ma
         best = int(np.argmax(weights)) if weights is not None and len(weights) == len(answers) else 0
         answers = answers[best] if answers else None
     context = get("context")
-    return _caption(sid, get("image"), answers, context if isinstance(context, str) else json.dumps(context))
+    # the answer is also the sample's verifiable target (RL's exact-answer reward)
+    return _caption(sid, get("image"), answers, context if isinstance(context, str) else json.dumps(context),
+                    targets={"answer": answers} if isinstance(answers, str) else None)

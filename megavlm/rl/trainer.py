@@ -33,7 +33,6 @@ import torch
 import torch.distributed as dist
 from megatron.core import parallel_state
 from megatron.core.pipeline_parallel import get_forward_backward_func
-from megatron.core.utils import unwrap_model
 
 from megavlm.checkpointing import assets_of, latest_complete
 from megavlm.config import dump_yaml
@@ -347,10 +346,9 @@ class PPOTrainer:
         if self._data is not None:
             return self._data
         from megavlm.data.build import sample_encoder
-        from megavlm.data.shards import ShardDataset
-        from megavlm.data.synthetic import SyntheticMultimodalDataset
         from megavlm.inference.engine import GenerationEngine
         from megavlm.rl.judge import GenerativeJudge
+        from megavlm.rl.prompt_data import prompt_sources
         from megavlm.rl.rewards import build_reward
 
         cfg, r = self.cfg, self.cfg.rl
@@ -358,14 +356,7 @@ class PPOTrainer:
             raise ValueError("PPO rollouts run the KV-cache engine, which needs parallel.pp=1 "
                              "(the update itself runs at any PP: PPOTrainer.update)")
         encoder = sample_encoder(cfg)
-        if cfg.data.dataset == "synthetic_multimodal":
-            train = SyntheticMultimodalDataset(seed=cfg.data.seed, tasks=tuple(r.tasks))
-            held_out = SyntheticMultimodalDataset(seed=cfg.data.seed + 1, tasks=tuple(r.tasks))
-        elif cfg.data.dataset == "shards":
-            train = held_out = ShardDataset(cfg.data.path)  # held-out: the last rl.eval_prompts samples
-        else:
-            raise ValueError(f"data.dataset={cfg.data.dataset!r}: PPO needs prompts with targets "
-                             "(synthetic_multimodal or shards)")
+        train, held_out = prompt_sources(cfg)
         judge = GenerativeJudge(cfg, encoder, mode=r.judge_mode) if r.judge else None
         reward = build_reward(r.rewards, point_scale=r.point_scale, judge=judge)
         engine = GenerationEngine(self.actor.model, pad_token_id=0)
@@ -485,8 +476,9 @@ class PPOTrainer:
         prompts (split over DP ranks); greedy by default."""
         _, _, held_out, _, _, _ = self._setup_data()
         dp, rank = parallel_state.get_data_parallel_world_size(), parallel_state.get_data_parallel_rank()
-        offset = len(held_out) - prompts if self.cfg.data.dataset == "shards" else 0
-        mine = [held_out[offset + i] for i in range(rank, prompts, dp)]
+        if prompts > len(held_out):
+            raise ValueError(f"{prompts} held-out prompts asked for, {len(held_out)} held out (rl.eval_prompts)")
+        mine = [held_out[i] for i in range(rank, prompts, dp)]
         local = self._generate(mine, k=k, temperature=temperature, seed=seed + rank) if mine else []
         done = self._gather_dp([(e.score, e.response.numel()) for e in local])
         return sum(s for s, _ in done) / len(done), sum(n for _, n in done) / len(done)

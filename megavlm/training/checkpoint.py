@@ -17,9 +17,6 @@ optimizer, the train state and the RNG states. Layout of ``<save>/iter_0000020/`
 
 from __future__ import annotations
 
-import ctypes
-import ctypes.util
-import functools
 import random
 import shutil
 from dataclasses import asdict, dataclass, field
@@ -49,6 +46,7 @@ from megavlm.checkpointing.integrity import checkpoint_files, checksums, part
 from megavlm.checkpointing.weights import load_model_state
 from megavlm.config.schema import Config
 from megavlm.platform import device
+from megavlm.platform.host_memory import release_freed_memory
 
 # Optimizer state in the layout-independent form, so a checkpoint loads into other layouts.
 _OPTIMIZER_METADATA = {"distrib_optim_sharding_type": "fully_reshardable"}
@@ -142,31 +140,6 @@ def _write_small_files(path: Path, cfg: Config, state: TrainState, rank: int, as
         write_config(path, cfg)
         copy_assets(assets, path / ASSETS_DIR)
         torch.save({**asdict(state), "layout": _layout(cfg)}, path / "train_state.pt")
-
-
-@functools.cache
-def _malloc_trim():
-    """glibc's ``malloc_trim``, or None (musl, macOS: no such call)."""
-    name = ctypes.util.find_library("c")
-    return getattr(ctypes.CDLL(name), "malloc_trim", None) if name else None
-
-
-def release_freed_memory() -> bool:
-    """Return the heap memory that a save freed to the OS; False where the C library can't.
-
-    A save allocates and frees a transient copy of the model and optimizer state (the
-    sharded state dict, the write plans, the serialized buffers). glibc keeps freed heap
-    memory that lies below live allocations, and the training steps between saves do not
-    reuse all of it, so without this the process's RSS grew by a few MiB with every save
-    (tests/unit/test_checkpoint_memory.py). ``malloc_trim(0)`` gives back free pages anywhere
-    in the heap; it returns only memory that is already free, so a real leak still shows.
-    Python and torch have no call for this; hence ctypes.
-    """
-    trim = _malloc_trim()
-    if trim is None:
-        return False
-    trim(0)
-    return True
 
 
 def save_checkpoint(root: str | Path, cfg: Config, state: TrainState, model, optimizer, *,

@@ -1,8 +1,9 @@
 """Held-out loss during training: ``eval.iters`` global batches every ``eval.interval`` steps.
 
-The data: the folder of shards at ``eval.data.path`` (written by tools/prepare_data.py), or
-else, for the synthetic datasets, the same generator with ``eval.seed`` (different samples
-from the training ones). The same global batches are evaluated every time, so the curve
+The data: the folder at ``eval.data.path`` (shards written by tools/prepare_data.py, or
+webdataset tars), or the ``val`` split of an Energon-prepared training folder, or else, for
+the synthetic datasets, the same generator with ``eval.seed`` (different samples from the
+training ones). The same global batches are evaluated every time, so the curve
 compares like with like. The model runs forward only, in eval mode, and the RNG states are
 put back afterwards: evaluating does not change the training run (its weights, data order
 or dropout masks).
@@ -11,6 +12,7 @@ or dropout masks).
 from __future__ import annotations
 
 import copy
+from pathlib import Path
 
 import torch
 import torch.distributed as dist
@@ -19,6 +21,7 @@ from megatron.core.pipeline_parallel import get_forward_backward_func
 
 from megavlm.config.schema import Config
 from megavlm.data.build import training_rows
+from megavlm.data.shards import INDEX
 from megavlm.data.sampler import micro_batches
 from megavlm.platform import device
 from megavlm.training.checkpoint import _rng_state, _set_rng_state
@@ -26,10 +29,17 @@ from megavlm.training.step import forward_step
 
 
 def eval_config(cfg: Config) -> Config:
-    """The data config of the held-out set (the training config with the eval data)."""
+    """The data config of the held-out set (the training config with the eval data):
+    ``eval.data.path`` (megavlm shards when it has their ``index.json``, else webdataset tars
+    or an Energon folder), else the ``val`` split of an Energon-prepared ``data.path``, else
+    the synthetic generator with ``eval.seed``."""
     held_out = copy.deepcopy(cfg)
     if cfg.eval.data.path:
-        held_out.data.dataset, held_out.data.path = "shards", cfg.eval.data.path
+        megavlm_shards = (Path(cfg.eval.data.path) / INDEX).is_file()
+        held_out.data.dataset = "shards" if megavlm_shards else "webdataset"
+        held_out.data.path, held_out.data.split = cfg.eval.data.path, "train"
+    elif cfg.data.dataset == "webdataset":  # validated: an Energon folder with a val split
+        held_out.data.split = "val"
     else:
         held_out.data.seed = cfg.eval.seed
     held_out.data.num_workers = 0

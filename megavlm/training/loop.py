@@ -18,6 +18,7 @@ from megavlm.data.build import training_rows
 from megavlm.data.vlm_dataset import BAD_REASONS, COUNT_NAMES
 from megavlm.platform import device
 from megavlm.platform.distributed import initialize
+from megavlm.platform.host_memory import release_freed_memory
 from megavlm.platform.launch import detect_dist_env
 from megavlm.platform.signals import StopRequest, children_shielded
 from megavlm.platform.storage import check_shared_directory
@@ -260,6 +261,7 @@ class Trainer:
             losses[it] = metrics["loss"]
             if it % cfg.logging.interval == 0 or it == cfg.train.iters:
                 logger.log(it, metrics)
+                release_freed_memory()  # RSS shows live memory, not glibc's kept holes
             if self.evaluator is not None and self.evaluator.due(it):
                 with collective_phase("evaluation", cfg.parallel.timeout_minutes):
                     logger.log(it, {"eval_loss": self.evaluator.loss(self.model)})

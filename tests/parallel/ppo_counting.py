@@ -10,6 +10,7 @@ on each of 32 prompts never trained on: the expected reward PPO maximizes.
 
 from __future__ import annotations
 
+import dataclasses
 import shutil
 import time
 from pathlib import Path
@@ -92,6 +93,7 @@ def run(out: Path, sft_steps: int, iters: int, eval_prompts: int = 0) -> dict:
     resumed = PPOTrainer(load_config(None, common + [f"logging.dir={out / 'logs_resumed'}", f"checkpoint.load={ckpt}"]))
     resumed_from = resumed.state.iteration
     resumed.run()
+    judge = judge_check(resumed, ckpt / "actor")  # the checkpoint resumed.run() saved last
     again = {**gather_full_tensors(resumed.actor.model), **{"critic." + k: v for k, v in
                                                           gather_full_tensors(resumed.critic.model).items()}}
     exact = set(final) == set(again) and all(torch.equal(final[k], again[k]) for k in final)
@@ -99,4 +101,23 @@ def run(out: Path, sft_steps: int, iters: int, eval_prompts: int = 0) -> dict:
     return {"before": before, "after": after, "train_reward": [round(m["reward"], 4) for m in history],
             "eval_reward": [round(m["eval/reward"], 4) for m in history if "eval/reward" in m],
             "resumed_from": resumed_from, "resume_exact": exact, "sft_s": round(sft_time, 1),
-            "ppo_s": round(ppo_time, 1), "metrics_file": str(out / "logs" / "metrics.jsonl")}
+            "ppo_s": round(ppo_time, 1), "metrics_file": str(out / "logs" / "metrics.jsonl"), "judge": judge}
+
+
+def judge_check(trainer: PPOTrainer, actor_checkpoints: Path) -> dict:
+    """The generative reward model built from a PPO actor checkpoint (``rl.judge``), as a
+    run would: its weights must be those of the actor that saved the checkpoint, and its
+    pointwise and pairwise scores must parse into [0, 1]."""
+    actor = gather_full_tensors(trainer.actor.model)
+    from megavlm.rl.judge import GenerativeJudge
+
+    cfg = dataclasses.replace(trainer.cfg, rl=dataclasses.replace(trainer.cfg.rl, judge=str(actor_checkpoints)))
+    encoder = trainer._setup_data()[0]
+    sample = SyntheticMultimodalDataset(seed=7, tasks=("count",))[0]
+    scores = {}
+    for mode in ("pointwise", "pairwise"):
+        judge = GenerativeJudge(cfg, encoder, mode=mode)
+        weights = gather_full_tensors(judge.chunks)
+        scores[mode] = judge.score("There are 3.", sample.targets, sample)
+    same = set(weights) == set(actor) and all(torch.equal(weights[k], actor[k]) for k in actor)
+    return {"weights_equal_actor": same, **scores}

@@ -96,6 +96,10 @@ def test_ppo_improves_held_out_counting_reward_and_resumes_exactly(results):
     # rollouts (images, prompts of different lengths) are scored by the trainer at the same
     # weights before each update: the engine's log-probs must be the trainer's (fp32)
     assert max(m["tis/max_abs_logp_diff"] for m in updated) < 1e-5
+    # the generative reward model (rl.judge) loads a PPO actor checkpoint in the run's layout
+    judge = result["judge"]
+    assert judge["weights_equal_actor"], judge
+    assert 0.0 <= judge["pointwise"] <= 1.0 and judge["pairwise"] in (0.0, 0.5, 1.0), judge
 
 
 _COUNT = re.compile(r"\d+|zero|one|two|three|four|five|six|seven|eight|nine|ten|eleven|twelve")

@@ -15,6 +15,7 @@ from pathlib import Path
 
 import pytest
 
+from megavlm.platform import host_memory
 from megavlm.training import checkpoint
 
 RECIPE = Path(__file__).resolve().parents[2] / "examples" / "tiny" / "pretrain_vlm.yaml"
@@ -25,7 +26,7 @@ def _rss_mib() -> float:
         return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
 
 
-@pytest.mark.skipif(not os.path.exists("/proc/self/statm") or checkpoint._malloc_trim() is None,
+@pytest.mark.skipif(not os.path.exists("/proc/self/statm") or host_memory._malloc_trim() is None,
                     reason="needs Linux /proc and glibc's malloc_trim")
 @pytest.mark.usefixtures("single_rank_megatron")
 def test_repeated_saves_keep_rss_flat(tmp_path):

@@ -21,9 +21,11 @@ def test_recipes_validate(recipe, world):
 
 
 def test_rl_errors_name_the_key():
-    base = ["model.preset=qwen3vl-tiny", "train.global_batch_size=32", "rl.prompts_per_iter=8",
-            "rl.rollouts_per_prompt=4"]
+    base = ["model.preset=qwen3vl-tiny", "data.dataset=synthetic_multimodal", "train.global_batch_size=32",
+            "rl.prompts_per_iter=8", "rl.rollouts_per_prompt=4"]
     validate_rl(load_config(None, base), 2)
+    with pytest.raises(ConfigError, match="data.dataset='synthetic_text': PPO needs prompts with targets"):
+        validate_rl(load_config(None, base + ["data.dataset=synthetic_text"]), 1)
     with pytest.raises(ConfigError, match=r"train.global_batch_size \(16\) must equal rl.prompts_per_iter"):
         validate_rl(load_config(None, base + ["train.global_batch_size=16"]), 1)
     with pytest.raises(ConfigError, match="rl.advantage: 'ppo' is not one of gae, grpo"):

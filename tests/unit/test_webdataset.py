@@ -61,7 +61,7 @@ def _plain_tars(root, *, shards=2, per_shard=5, bad=False):
     return root
 
 
-def _energon(root, *, shards=2, per_shard=4):
+def _energon(root, *, shards=2, per_shard=4, splits=(("train", 1.0),)):
     """VQA samples (``png`` + ``json`` with question/answers/weights), Energon-prepared."""
     from megatron.energon.flavors.webdataset.base_webdataset import BaseWebdatasetFactory
 
@@ -74,7 +74,7 @@ def _energon(root, *, shards=2, per_shard=4):
                 n = s * per_shard + k
                 qa = {"question": f"What is {n}?", "answers": [f"wrong {n}", f"right {n}"], "weights": [0.2, 0.8]}
                 tar.write({"__key__": f"s{n:04d}", "png": _png(color=(30, n * 20, 30)), "json": json.dumps(qa).encode()})
-    BaseWebdatasetFactory.prepare_dataset(root, names, split_parts_ratio=[("train", 1.0)], shuffle_seed=None,
+    BaseWebdatasetFactory.prepare_dataset(root, names, split_parts_ratio=list(splits), shuffle_seed=None,
                                           workers=1)
     (root / ".nv-meta" / "dataset.yaml").write_text(
         "sample_type:\n  __module__: megatron.energon\n  __class__: VQASample\n"
@@ -185,3 +185,42 @@ def test_one_training_step_on_an_energon_folder(tmp_path):
     with torch.no_grad():
         after = loss()
     assert torch.isfinite(before) and after < before
+
+
+def test_held_out_data_energon_val_split_and_rl_prompts(tmp_path):
+    """Held-out data never overlaps training data: evaluation without eval.data.path reads an
+    Energon folder's ``val`` split; PPO prompts hold out the val split (Energon) or the last
+    ``rl.eval_prompts`` samples (plain tars). Energon VQA answers are the samples' targets."""
+    from megavlm.rl.prompt_data import prompt_sources
+    from megavlm.training.evaluation import eval_config
+
+    energon = _energon(tmp_path / "energon", shards=2, per_shard=4, splits=(("train", 0.5), ("val", 0.5)))
+    base = ["model.preset=qwen3vl-tiny", "data.dataset=webdataset", f"data.path={energon}"]
+    cfg = load_config(None, base + ["eval.interval=2"])
+    validate(cfg, world_size=1)  # no eval.data.path needed: the val split is held out
+    held = eval_config(cfg)
+    assert held.data.split == "val" and held.data.path == str(energon)
+    train_ids = {WebdatasetSource(energon, split="train")[i].id for i in range(4)}
+    val = WebdatasetSource(energon, split="val")
+    val_ids = {val[i].id for i in range(len(val))}
+    assert len(val) == 4 and len(train_ids) == 4 and not train_ids & val_ids
+    n = int(val[0].id.rsplit("/", 1)[-1][1:])  # key s000n
+    assert val[0].targets == {"answer": f"right {n}"}  # the answer of highest weight
+
+    rl_cfg = load_config(None, base + ["model.preset=qwen3vl-tiny", "rl.eval_prompts=2"])
+    train, held_out = prompt_sources(rl_cfg)
+    assert {train[i].id for i in range(len(train))} == train_ids
+    assert {held_out[i].id for i in range(len(held_out))} == val_ids
+
+    plain = _plain_tars(tmp_path / "plain")
+    plain_cfg = load_config(None, ["model.preset=qwen3vl-tiny", "data.dataset=webdataset", f"data.path={plain}",
+                                   "rl.eval_prompts=3"])
+    train, held_out = prompt_sources(plain_cfg)
+    assert len(train) == 7 and len(held_out) == 3
+    assert not {train[i].id for i in range(7)} & {held_out[i].id for i in range(3)}
+    with pytest.raises(ConfigError, match="data.split=val needs"):
+        validate(load_config(None, ["model.preset=qwen3vl-tiny", "data.dataset=webdataset", f"data.path={plain}",
+                                    "data.split=val"]), world_size=1)
+    with pytest.raises(ConfigError, match="needs eval.data.path"):
+        validate(load_config(None, ["model.preset=qwen3vl-tiny", "data.dataset=webdataset", f"data.path={plain}",
+                                    "eval.interval=2"]), world_size=1)
