@@ -418,6 +418,9 @@ def validate_rl(cfg: Config, world_size: int) -> None:
                       "(or rl.advantage=grpo)")
     if p.cp > 1:
         errors.append("PPO does not support parallel.cp > 1 yet (set parallel.cp=1)")
+    if p.vpp and p.vpp > 1:
+        errors.append(f"parallel.vpp={p.vpp}: PPO rollouts run one model chunk per rank (the KV-cache engine); "
+                      "unset parallel.vpp (parallel.pp alone is supported)")
     if cfg.data.dataset not in ("synthetic_multimodal", "shards", "webdataset"):
         errors.append(f"data.dataset={cfg.data.dataset!r}: PPO needs prompts with targets "
                       "(synthetic_multimodal, shards or webdataset: megavlm.rl.prompt_data)")

@@ -1,4 +1,4 @@
-"""KV-cache generation over VLMModel in its training layout (TP, DP; one pipeline stage).
+"""KV-cache generation over VLMModel in its training layout (TP, PP, DP).
 
 megatron-core's ``StaticInferenceContext`` keeps the keys and values of every layer; each
 step feeds only the new tokens. Prompts of different lengths are left-padded to a common
@@ -17,6 +17,14 @@ plain token, embedded and positioned as text.
 
 Sampling is identical on every TP rank: the logits are gathered over the vocabulary and
 the random draws come from one generator seeded the same everywhere.
+
+Pipeline parallelism (``parallel.pp > 1``, one model chunk per rank): every step runs the
+stages in turn, each with its own KV cache (its layers' keys and values); a stage receives
+the previous stage's hidden states (with DeepStack's addends attached, as in training) from
+its pipeline neighbour, and the last stage samples. The sampled tokens are broadcast over
+the pipeline group, so every stage feeds the same next tokens and stops at the same step,
+and the log-probs are broadcast at the end: every rank returns the same completions. This is
+what lets PPO roll out with the actor in its training layout (colocated, no resharding).
 """
 
 from __future__ import annotations
@@ -25,6 +33,7 @@ import contextlib
 from dataclasses import dataclass, field
 
 import torch
+import torch.distributed as dist
 from megatron.core import parallel_state
 from megatron.core.inference.contexts import StaticInferenceContext
 from megatron.core.models.common.embeddings.rope_utils import apply_rotary_pos_emb
@@ -212,24 +221,74 @@ def _sample(logits: Tensor, params: SamplingParams, generator: torch.Generator) 
 STOP_CHECK_EVERY = 8
 
 
+class _PipelineStage:
+    """This rank's place in the pipeline during a rollout: receive the previous stage's
+    output, send this stage's output, broadcast what the last stage decided. Point-to-point
+    over the global ranks of the pipeline group, shape first (a stage's output carries its
+    DeepStack addends, so its width is the model's business, not the engine's)."""
+
+    def __init__(self):
+        self.size = parallel_state.get_pipeline_model_parallel_world_size()
+        self.first = parallel_state.is_pipeline_first_stage(ignore_virtual=True)
+        self.last = parallel_state.is_pipeline_last_stage(ignore_virtual=True)
+        if self.size > 1:
+            self.group = parallel_state.get_pipeline_model_parallel_group()
+            self.last_rank = parallel_state.get_pipeline_model_parallel_last_rank()
+            self.next = None if self.last else parallel_state.get_pipeline_model_parallel_next_rank()
+            self.prev = None if self.first else parallel_state.get_pipeline_model_parallel_prev_rank()
+
+    _DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+
+    def send(self, tensor: Tensor) -> None:
+        header = [self._DTYPES.index(tensor.dtype), tensor.dim(), *tensor.shape]
+        dist.send(torch.tensor(header + [0] * (8 - len(header)), device=tensor.device), self.next)
+        dist.send(tensor.contiguous(), self.next)
+
+    def recv(self, device: torch.device) -> Tensor:
+        header = torch.zeros(8, dtype=torch.long, device=device)
+        dist.recv(header, self.prev)
+        dtype, dims = self._DTYPES[int(header[0])], header[2 : 2 + int(header[1])].tolist()
+        tensor = torch.empty(dims, dtype=dtype, device=device)
+        dist.recv(tensor, self.prev)
+        return tensor
+
+    def from_last(self, tensor: Tensor) -> Tensor:
+        """``tensor`` as the last stage has it, on every stage (in place)."""
+        if self.size > 1:
+            dist.broadcast(tensor, self.last_rank, group=self.group)
+        return tensor
+
+
 class GenerationEngine:
-    """Batched generation for one VLMModel chunk (``parallel.pp == 1``)."""
+    """Batched generation for VLMModel: one chunk per rank (``parallel.vpp`` unset)."""
 
     def __init__(self, model_chunks, *, pad_token_id: int = 0):
-        if parallel_state.get_pipeline_model_parallel_world_size() > 1:
+        chunks = model_chunks if isinstance(model_chunks, list) else [model_chunks]
+        if len(chunks) > 1:
             raise ValueError(
-                "GenerationEngine runs with parallel.pp=1; reload the checkpoint with pp=1 "
-                "(checkpoints reshard on load)"
+                "GenerationEngine runs one model chunk per rank (parallel.vpp unset); reload the "
+                "checkpoint without virtual pipeline stages (checkpoints reshard on load)"
             )
         if parallel_state.get_context_parallel_world_size() > 1:
             raise ValueError(
                 "GenerationEngine runs with parallel.cp=1 (decoding feeds one token per row); reload the "
                 "checkpoint with cp=1 (checkpoints reshard on load)"
             )
-        self.model = unwrap_model(model_chunks)[0] if isinstance(model_chunks, list) else unwrap_model(model_chunks)
+        self.model = unwrap_model(chunks)[0]
+        self.stage = _PipelineStage()
         self.pad_token_id = pad_token_id
         cfg = self.model.model_cfg
         self.vocab_size = cfg.language.vocab_size
+
+    def _forward(self, tokens: Tensor, positions: Tensor, **kwargs) -> Tensor:
+        """This stage's part of one step: logits on the last stage, hidden states elsewhere."""
+        stage = self.stage
+        if stage.size > 1 and not stage.first:
+            self.model.set_input_tensor(stage.recv(tokens.device))
+        output = self.model(tokens, positions, **kwargs)
+        if stage.size > 1 and not stage.last:
+            stage.send(output)
+        return output
 
     def _positions(self, prompts: list[Prompt], pad: list[int], total: int) -> Tensor:
         """``[3, b, total]`` (MRoPE) or ``[b, total]`` positions of every slot (left padding at 0)."""
@@ -287,15 +346,19 @@ class GenerationEngine:
         # No op in here passes a CUDA device, so the CPU adapter's per-op dispatch is lifted.
         with (sequence_parallel_off(model), te_mask_types(model), keys_rotated_once(model),
               cpu_adapter.device_redirect_suspended()):
-            logits = model(
+            logits = self._forward(
                 prompt_tokens, positions[..., :longest], inference_context=context, runtime_gather_output=True,
                 attention_mask=padding_mask(pad_key, 0, longest) if padded else None,
                 media_mask=~pad_key[:, :longest], **media,
             )  # [b, longest, vocab (padded)]
             for step in range(new):
-                last = logits[:, -1, : self.vocab_size].float()  # [b, vocab]
-                next_tokens = _sample(last, params, generator)
-                logprobs[:, step] = torch.log_softmax(last / temperature, dim=-1).gather(-1, next_tokens[:, None])[:, 0]
+                if self.stage.last:
+                    last = logits[:, -1, : self.vocab_size].float()  # [b, vocab]
+                    next_tokens = _sample(last, params, generator)
+                    logprobs[:, step] = torch.log_softmax(last / temperature, dim=-1).gather(-1, next_tokens[:, None])[:, 0]
+                else:
+                    next_tokens = torch.empty(b, dtype=torch.long, device=dev)
+                next_tokens = self.stage.from_last(next_tokens)  # every stage feeds the same tokens
                 next_tokens = torch.where(done, pad_token, next_tokens)
                 out[:, step] = next_tokens
                 n_new += ~done
@@ -307,7 +370,7 @@ class GenerationEngine:
                     break
                 end = longest + steps  # the sequence after this token
                 context.sequence_len_offset = end - 1  # the cache holds every token before this one
-                logits = model(
+                logits = self._forward(
                     next_tokens[:, None], positions[..., end - 1 : end], inference_context=context,
                     runtime_gather_output=True,
                     # a generated query is never padding: the key padding alone is its mask
@@ -315,6 +378,7 @@ class GenerationEngine:
                     media_mask=False,  # generated tokens are never media
                 )  # [b, 1, vocab (padded)]
         model.train(was_training)
+        self.stage.from_last(logprobs)
         n_new, stopped = n_new.tolist(), stopped.tolist()
         out, logprobs = out[:, :steps].cpu(), logprobs[:, :steps].cpu()
         return [

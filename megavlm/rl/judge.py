@@ -1,7 +1,7 @@
 """Generative reward model: a megavlm checkpoint prompted as a judge (REFERENCE 7).
 
-The judge is a ``VLMModel`` built in the run's layout (``parallel.pp=1``: it generates with
-the KV-cache engine), loaded from ``rl.judge``. It sees the question (with the sample's
+The judge is a ``VLMModel`` built in the run's layout (it generates with the KV-cache
+engine, across pipeline stages too), loaded from ``rl.judge``. It sees the question (with the sample's
 images and videos), the reference answer when the sample has one, and the response, and
 answers with a number (pointwise) or a letter (pairwise); its greedy answer is parsed into
 a scalar in [0, 1]. Pairwise compares the response with the reference answer in both

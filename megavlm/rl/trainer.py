@@ -352,9 +352,6 @@ class PPOTrainer:
         from megavlm.rl.rewards import build_reward
 
         cfg, r = self.cfg, self.cfg.rl
-        if parallel_state.get_pipeline_model_parallel_world_size() > 1:
-            raise ValueError("PPO rollouts run the KV-cache engine, which needs parallel.pp=1 "
-                             "(the update itself runs at any PP: PPOTrainer.update)")
         encoder = sample_encoder(cfg)
         train, held_out = prompt_sources(cfg)
         judge = GenerativeJudge(cfg, encoder, mode=r.judge_mode) if r.judge else None

@@ -64,11 +64,16 @@ def fixed_experiences(cfg, *, prompts: int, k: int, seed: int = 0) -> list[Exper
 def run_update(name: str, out: Path) -> None:
     cfg = load_config(None, BASE + LAYOUTS[name] + [f"logging.dir={out / 'logs' / name}"])
     trainer = PPOTrainer(cfg)
+    # rollouts from the initial weights (the same in every layout): images, prompts of
+    # different lengths, sampled at T = 0.7 with one seed; then the update on fixed rollouts
+    samples = SyntheticMultimodalDataset(seed=13, tasks=("count", "box"), image_sides=(64,))
+    rollouts = trainer._generate([samples[i] for i in range(3)], k=2, temperature=0.7, seed=5)
+    rollouts = [(e.response, e.rollout_logp, e.score) for e in rollouts]
     metrics = trainer.update(fixed_experiences(cfg, prompts=4, k=2))
     actor = gather_full_tensors(trainer.actor.model)
     critic = gather_full_tensors(trainer.critic.model) if trainer.critic is not None else {}
     if dist.get_rank() == 0:
-        torch.save({"metrics": metrics, "actor": actor, "critic": critic}, out / f"{name}.pt")
+        torch.save({"metrics": metrics, "actor": actor, "critic": critic, "rollouts": rollouts}, out / f"{name}.pt")
     parallel_state.destroy_model_parallel()
 
 

@@ -1,6 +1,7 @@
 """PPO across layouts and end to end, in one 2-rank launch (tests.parallel.ppo_worker).
 
-Layouts: the same rollouts, one PPO update; TP=1 (as DP=2: the rollouts split over
+Layouts: rollouts from the KV-cache engine in each layout (TP=2, PP=2 against one stage), then
+the same fixed rollouts, one PPO update; TP=1 (as DP=2: the rollouts split over
 two replicas, token-level aggregation makes that the single-model update), TP=2 with
 sequence parallelism and PP=2, each a full PPO update (old and reference log-probs, critic
 values, GAE, 2 mini-batches of actor and critic steps with clip, dual clip, truncated IS,
@@ -69,6 +70,18 @@ def test_ppo_update_matches_across_layouts(results, ref, layout):
         for key in a[part]:
             diff = (a[part][key] - b[part][key]).abs().max().item()
             assert diff < TOL, f"{layout} {part} {key}: {diff}"
+
+
+@pytest.mark.parametrize("layout", ["tp2", "pp2"])
+def test_rollouts_in_the_training_layout_equal_tp1_pp1(results, layout):
+    """Rollouts of the actor in its training layout (TP=2 with SP, PP=2: stages pass hidden
+    states and DeepStack addends, the last samples and broadcasts) equal the one-stage ones:
+    same sampled tokens (T = 0.7, one seed), log-probs within TOL, same rewards."""
+    ref, got = _load(results, "ref_dp2")["rollouts"], _load(results, layout)["rollouts"]
+    assert len(ref) == len(got) == 6 and any(r.numel() > 1 for r, _, _ in ref)
+    for (ref_tokens, ref_logp, ref_score), (tokens, logp, score) in zip(ref, got):
+        assert torch.equal(ref_tokens, tokens), (layout, ref_tokens, tokens)
+        assert (ref_logp - logp).abs().max().item() < TOL and ref_score == score
 
 
 def test_update_moves_weights_and_critic_has_value_head(results):
