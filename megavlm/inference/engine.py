@@ -102,7 +102,6 @@ def padding_mask(pad: Tensor, start: int, end: int) -> Tensor:
     each position to itself, so a padding query never has an empty softmax row (NaN).
     ``pad``: ``[b, >= end]``. The mask is complete (causal too), so an attention that reads it
     *instead of* a causal mask (TE's ``arbitrary`` type) computes the same as one that adds it."""
-    b = pad.shape[0]
     queries = torch.arange(start, end, device=pad.device)[:, None]  # [q, 1]
     keys = torch.arange(end, device=pad.device)[None, :]  # [1, end]
     mask = pad[:, None, None, :end] | (keys > queries)  # [b, 1, q, end]
