@@ -416,8 +416,6 @@ def validate_rl(cfg: Config, world_size: int) -> None:
         errors.append("the critic replaces the output layer with a value head, which cannot share the embedding "
                       "across pipeline stages: model.language.tie_embeddings=true needs parallel.pp=1 "
                       "(or rl.advantage=grpo)")
-    if p.cp > 1:
-        errors.append("PPO does not support parallel.cp > 1 yet (set parallel.cp=1)")
     if p.vpp and p.vpp > 1:
         errors.append(f"parallel.vpp={p.vpp}: PPO rollouts run one model chunk per rank (the KV-cache engine); "
                       "unset parallel.vpp (parallel.pp alone is supported)")

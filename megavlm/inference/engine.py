@@ -25,6 +25,11 @@ its pipeline neighbour, and the last stage samples. The sampled tokens are broad
 the pipeline group, so every stage feeds the same next tokens and stops at the same step,
 and the log-probs are broadcast at the end: every rank returns the same completions. This is
 what lets PPO roll out with the actor in its training layout (colocated, no resharding).
+
+Context parallelism (``parallel.cp > 1``): a decoding step feeds one token per row, which
+cannot be split over CP ranks; CP ranks hold the same weights, so each decodes the whole
+sequences itself with context parallelism lifted from the model for the rollout
+(``context_parallel_off``): the CP ranks of a DP rank return the same completions.
 """
 
 from __future__ import annotations
@@ -37,6 +42,7 @@ import torch.distributed as dist
 from megatron.core import parallel_state
 from megatron.core.inference.contexts import StaticInferenceContext
 from megatron.core.models.common.embeddings.rope_utils import apply_rotary_pos_emb
+from megatron.core.models.common.embeddings.rotary_pos_embedding import MultimodalRotaryEmbedding, RotaryEmbedding
 from megatron.core.transformer.attention import SelfAttention, _yarn_get_concentration_factor_from_config
 from megatron.core.transformer.enums import AttnMaskType
 from megatron.core.utils import unwrap_model
@@ -127,6 +133,44 @@ def te_mask_type(*, masked: bool, query_len: int, key_len: int) -> AttnMaskType:
     if query_len == 1:
         return AttnMaskType.no_mask
     return AttnMaskType.causal_bottom_right
+
+
+@contextlib.contextmanager
+def context_parallel_off(model: torch.nn.Module):
+    """Lift context parallelism from ``model`` for a rollout: every CP rank then runs whole
+    sequences (same weights, same inputs, same outputs). What reads the CP group at run time:
+
+    * megavlm's SDPA attention (``cp_size``: ring attention when > 1);
+    * Transformer Engine's attention (its CP group, set through TE's own
+      ``set_context_parallel_group``, given back afterwards);
+    * megatron's rotary tables, 1D and multimodal (``cp_group``: the table is cut to the
+      rank's zigzag chunks); the 1D ``forward`` is an ``lru_cache`` keyed without the group,
+      so it is cleared on the way in and out.
+    """
+    if parallel_state.get_context_parallel_world_size() == 1:
+        yield
+        return
+    restore = []
+    for m in model.modules():
+        if hasattr(m, "set_context_parallel_group") and getattr(m, "cp_group", None) is not None:  # TE
+            saved = (m.cp_group, m.cp_global_ranks, m.cp_stream, getattr(m, "cp_comm_type", "p2p"))
+            m.set_context_parallel_group(None, None, None, saved[3])
+            restore.append(lambda m=m, saved=saved: m.set_context_parallel_group(*saved))
+            continue
+        if isinstance(getattr(m, "cp_size", None), int) and m.cp_size > 1:
+            restore.append(lambda m=m, size=m.cp_size: setattr(m, "cp_size", size))
+            m.cp_size = 1
+        group = getattr(m, "cp_group", None)
+        if isinstance(m, (RotaryEmbedding, MultimodalRotaryEmbedding)) and group is not None and group.size() > 1:
+            restore.append(lambda m=m, group=group: setattr(m, "cp_group", group))
+            m.cp_group = None
+    RotaryEmbedding.forward.cache_clear()
+    try:
+        yield
+    finally:
+        for undo in restore:
+            undo()
+        RotaryEmbedding.forward.cache_clear()
 
 
 def _te_attentions(model: torch.nn.Module) -> list[torch.nn.Module]:
@@ -268,11 +312,6 @@ class GenerationEngine:
                 "GenerationEngine runs one model chunk per rank (parallel.vpp unset); reload the "
                 "checkpoint without virtual pipeline stages (checkpoints reshard on load)"
             )
-        if parallel_state.get_context_parallel_world_size() > 1:
-            raise ValueError(
-                "GenerationEngine runs with parallel.cp=1 (decoding feeds one token per row); reload the "
-                "checkpoint with cp=1 (checkpoints reshard on load)"
-            )
         self.model = unwrap_model(chunks)[0]
         self.stage = _PipelineStage()
         self.pad_token_id = pad_token_id
@@ -343,8 +382,8 @@ class GenerationEngine:
         context = StaticInferenceContext(max_batch_size=b, max_sequence_length=total)
         steps = 0
         # No op in here passes a CUDA device, so the CPU adapter's per-op dispatch is lifted.
-        with (sequence_parallel_off(model), te_mask_types(model), keys_rotated_once(model),
-              cpu_adapter.device_redirect_suspended()):
+        with (sequence_parallel_off(model), context_parallel_off(model), te_mask_types(model),
+              keys_rotated_once(model), cpu_adapter.device_redirect_suspended()):
             logits = self._forward(
                 prompt_tokens, positions[..., :longest], inference_context=context, runtime_gather_output=True,
                 attention_mask=padding_mask(pad_key, 0, longest) if padded else None,

@@ -27,12 +27,13 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
+import torch.distributed as dist
 from megatron.core.packed_seq_params import PackedSeqParams
 from torch import Tensor
 
 from megavlm.parallel.partition import CPPartition, cp_partition, pad_cu_seqlens
 
-__all__ = ["CPShard", "shard_for_cp"]
+__all__ = ["CPShard", "gather_from_cp", "shard_for_cp"]
 
 
 @dataclass
@@ -151,3 +152,19 @@ def shard_for_cp(
         partition=partition,
         packed_seq_params=params,
     )
+
+
+def gather_from_cp(local: Tensor, partition: CPPartition, group, dim: int = 1) -> Tensor:
+    """The whole sequence of per-token values (``local``: this rank's share, ``partition``'s
+    tokens along ``dim``): an all-gather over the CP ``group``, every share put back at its
+    rank's positions. The inverse of the split; RL needs whole rows of log-probs and values
+    (GAE runs backwards over each response)."""
+    shares = [torch.empty_like(local) for _ in range(partition.cp_size)]
+    dist.all_gather(shares, local.contiguous(), group=group)
+    shape = list(local.shape)
+    shape[dim] = int(partition.cu_seqlens_padded[-1])
+    whole = local.new_zeros(shape)
+    for rank, share in enumerate(shares):
+        indices = cp_partition(partition.cp_size, rank, cu_seqlens_padded=partition.cu_seqlens_padded).indices
+        whole.index_copy_(dim, indices.to(local.device), share)
+    return whole

@@ -23,6 +23,7 @@ rollouts of exactly the weights it updates (strict on-policy: the ratio is 1 at 
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import time
 from dataclasses import dataclass
@@ -39,6 +40,8 @@ from megavlm.config import dump_yaml
 from megavlm.config.schema import Config
 from megavlm.config.validate import validate_rl
 from megavlm.models.vlm import pipeline_seq_multiplier
+from megavlm.parallel.context import gather_from_cp
+from megavlm.parallel.partition import CPPartition, cp_partition, split_for_cp
 from megavlm.platform import device
 from megavlm.platform.distributed import initialize
 from megavlm.platform.launch import detect_dist_env
@@ -159,8 +162,25 @@ class PPOTrainer:
         )
 
     @staticmethod
-    def _forward(model, batch: MicroBatch):
-        return model(batch.tokens, batch.position_ids, media_mask=batch.media_mask, **batch.media)
+    def _cp_share(batch: MicroBatch) -> tuple[MicroBatch, CPPartition | None]:
+        """This CP rank's share of a micro-batch (``megavlm.parallel.context``): every per-token
+        tensor split by the zigzag partition; token ids and the media mask stay whole (the first
+        stage embeds whole rows, then splits)."""
+        cp = parallel_state.get_context_parallel_world_size()
+        if cp == 1:
+            return batch, None
+        partition = cp_partition(cp, parallel_state.get_context_parallel_rank(), seq_len=batch.tokens.shape[1])
+        pos_dim = 2 if batch.position_ids.dim() == 3 else 1
+        return dataclasses.replace(
+            batch, position_ids=split_for_cp(batch.position_ids, partition, dim=pos_dim),
+            labels=split_for_cp(batch.labels, partition), mask=split_for_cp(batch.mask, partition),
+            per_token={k: split_for_cp(v, partition) for k, v in batch.per_token.items()},
+        ), partition
+
+    @staticmethod
+    def _forward(model, batch: MicroBatch, partition: CPPartition | None = None):
+        cp = {} if partition is None else {"cp_partition": partition}
+        return model(batch.tokens, batch.position_ids, media_mask=batch.media_mask, **batch.media, **cp)
 
     def _per_token(self, model: list, experiences: list[Experience], what: str) -> dict[int, tuple]:
         """Forward-only pass over every experience: ``{index: (values [n], entropy [n] | None)}``
@@ -170,15 +190,19 @@ class PPOTrainer:
         batches = self._micro_batches(experiences, list(range(len(experiences))))
 
         def step(data_iterator, model_chunk):
-            batch = next(data_iterator).to(device.device())
-            output = self._forward(model_chunk, batch)
+            batch, partition = self._cp_share(next(data_iterator).to(device.device()))
+            output = self._forward(model_chunk, batch, partition)
+
+            def whole(x):  # every CP rank of the last stage calls collect for the same micro-batch
+                return x if partition is None else gather_from_cp(
+                    x, partition, parallel_state.get_context_parallel_group())
 
             def collect(out, non_loss_data=False):
                 if what == "value":
-                    return out[..., 0].float(), None
+                    return whole(out[..., 0].float()), None
                 logp, ent = token_logprobs(out, batch.labels, temperature=r.temperature, vocab_size=vocab,
                                            entropy=True)
-                return logp, ent
+                return whole(logp), whole(ent)
             return output, collect
 
         for chunk in model:
@@ -232,8 +256,8 @@ class PPOTrainer:
         trained.optimizer.zero_grad()
 
         def step(data_iterator, model_chunk):
-            batch = next(data_iterator).to(device.device())
-            return self._forward(model_chunk, batch), partial(loss_fn, batch)
+            batch, partition = self._cp_share(next(data_iterator).to(device.device()))
+            return self._forward(model_chunk, batch, partition), partial(loss_fn, batch)
 
         reports = self._run(trained.model, step, batches, forward_only=False)
         _, grad_norm, _ = trained.optimizer.step()
@@ -251,8 +275,10 @@ class PPOTrainer:
         """Old log-probs, values, advantages, then ``rl.mini_batches`` steps of actor and critic
         on ``experiences`` (the iteration's global list, the same on every rank)."""
         r = self.cfg.rl
-        tp = self.cfg.parallel.tp if self.cfg.parallel.sequence_parallel else 1
-        self._seq_length = math.ceil(sequence_length(experiences) / tp) * tp  # SP splits the sequence
+        p = self.cfg.parallel
+        # SP splits the sequence over TP ranks, CP into 2 x CP zigzag chunks (then SP each share)
+        multiple = (p.tp if p.sequence_parallel else 1) * (2 * p.cp if p.cp > 1 else 1)
+        self._seq_length = math.ceil(sequence_length(experiences) / multiple) * multiple
         start = time.perf_counter()
         old = self._per_token(self.actor.model, experiences, "logp")
         for i, e in enumerate(experiences):

@@ -39,6 +39,7 @@ LAYOUTS = {
     "ref_dp2": [],
     "tp2": ["parallel.tp=2", "parallel.sequence_parallel=true"],
     "pp2": ["parallel.pp=2"],
+    "cp2": ["parallel.cp=2"],
 }
 
 
@@ -73,7 +74,11 @@ def run_update(name: str, out: Path) -> None:
     actor = gather_full_tensors(trainer.actor.model)
     critic = gather_full_tensors(trainer.critic.model) if trainer.critic is not None else {}
     if dist.get_rank() == 0:
-        torch.save({"metrics": metrics, "actor": actor, "critic": critic, "rollouts": rollouts}, out / f"{name}.pt")
+        layout = (parallel_state.get_tensor_model_parallel_world_size(),
+                  parallel_state.get_pipeline_model_parallel_world_size(),
+                  parallel_state.get_context_parallel_world_size())
+        torch.save({"metrics": metrics, "actor": actor, "critic": critic, "rollouts": rollouts, "layout": layout},
+                   out / f"{name}.pt")
     parallel_state.destroy_model_parallel()
 
 

@@ -1,9 +1,10 @@
 """PPO across layouts and end to end, in one 2-rank launch (tests.parallel.ppo_worker).
 
-Layouts: rollouts from the KV-cache engine in each layout (TP=2, PP=2 against one stage), then
-the same fixed rollouts, one PPO update; TP=1 (as DP=2: the rollouts split over
+Layouts: rollouts from the KV-cache engine in each layout (TP=2, PP=2, CP=2 against one
+rank), then the same fixed rollouts, one PPO update; TP=1 (as DP=2: the rollouts split over
 two replicas, token-level aggregation makes that the single-model update), TP=2 with
-sequence parallelism and PP=2, each a full PPO update (old and reference log-probs, critic
+sequence parallelism, PP=2 and CP=2 (ring attention; old log-probs and values gathered back
+to whole rows for GAE), each a full PPO update (old and reference log-probs, critic
 values, GAE, 2 mini-batches of actor and critic steps with clip, dual clip, truncated IS,
 KL and the vocabulary-parallel entropy bonus). Measured max differences: losses <= 1.3e-7,
 weights <= 3e-7.
@@ -37,7 +38,7 @@ from megavlm.data.tokenizer import synthetic_tokenizer
 from tests.unit.test_pacore import REFERENCE_TEMPLATE
 
 REPO = Path(__file__).parents[2]
-SCENARIOS = ["ref_dp2", "tp2", "pp2", "e2e_counting", "pacore"]
+SCENARIOS = ["ref_dp2", "tp2", "pp2", "cp2", "e2e_counting", "pacore"]
 TOL = 1e-5
 MARGIN = 0.05
 
@@ -58,9 +59,10 @@ def _load(results: Path, name: str) -> dict:
     return torch.load(results / f"{name}.pt", weights_only=False)
 
 
-@pytest.mark.parametrize("ref,layout", [("ref_dp2", "tp2"), ("ref_dp2", "pp2")])
+@pytest.mark.parametrize("ref,layout", [("ref_dp2", "tp2"), ("ref_dp2", "pp2"), ("ref_dp2", "cp2")])
 def test_ppo_update_matches_across_layouts(results, ref, layout):
     a, b = _load(results, ref), _load(results, layout)
+    assert b["layout"] == {"tp2": (2, 1, 1), "pp2": (1, 2, 1), "cp2": (1, 1, 2)}[layout] and a["layout"] == (1, 1, 1)
     losses = [k for k in a["metrics"] if k.endswith("loss") or k in ("approx_kl", "kl_ref", "clip_fraction")]
     assert {"pg_loss", "value_loss", "kl_ref"} <= set(losses)
     for key in losses:
@@ -72,10 +74,11 @@ def test_ppo_update_matches_across_layouts(results, ref, layout):
             assert diff < TOL, f"{layout} {part} {key}: {diff}"
 
 
-@pytest.mark.parametrize("layout", ["tp2", "pp2"])
+@pytest.mark.parametrize("layout", ["tp2", "pp2", "cp2"])
 def test_rollouts_in_the_training_layout_equal_tp1_pp1(results, layout):
-    """Rollouts of the actor in its training layout (TP=2 with SP, PP=2: stages pass hidden
-    states and DeepStack addends, the last samples and broadcasts) equal the one-stage ones:
+    """Rollouts of the actor in its training layout (TP=2 with SP; PP=2: stages pass hidden
+    states and DeepStack addends, the last samples and broadcasts; CP=2: each CP rank decodes
+    whole sequences, context parallelism lifted) equal the one-rank ones:
     same sampled tokens (T = 0.7, one seed), log-probs within TOL, same rewards."""
     ref, got = _load(results, "ref_dp2")["rollouts"], _load(results, layout)["rollouts"]
     assert len(ref) == len(got) == 6 and any(r.numel() > 1 for r, _, _ in ref)

@@ -26,6 +26,9 @@ def test_rl_errors_name_the_key():
     validate_rl(load_config(None, base), 2)
     with pytest.raises(ConfigError, match="data.dataset='synthetic_text': PPO needs prompts with targets"):
         validate_rl(load_config(None, base + ["data.dataset=synthetic_text"]), 1)
+    validate_rl(load_config(None, base + ["parallel.cp=2"]), 2)  # CP: rollouts decode whole rows per CP rank
+    with pytest.raises(ConfigError, match="parallel.vpp=2: PPO rollouts run one model chunk per rank"):
+        validate_rl(load_config(None, base + ["parallel.pp=2", "parallel.vpp=2"]), 2)
     with pytest.raises(ConfigError, match=r"train.global_batch_size \(16\) must equal rl.prompts_per_iter"):
         validate_rl(load_config(None, base + ["train.global_batch_size=16"]), 1)
     with pytest.raises(ConfigError, match="rl.advantage: 'ppo' is not one of gae, grpo"):
