@@ -153,8 +153,11 @@ def context_parallel_off(model: torch.nn.Module):
     restore = []
     for m in model.modules():
         if hasattr(m, "set_context_parallel_group") and getattr(m, "cp_group", None) is not None:  # TE
-            saved = (m.cp_group, m.cp_global_ranks, m.cp_stream, getattr(m, "cp_comm_type", "p2p"))
-            m.set_context_parallel_group(None, None, None, saved[3])
+            # TE's (cp_group, cp_global_ranks, cp_stream[, cp_comm_type]): the 4th argument
+            # exists in TE versions whose attention has a cp_comm_type
+            comm = (m.cp_comm_type,) if hasattr(m, "cp_comm_type") else ()
+            saved = (m.cp_group, m.cp_global_ranks, m.cp_stream, *comm)
+            m.set_context_parallel_group(None, None, None, *comm)
             restore.append(lambda m=m, saved=saved: m.set_context_parallel_group(*saved))
             continue
         if isinstance(getattr(m, "cp_size", None), int) and m.cp_size > 1:

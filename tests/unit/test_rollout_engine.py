@@ -165,3 +165,43 @@ def test_padded_batch_is_correct_under_te_mask_semantics(model, monkeypatch):
         assert g.tokens.tolist() == w.tokens.tolist()
         torch.testing.assert_close(g.logprobs, w.logprobs, atol=1e-5, rtol=0)
     assert any(not torch.allclose(u.logprobs, w.logprobs, atol=1e-3) for u, w in zip(unselected, want))
+
+
+def test_context_parallel_off_lifts_and_restores_every_cp_reader(monkeypatch):
+    """Under CP a rollout decodes whole rows on each CP rank: megavlm's ring attention
+    (``cp_size``), TE's attention (its own ``set_context_parallel_group`` API: TE does not run
+    on this machine, so a module with that API stands in) and megatron's rotary table
+    (``cp_group``, its ``lru_cache`` cleared) lose CP inside, and get it back afterwards."""
+    from megatron.core.models.common.embeddings.rotary_pos_embedding import RotaryEmbedding
+
+    class Group:
+        def size(self):
+            return 2
+
+        def rank(self):
+            return 0
+
+    group = Group()
+
+    class TEAttention(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.cp_group, self.cp_global_ranks, self.cp_stream, self.cp_comm_type = group, [0, 1], "stream", "a2a"
+
+        def set_context_parallel_group(self, cp_group, cp_global_ranks, cp_stream, cp_comm_type="p2p"):
+            self.cp_group, self.cp_global_ranks, self.cp_stream, self.cp_comm_type = (
+                cp_group, cp_global_ranks, cp_stream, cp_comm_type)
+
+    class Ring(torch.nn.Module):
+        cp_size = 2
+
+    model = torch.nn.ModuleList([TEAttention(), Ring(), RotaryEmbedding(kv_channels=8, rotary_percent=1.0,
+                                                                       cp_group=group)])
+    te, ring, rope = model
+    rope(16, packed_seq=True)  # a cached table (the CP cut itself needs CUDA)
+    monkeypatch.setattr(engine_module.parallel_state, "get_context_parallel_world_size", lambda: 2)
+    with engine_module.context_parallel_off(model):
+        assert te.cp_group is None and te.cp_global_ranks is None and ring.cp_size == 1 and rope.cp_group is None
+        assert RotaryEmbedding.forward.cache_info().currsize == 0
+    assert (te.cp_group, te.cp_global_ranks, te.cp_stream, te.cp_comm_type) == (group, [0, 1], "stream", "a2a")
+    assert ring.cp_size == 2 and rope.cp_group is group
