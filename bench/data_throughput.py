@@ -179,7 +179,7 @@ def packing_efficiency(samples: int = 2048, seq_lengths=(1024, 8192)) -> None:
     for seq in seq_lengths:
         cfg = load_config(None, ["model.preset=qwen3vl-tiny", "data.dataset=synthetic_multimodal",
                                  f"data.seq_length={seq}", "data.min_pixels=4096", "data.max_pixels=16384"])
-        rows = EncodedDataset(SyntheticMultimodalDataset(seed=0), sample_encoder(cfg), cfg.model, cache_size=samples)
+        rows = EncodedDataset(SyntheticMultimodalDataset(seed=0), sample_encoder(cfg), cfg.model)
         packed = PackedDataset(rows, seq_length=seq)
         k = 0
         while packed._next < samples:

@@ -105,8 +105,9 @@ class PackedDataset:
         tokens, target = sum(lengths.values()), self.window_rows * self.seq_length
         while tokens < target and len(lengths) < self.max_window:
             chunk = range(self._next, self._next + self._chunk)
-            if hasattr(self.source, "__getitems__"):  # one batched decode per chunk (DALI)
-                self._rows.update(zip(chunk, self.source.__getitems__(list(chunk))))
+            unread = [i for i in chunk if i not in self._rows]  # a chunk's tail stays read when a window ends
+            if unread and hasattr(self.source, "__getitems__"):  # one batched decode per chunk (DALI)
+                self._rows.update(zip(unread, self.source.__getitems__(unread)))
             for i in chunk:
                 lengths[i] = n = self._rows[i].tokens.shape[-1] if i in self._rows else self._read(i)
                 tokens += n

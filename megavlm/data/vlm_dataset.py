@@ -9,7 +9,6 @@ The row for an index never changes, so a run's data position stays one integer.
 from __future__ import annotations
 
 import dataclasses
-from functools import lru_cache
 from typing import Callable, Sequence
 
 import torch
@@ -42,22 +41,18 @@ def sample_counts(reason: str | None = None, decoded: dict[str, int] | None = No
 
 
 class EncodedDataset:
-    """Index ``i`` -> the encoded, unpadded single-row Batch of ``source[i]``."""
+    """Index ``i`` -> the encoded, unpadded single-row Batch of ``source[i]``.
 
-    def __init__(self, source: Sequence, encode: Callable, model: ModelConfig, *, cache_size: int = 256):
+    Nothing is cached here: the packer keeps the rows it read until it serves them, and the
+    evaluator keeps its own batches. (An LRU cache of 256 encoded rows, pixels included, used
+    to sit here: up to several GB per loader process with megapixel images, and after the
+    packer stopped re-reading the tail of its last chunk, training never hit it.)"""
+
+    def __init__(self, source: Sequence, encode: Callable, model: ModelConfig):
         self.source = source
         self.encode = encode
         self.model = model
-        self.cache_size = cache_size
-        self._row = lru_cache(maxsize=cache_size)(self._build)  # packing reads lengths first
         self._read: dict = {}  # samples read by __getitems__, not yet encoded
-
-    def __getstate__(self):  # loader workers get a copy without the (unpicklable) cache
-        return {k: v for k, v in self.__dict__.items() if k != "_row"}
-
-    def __setstate__(self, state):
-        self.__dict__.update(state)
-        self._row = lru_cache(maxsize=self.cache_size)(self._build)
 
     def _empty(self) -> Batch:
         empty = torch.zeros(1, 0, dtype=torch.long)
@@ -87,14 +82,14 @@ class EncodedDataset:
         )
 
     def __getitem__(self, i: int) -> Batch:
-        return self._row(i)
+        return self._build(i)
 
     def __getitems__(self, indices: list[int]) -> list[Batch]:
         """Rows of several samples, their encoded images decoded in one batch (DALI): a
         ``DataLoader`` calls this once per micro-batch, ``PackedDataset`` per window chunk."""
         prefetch = getattr(self.encode, "prefetch", None)
         if prefetch is None:
-            return [self._row(i) for i in indices]
+            return [self._build(i) for i in indices]
         for i in indices:
             try:
                 self._read[i] = self.source[i]
@@ -102,8 +97,8 @@ class EncodedDataset:
                 pass
         try:
             prefetch(list(self._read.values()))
-            return [self._row(i) for i in indices]
-        finally:  # rows that came from the cache left theirs behind
+            return [self._build(i) for i in indices]
+        finally:  # a sample that failed to read left nothing; clear what is left
             self._read.clear()
             self.encode.drop_prefetched()
 

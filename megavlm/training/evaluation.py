@@ -50,6 +50,18 @@ class Evaluator:
     def __init__(self, cfg: Config, num_microbatches: int, seq_length: int):
         self.cfg, self.num_microbatches, self.seq_length = cfg, num_microbatches, seq_length
         self.rows = training_rows(eval_config(cfg))
+        self._steps: list[list] | None = None  # this rank's eval micro-batches, read once
+
+    def _eval_steps(self) -> list[list]:
+        """The same ``eval.iters`` global batches every time: read and encoded on the first
+        evaluation, kept (the held-out set the user sized with ``eval.iters``)."""
+        if self._steps is None:
+            batches = micro_batches(
+                self.rows, consumed_samples=0, micro_batch_size=self.cfg.train.micro_batch_size,
+                dp_rank=parallel_state.get_data_parallel_rank(), dp_size=parallel_state.get_data_parallel_world_size(),
+            )
+            self._steps = [[next(batches) for _ in range(self.num_microbatches)] for _ in range(self.cfg.eval.iters)]
+        return self._steps
 
     def due(self, iteration: int) -> bool:
         return bool(self.cfg.eval.interval) and iteration % self.cfg.eval.interval == 0
@@ -60,14 +72,9 @@ class Evaluator:
         rng = _rng_state()
         for chunk in model:
             chunk.eval()
-        batches = micro_batches(
-            self.rows, consumed_samples=0, micro_batch_size=self.cfg.train.micro_batch_size,
-            dp_rank=parallel_state.get_data_parallel_rank(), dp_size=parallel_state.get_data_parallel_world_size(),
-        )
         totals = torch.zeros(2, device=device.device())  # [loss sum, tokens]
         forward_backward = get_forward_backward_func()
-        for _ in range(self.cfg.eval.iters):
-            step = [next(batches) for _ in range(self.num_microbatches)]
+        for step in self._eval_steps():
             reports = forward_backward(
                 forward_step_func=forward_step,
                 data_iterator=[iter(step) for _ in model] if len(model) > 1 else iter(step),
