@@ -35,6 +35,7 @@ from megavlm.data import image_pixels
 from megavlm.data.chat_template import MediaLayout, Qwen3VLChatTemplate
 from megavlm.data.image_rules import (
     QWEN3VL_MEAN,
+    QWEN3VL_PATCH_SIZE,
     QWEN3VL_STD,
     STEP3_GLOBAL_SIZE,
     STEP3_LOCAL_SIZE,
@@ -47,6 +48,7 @@ from megavlm.data.image_rules import (
 from megavlm.data.sample import Media, Sample
 from megavlm.data.video import (
     VIDEO_MAX_PIXELS,
+    VideoDecodeError,
     VIDEO_MIN_PIXELS,
     pair_timestamps,
     sample_frame_indices,
@@ -309,8 +311,9 @@ class SampleEncoder:
         except ValueError as e:
             raise SampleError(sample.id, "image_aspect", str(e)) from None
 
-    def _video_from_frames(self, sample: Sample, media: Media):
-        """In-memory frames as HF's video processor takes them (24 fps when none is given)."""
+    def _frames_plan(self, sample: Sample, media: Media) -> tuple[np.ndarray, tuple[int, int], float]:
+        """(sampled frame indices, resize target, fps) of in-memory frames, as HF's video
+        processor takes them (24 fps when none is given)."""
         pixels = media.array
         if pixels.ndim != 4 or pixels.shape[-1] != 3 or len(pixels) == 0:
             raise SampleError(sample.id, "bad_video", f"frames of shape {pixels.shape}, expected [T>0, H, W, 3]")
@@ -324,8 +327,62 @@ class SampleEncoder:
                                       name=sample.id)
         except ValueError as e:
             raise SampleError(sample.id, "image_aspect", str(e)) from None
-        patches, grid = patchify(image_pixels.normalize(_resize_video(pixels[index], size), QWEN3VL_MEAN, QWEN3VL_STD))
+        return index, size, fps
+
+    def _video_from_frames(self, sample: Sample, media: Media):
+        index, size, fps = self._frames_plan(sample, media)
+        frames = _resize_video(media.array[index], size)
+        patches, grid = patchify(image_pixels.normalize(frames, QWEN3VL_MEAN, QWEN3VL_STD))
         return patches, grid, pair_timestamps(index, fps)
+
+    def layouts(self, sample: Sample) -> list[MediaLayout]:
+        """Each medium's token layout from headers alone: an image's size and EXIF orientation,
+        a video's container (frame count, rate, size). Nothing is decoded, and the rules are
+        ``media``'s (a medium they reject raises the same ``SampleError``), so a packer can plan
+        rows with every rank reading headers only and decoding only the rows it serves."""
+        layouts = []
+        for j, media in enumerate(sample.media):
+            name = f"{sample.id}:{media.path or f'{media.kind} {j}'}"
+            if media.kind == "image":
+                if media.array is not None:
+                    h, w = media.array.shape[:2]
+                else:
+                    try:
+                        (h, w), _ = image_header(self._bytes(sample, media))
+                    except SampleError:
+                        raise
+                    except Exception as e:  # noqa: BLE001 - Pillow raises many types for unreadable headers
+                        raise SampleError(sample.id, "bad_image", f"{name}: {type(e).__name__}: {e}") from None
+                size = self._size(sample, h, w)
+                if self.family == "step3vl":
+                    self._step3_plan(sample, h, w)
+                    layouts.append(MediaLayout("image", 0, token_names=step3_token_layout(step3_crop_plan(h, w))))
+                else:
+                    grid = [1, size[0] // QWEN3VL_PATCH_SIZE, size[1] // QWEN3VL_PATCH_SIZE]
+                    layouts.append(MediaLayout("image", qwen3vl_num_tokens(grid)))
+            elif self.family == "step3vl":
+                raise SampleError(sample.id, "other", "STEP3-VL takes images only")
+            elif media.array is not None:
+                index, size, fps = self._frames_plan(sample, media)
+                grid = [1, size[0] // QWEN3VL_PATCH_SIZE, size[1] // QWEN3VL_PATCH_SIZE]
+                layouts.append(MediaLayout("video", qwen3vl_num_tokens(grid), pair_timestamps(index, fps)))
+            else:
+                source = media.path if media.path is not None else media.data
+                planned = self._decoder("video").layout(source, name)
+                if isinstance(planned, VideoDecodeError):
+                    reason = "missing_media" if "not found" in planned.reason else "bad_video"
+                    raise SampleError(sample.id, reason, planned.reason)
+                grid, times = planned
+                layouts.append(MediaLayout("video", qwen3vl_num_tokens([1, *grid[1:]]), times))
+        return layouts
+
+    def num_tokens(self, sample: Sample) -> int:
+        """Length of ``sample``'s training row from ``layouts`` (nothing decoded); raises the
+        ``SampleError`` that ``__call__`` raises for a sample it skips (media rules, template,
+        length)."""
+        if not sample.messages:
+            raise SampleError(sample.id, "empty_conversation", "no messages")
+        return len(self._render(sample, self.layouts(sample)).tokens)
 
     def media(self, sample: Sample) -> tuple[dict, list[MediaLayout]]:
         """The model inputs of ``sample``'s images and videos (``pixel_values``,
@@ -360,6 +417,15 @@ class SampleEncoder:
         if not sample.messages:
             raise SampleError(sample.id, "empty_conversation", "no messages")
         media, layouts = self.media(sample)
+        rendered = self._render(sample, layouts)
+        tokens = torch.tensor(rendered.tokens, dtype=torch.long)
+        supervised = torch.tensor(rendered.supervised + [False])[1:]  # is labels[t] = tokens[t+1] supervised
+        labels = torch.cat([tokens[1:], tokens.new_zeros(1)])
+        return EncodedSample(sample_id=sample.id, tokens=tokens, labels=labels * supervised,
+                             loss_mask=supervised.float(), decode_counts=dict(self._counts), **media)
+
+    def _render(self, sample: Sample, layouts: list[MediaLayout]):
+        """The training text of ``sample`` with its media layouts; the skip rules on it."""
         try:
             rendered = self.template.render(sample, layouts)
         except (ValueError, KeyError, IndexError, TypeError) as e:  # roles, part types, media indices
@@ -369,11 +435,7 @@ class SampleEncoder:
         n = len(rendered.tokens)
         if n > self.max_length:
             raise SampleError(sample.id, "too_long", f"{n} tokens > data.seq_length={self.max_length}")
-        tokens = torch.tensor(rendered.tokens, dtype=torch.long)
-        supervised = torch.tensor(rendered.supervised + [False])[1:]  # is labels[t] = tokens[t+1] supervised
-        labels = torch.cat([tokens[1:], tokens.new_zeros(1)])
-        return EncodedSample(sample_id=sample.id, tokens=tokens, labels=labels * supervised,
-                             loss_mask=supervised.float(), decode_counts=dict(self._counts), **media)
+        return rendered
 
     def prompt(self, sample: Sample) -> tuple[torch.Tensor, dict]:
         """Tokens of every turn before the last assistant turn plus the generation prompt,

@@ -74,6 +74,13 @@ class PackedDataset:
     in 1024-token rows of the synthetic mix with 64-sample windows; with it, over 97% in
     1024- and 8192-token rows (``bench/data_throughput.py --packing``). Row ``k`` is a pure
     function of the source, so the data position stays one integer.
+
+    Every reader (each DP rank, each loader worker) plans every row, and serves only its
+    own. When the source gives lengths without decoding (``length(i)``: ``EncodedDataset``
+    from image headers and video containers), planning reads headers only and a reader
+    decodes only the samples of the rows it serves; otherwise samples are read (decoded) to
+    learn their lengths, and kept until their row is served. Reading every sample fully for
+    planning made each DP rank and worker decode the whole global batch.
     """
 
     def __init__(self, source: Sequence[Batch], *, seq_length: int, window_rows: int = 4, max_window: int = 8192,
@@ -92,17 +99,25 @@ class PackedDataset:
         self._next = 0  # the first source index not read yet
         self._carry: list[int] = []  # the samples of the last window's held-back bin
         self._rows: dict[int, Batch] = {}  # samples read for their length, kept until their row is served
+        self._lengths: dict[int, int] = {}  # planned lengths of the samples of rows not yet served
+        self._by_length = hasattr(source, "length")  # plan from lengths alone
         self._served = 0  # rows below this have been served (or skipped by this worker)
         self.padding_tokens = 0
         self._chunk = 16  # samples read (and their images decoded) together
 
     def _read(self, i: int) -> int:
+        if self._by_length:
+            return self._lengths.setdefault(i, self.source.length(i))
         self._rows[i] = row = self.source[i]
         return row.tokens.shape[-1]
 
     def _extend(self) -> None:
         lengths = {i: self._rows[i].tokens.shape[-1] if i in self._rows else self._read(i) for i in self._carry}
         tokens, target = sum(lengths.values()), self.window_rows * self.seq_length
+        while self._by_length and tokens < target and len(lengths) < self.max_window:
+            lengths[self._next] = n = self._read(self._next)
+            tokens += n
+            self._next += 1
         while tokens < target and len(lengths) < self.max_window:
             chunk = range(self._next, self._next + self._chunk)
             unread = [i for i in chunk if i not in self._rows]  # a chunk's tail stays read when a window ends
@@ -138,11 +153,20 @@ class PackedDataset:
         while k >= self._found:
             self._extend()
         members = self._bins[k]
-        rows = [self._rows.pop(i) if i in self._rows else self.source[i] for i in members]
+        if self._by_length:
+            rows = self.source.__getitems__(members) if hasattr(self.source, "__getitems__") else \
+                [self.source[i] for i in members]
+            for i, row in zip(members, rows):
+                if row.tokens.shape[-1] > self._lengths[i]:
+                    raise ValueError(f"sample {i} of row {k}: {row.tokens.shape[-1]} tokens encoded, "
+                                     f"{self._lengths[i]} planned from its headers (SampleEncoder.layouts)")
+        else:
+            rows = [self._rows.pop(i) if i in self._rows else self.source[i] for i in members]
         # Rows are read in increasing order (each loader worker reads every n-th): rows this
         # reader has passed, and their samples, will not be asked for again; drop them.
         for j in range(self._served, k + 1):
             for i in self._bins.pop(j, ()):
                 self._rows.pop(i, None)
+                self._lengths.pop(i, None)
         self._served = k + 1
         return pack(rows, self.seq_length)

@@ -524,6 +524,16 @@ class VideoDecoder:
 
     # -- planning ----------------------------------------------------------------------------
 
+    def layout(self, source, name: str) -> tuple[torch.Tensor, list[float]] | VideoDecodeError:
+        """``(grid_thw, pair timestamps)`` that ``decode`` gives ``source`` ("qwen3vl" mode),
+        from the container alone (nothing decoded): what a packer plans a row with."""
+        item = self._plan(0, source, name)
+        if isinstance(item, VideoDecodeError):
+            return item
+        t = -(-len(item.indices) // self.temporal_patch_size)  # patchify pads to a whole pair
+        grid = torch.tensor([t, item.size[0] // R.QWEN3VL_PATCH_SIZE, item.size[1] // R.QWEN3VL_PATCH_SIZE])
+        return grid, pair_timestamps(item.indices, item.probe.fps, self.temporal_patch_size)
+
     def _plan(self, i: int, src, name: str) -> _Item | VideoDecodeError:
         data = load_source(src, name)
         if isinstance(data, VideoDecodeError):

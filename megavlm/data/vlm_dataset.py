@@ -84,6 +84,17 @@ class EncodedDataset:
     def __getitem__(self, i: int) -> Batch:
         return self._build(i)
 
+    def length(self, i: int) -> int:
+        """Tokens of row ``i`` from headers, nothing decoded (``SampleEncoder.num_tokens``): what
+        the packer plans with; 0 for a sample that will be skipped (its row is empty)."""
+        num_tokens = getattr(self.encode, "num_tokens", None)
+        if num_tokens is None:
+            return self._build(i).tokens.shape[-1]
+        try:
+            return num_tokens(self.source[i])
+        except SampleError:
+            return 0
+
     def __getitems__(self, indices: list[int]) -> list[Batch]:
         """Rows of several samples, their encoded images decoded in one batch (DALI): a
         ``DataLoader`` calls this once per micro-batch, ``PackedDataset`` per window chunk."""
