@@ -398,10 +398,10 @@ def validate_rl(cfg: Config, world_size: int) -> None:
         errors.append(f"train.global_batch_size ({t.global_batch_size}) must equal rl.prompts_per_iter x "
                       f"rl.rollouts_per_prompt ({r.prompts_per_iter} x {r.rollouts_per_prompt} = {rollouts}): "
                       "the rollouts of one iteration are its global batch")
-    dp = data_parallel_size(cfg, world_size)
+    dp = data_parallel_size(cfg, world_size) * p.cp
     if r.prompts_per_iter % dp:
-        errors.append(f"rl.prompts_per_iter ({r.prompts_per_iter}) must be a multiple of the data-parallel "
-                      f"size ({dp}): each DP rank generates rollouts for its own prompts")
+        errors.append(f"rl.prompts_per_iter ({r.prompts_per_iter}) must be a multiple of the data-parallel x "
+                      f"context-parallel size ({dp}): each of those ranks generates rollouts for its own prompts")
     if r.advantage == "grpo" and r.rollouts_per_prompt < 2:
         errors.append("rl.advantage=grpo needs rl.rollouts_per_prompt >= 2 (advantages are normalized per group)")
     if r.tis_cap <= 1:

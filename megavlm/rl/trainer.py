@@ -469,9 +469,17 @@ class PPOTrainer:
         return self._sample([d.prompt for d in drawn], score, ["synthesis"] * len(drawn),
                             k=self.cfg.rl.rollouts_per_prompt, temperature=self.cfg.rl.temperature, seed=seed)
 
+    @staticmethod
+    def _rollout_share() -> tuple[int, int]:
+        """(rollout ranks, this one): the data-parallel ranks times the context-parallel ones.
+        CP ranks decode whole rows (``engine.context_parallel_off``), so each takes its own
+        prompts, as a DP rank does; with CP = 1 this is the DP rank."""
+        return (parallel_state.get_data_parallel_world_size(with_context_parallel=True),
+                parallel_state.get_data_parallel_rank(with_context_parallel=True))
+
     def _gather_dp(self, local: list) -> list:
-        """Every DP rank's list, concatenated in DP rank order (the same on all ranks)."""
-        group = parallel_state.get_data_parallel_group()
+        """Every rollout rank's list (``_rollout_share``), concatenated in rank order (the same on all ranks)."""
+        group = parallel_state.get_data_parallel_group(with_context_parallel=True)
         gathered = [None] * dist.get_world_size(group)
         dist.all_gather_object(gathered, local, group=group)
         return [x for part in gathered for x in part]
@@ -480,9 +488,9 @@ class PPOTrainer:
         """This iteration's P x K scored rollouts (global list, prompt groups renumbered)."""
         _, train, _, _, _, _ = self._setup_data()
         r = self.cfg.rl
-        dp, rank = parallel_state.get_data_parallel_world_size(), parallel_state.get_data_parallel_rank()
+        dp, rank = self._rollout_share()
         per = r.prompts_per_iter // dp
-        # the seed is a function of (run seed, iteration, DP rank): a resumed run samples alike
+        # the seed is a function of (run seed, iteration, rollout rank): a resumed run samples alike
         seed = (self.cfg.train.seed * 1_000_003 + self.state.iteration * 1_009 + rank) % (2**63)
         if r.prompt_source == "pacore":
             local = self._pacore_rollout(rank * per, per, seed)
@@ -496,9 +504,9 @@ class PPOTrainer:
 
     def held_out_reward(self, prompts: int, *, k: int = 1, temperature: float = 0.0, seed: int = 0) -> tuple[float, float]:
         """Mean reward and response length of ``k`` completions of each of ``prompts`` held-out
-        prompts (split over DP ranks); greedy by default."""
+        prompts (split over the rollout ranks, DP x CP); greedy by default."""
         _, _, held_out, _, _, _ = self._setup_data()
-        dp, rank = parallel_state.get_data_parallel_world_size(), parallel_state.get_data_parallel_rank()
+        dp, rank = self._rollout_share()
         if prompts > len(held_out):
             raise ValueError(f"{prompts} held-out prompts asked for, {len(held_out)} held out (rl.eval_prompts)")
         mine = [held_out[i] for i in range(rank, prompts, dp)]

@@ -70,6 +70,8 @@ def run_update(name: str, out: Path) -> None:
     samples = SyntheticMultimodalDataset(seed=13, tasks=("count", "box"), image_sides=(64,))
     rollouts = trainer._generate([samples[i] for i in range(3)], k=2, temperature=0.7, seed=5)
     rollouts = [(e.response, e.rollout_logp, e.score) for e in rollouts]
+    # an iteration's rollouts, its prompts split over the rollout ranks (DP x CP)
+    iteration = [(e.response, e.rollout_logp, e.group) for e in trainer.rollout()]
     metrics = trainer.update(fixed_experiences(cfg, prompts=4, k=2))
     actor = gather_full_tensors(trainer.actor.model)
     critic = gather_full_tensors(trainer.critic.model) if trainer.critic is not None else {}
@@ -77,8 +79,8 @@ def run_update(name: str, out: Path) -> None:
         layout = (parallel_state.get_tensor_model_parallel_world_size(),
                   parallel_state.get_pipeline_model_parallel_world_size(),
                   parallel_state.get_context_parallel_world_size())
-        torch.save({"metrics": metrics, "actor": actor, "critic": critic, "rollouts": rollouts, "layout": layout},
-                   out / f"{name}.pt")
+        torch.save({"metrics": metrics, "actor": actor, "critic": critic, "rollouts": rollouts, "layout": layout,
+                    "iteration": iteration}, out / f"{name}.pt")
     parallel_state.destroy_model_parallel()
 
 

@@ -87,6 +87,16 @@ def test_rollouts_in_the_training_layout_equal_tp1_pp1(results, layout):
         assert (ref_logp - logp).abs().max().item() < TOL and ref_score == score
 
 
+def test_cp_ranks_share_an_iterations_prompts_as_dp_ranks_do(results):
+    """At CP=2 (DP=1) the two CP ranks take half the prompts each, with the seeds of DP ranks
+    0 and 1: the iteration's rollouts equal those of DP=2."""
+    ref, got = _load(results, "ref_dp2")["iteration"], _load(results, "cp2")["iteration"]
+    assert len(ref) == len(got) == 8 and {g for *_, g in ref} == {0, 1, 2, 3}
+    for (ref_tokens, ref_logp, ref_group), (tokens, logp, group) in zip(ref, got):
+        assert torch.equal(ref_tokens, tokens) and ref_group == group
+        assert (ref_logp - logp).abs().max().item() < TOL
+
+
 def test_update_moves_weights_and_critic_has_value_head(results):
     """The comparison above is not vacuous: the value head (zero at start) and the trunk moved."""
     got = _load(results, "ref_dp2")

@@ -33,7 +33,7 @@ def test_rl_errors_name_the_key():
         validate_rl(load_config(None, base + ["train.global_batch_size=16"]), 1)
     with pytest.raises(ConfigError, match="rl.advantage: 'ppo' is not one of gae, grpo"):
         validate_rl(load_config(None, base + ["rl.advantage=ppo"]), 1)
-    with pytest.raises(ConfigError, match=r"rl.prompts_per_iter \(8\) must be a multiple of the data-parallel size \(3\)"):
+    with pytest.raises(ConfigError, match=r"rl.prompts_per_iter \(8\) must be a multiple of the data-parallel x context-parallel size \(3\)"):
         validate_rl(load_config(None, base[:-1] + ["rl.rollouts_per_prompt=3", "train.global_batch_size=24"]), 3)
     with pytest.raises(ConfigError, match="rl.judge"):
         validate_rl(load_config(None, base + ["rl.rewards=[{name: judge}]"]), 1)
