@@ -20,7 +20,9 @@ threads): on a shared machine it moves less with other load than wall time does.
 
 With ``--mode qwen3vl`` it also times the whole training input path (decode, resize,
 patchify, tokenize, pack: ``EncodedDataset`` + ``PackedDataset``) with data.image_decoder=dali
-against =pillow, one thread each (images/s per CPU core). Last, the packing efficiency of the
+against =pillow, one thread each (images/s per CPU core), and what one of N readers (DP
+ranks, loader workers) spends on its share of packed rows when the packer plans from header
+lengths, against decoding every sample to plan. Last, the packing efficiency of the
 synthetic mix in 1024- and 8192-token rows.
 
 Usage: ``python bench/data_throughput.py [--mode step3vl|qwen3vl] [--images 96] [--threads 2]``
@@ -167,6 +169,41 @@ def training_path(images: list[bytes], max_pixels: int, seq_length: int = 8192) 
               f"into {k} rows of {seq_length}, {1e3 * cpu / packed._next:.0f} CPU-ms/image, "
               f"{1 - packed.padding_fraction():.1%} real tokens)")
     print(f"training input path ratio DALI / Pillow: {rates['dali'] / rates['pillow']:.2f}x images/s per core")
+    per_reader_cost(samples, cfg, rows=len(samples) // 8)
+
+
+class _DecodeToPlan:
+    """The rows without ``length``: the packer decodes every sample to learn its length, as
+    it did before it planned from headers."""
+
+    def __init__(self, rows):
+        self.rows = rows
+
+    def __getitem__(self, i):
+        return self.rows[i]
+
+
+def per_reader_cost(samples, cfg, *, rows: int) -> None:
+    """CPU time of one reader (a DP rank, or a loader worker) serving its share of ``rows``
+    packed rows, when the packer plans from header lengths against decoding every sample to
+    plan. Every reader plans every row; only its own rows' samples need decoding."""
+    from megavlm.data.build import sample_encoder
+    from megavlm.data.packing import PackedDataset
+    from megavlm.data.vlm_dataset import EncodedDataset
+
+    for readers in (1, 2, 4, 8):
+        cost = {}
+        for name in ("headers", "decode"):
+            source = EncodedDataset(samples, sample_encoder(cfg), cfg.model)
+            packed = PackedDataset(source if name == "headers" else _DecodeToPlan(source),
+                                   seq_length=cfg.data.seq_length)
+            c = time.process_time()
+            for k in range(0, rows, readers):
+                packed[k]
+            cost[name] = time.process_time() - c
+        print(f"one of {readers} readers, its rows of the first {rows} x {cfg.data.seq_length} tokens: planned from headers "
+              f"{cost['headers']:.2f} CPU-s, decoding to plan {cost['decode']:.2f} CPU-s "
+              f"({cost['decode'] / cost['headers']:.2f}x)")
 
 
 def packing_efficiency(samples: int = 2048, seq_lengths=(1024, 8192)) -> None:
