@@ -242,7 +242,8 @@ def _collect_errors(cfg: Config, world_size: int) -> list[str]:
         errors.append("data.dataset=shards needs data.path (a folder written by tools/prepare_data.py)")
     if cfg.data.dataset == "webdataset":
         errors += _webdataset_errors(cfg.data.path)
-    if cfg.data.split != "train" and not (cfg.data.dataset == "webdataset" and _energon_split(cfg.data.path, cfg.data.split)):
+    webdataset_split = cfg.data.dataset == "webdataset" and energon_has_split(cfg.data.path, cfg.data.split)
+    if cfg.data.split != "train" and not webdataset_split:
         errors.append(f"data.split={cfg.data.split} needs data.dataset=webdataset on a Megatron-Energon-prepared "
                       f"data.path whose .nv-meta/split.yaml has a non-empty {cfg.data.split!r} split")
     if cfg.data.num_workers < 0:
@@ -266,7 +267,7 @@ def _collect_errors(cfg: Config, world_size: int) -> list[str]:
         errors.append(f"parallel.timeout_minutes must be > 0, got {p.timeout_minutes}")
     if cfg.eval.interval < 0 or cfg.eval.iters < 1:
         errors.append(f"eval.interval must be >= 0 (0: off) and eval.iters >= 1, got {cfg.eval.interval}, {cfg.eval.iters}")
-    energon_val = cfg.data.dataset == "webdataset" and _energon_split(cfg.data.path, "val")
+    energon_val = cfg.data.dataset == "webdataset" and energon_has_split(cfg.data.path, "val")
     if cfg.eval.interval and cfg.data.dataset in ("shards", "webdataset") and not cfg.eval.data.path and not energon_val:
         errors.append(f"eval.interval with data.dataset={cfg.data.dataset} needs eval.data.path (a held-out folder written by "
                       "tools/prepare_data.py, or webdataset tars), or an Energon-prepared data.path with a 'val' "
@@ -285,7 +286,7 @@ def _collect_errors(cfg: Config, world_size: int) -> list[str]:
     return errors
 
 
-def _energon_split(path: str | None, split: str) -> bool:
+def energon_has_split(path: str | None, split: str) -> bool:
     """Whether ``path`` is Energon-prepared and its split.yaml lists shards for ``split``."""
     from pathlib import Path
 

@@ -219,12 +219,17 @@ class SampleEncoder:
         except OSError as e:
             raise SampleError(sample.id, "bad_image", f"{media.path}: {e}") from None
 
-    def _checked_header(self, sample: Sample, data: bytes, name: str) -> bool:
-        """Size rules on the header (before anything is decoded); True when Pillow must decode."""
+    @staticmethod
+    def _header(sample: Sample, data: bytes, name: str) -> tuple[tuple[int, int], bool]:
+        """``image_header``, its failure named as the sample's ``bad_image``."""
         try:
-            (h, w), needs_pillow = image_header(data)
+            return image_header(data)
         except Exception as e:  # noqa: BLE001 - Pillow raises many types for unreadable headers
             raise SampleError(sample.id, "bad_image", f"{name}: {type(e).__name__}: {e}") from None
+
+    def _checked_header(self, sample: Sample, data: bytes, name: str) -> bool:
+        """Size rules on the header (before anything is decoded); True when Pillow must decode."""
+        (h, w), needs_pillow = self._header(sample, data, name)
         self._size(sample, h, w)
         if self.family == "step3vl":
             self._step3_plan(sample, h, w)
@@ -347,12 +352,7 @@ class SampleEncoder:
                 if media.array is not None:
                     h, w = media.array.shape[:2]
                 else:
-                    try:
-                        (h, w), _ = image_header(self._bytes(sample, media))
-                    except SampleError:
-                        raise
-                    except Exception as e:  # noqa: BLE001 - Pillow raises many types for unreadable headers
-                        raise SampleError(sample.id, "bad_image", f"{name}: {type(e).__name__}: {e}") from None
+                    (h, w), _ = self._header(sample, self._bytes(sample, media), name)
                 size = self._size(sample, h, w)
                 if self.family == "step3vl":
                     self._step3_plan(sample, h, w)

@@ -91,6 +91,12 @@ class PackedDataset:
         # parallelism, where every sample is padded to that multiple: megavlm.parallel.context).
         self.align = align
         self.window_rows, self.max_window = window_rows, max_window
+        self._by_length = hasattr(source, "length")  # plan from lengths alone
+        self._chunk = 16  # samples read (and their images decoded) together, without ``length``
+        self._reset()
+
+    def _reset(self) -> None:
+        """The plan before row 0."""
         # Packed rows found and not yet passed, as source indices, by row number. Rows this
         # reader has passed are dropped: a run reads billions of samples, and a plan of every
         # row kept in memory grew without bound (about 2 lists per training step).
@@ -100,35 +106,29 @@ class PackedDataset:
         self._carry: list[int] = []  # the samples of the last window's held-back bin
         self._rows: dict[int, Batch] = {}  # samples read for their length, kept until their row is served
         self._lengths: dict[int, int] = {}  # planned lengths of the samples of rows not yet served
-        self._by_length = hasattr(source, "length")  # plan from lengths alone
         self._served = 0  # rows below this have been served (or skipped by this worker)
         self.padding_tokens = 0
-        self._chunk = 16  # samples read (and their images decoded) together
 
-    def _read(self, i: int) -> int:
+    def _length(self, i: int) -> int:
+        """Sample ``i``'s length: from the source's ``length``, else from the sample itself,
+        read (a chunk at a time, one batched decode) and kept until its row is served."""
         if self._by_length:
             return self._lengths.setdefault(i, self.source.length(i))
-        self._rows[i] = row = self.source[i]
-        return row.tokens.shape[-1]
+        if i not in self._rows:
+            chunk = [j for j in range(i, i + self._chunk) if j not in self._rows]
+            if hasattr(self.source, "__getitems__"):  # one batched decode per chunk (DALI)
+                self._rows.update(zip(chunk, self.source.__getitems__(chunk)))
+            else:
+                self._rows[i] = self.source[i]
+        return self._rows[i].tokens.shape[-1]
 
     def _extend(self) -> None:
-        lengths = {i: self._rows[i].tokens.shape[-1] if i in self._rows else self._read(i) for i in self._carry}
+        lengths = {i: self._length(i) for i in self._carry}
         tokens, target = sum(lengths.values()), self.window_rows * self.seq_length
-        while self._by_length and tokens < target and len(lengths) < self.max_window:
-            lengths[self._next] = n = self._read(self._next)
+        while tokens < target and len(lengths) < self.max_window:
+            lengths[self._next] = n = self._length(self._next)
             tokens += n
             self._next += 1
-        while tokens < target and len(lengths) < self.max_window:
-            chunk = range(self._next, self._next + self._chunk)
-            unread = [i for i in chunk if i not in self._rows]  # a chunk's tail stays read when a window ends
-            if unread and hasattr(self.source, "__getitems__"):  # one batched decode per chunk (DALI)
-                self._rows.update(zip(unread, self.source.__getitems__(unread)))
-            for i in chunk:
-                lengths[i] = n = self._rows[i].tokens.shape[-1] if i in self._rows else self._read(i)
-                tokens += n
-                self._next += 1
-                if tokens >= target or len(lengths) >= self.max_window:
-                    break
         lengths = {i: -(-n // self.align) * self.align for i, n in lengths.items()}
         bins = seeded_first_fit_decreasing(self._carry, lengths, self.seq_length)
         free = [self.seq_length - sum(lengths[i] for i in b) for b in bins]
@@ -148,8 +148,7 @@ class PackedDataset:
 
     def __getitem__(self, k: int) -> Batch:
         if k < self._served:  # rows are read in increasing order; a reader that goes back re-plans
-            self.__init__(self.source, seq_length=self.seq_length, window_rows=self.window_rows,
-                          max_window=self.max_window, align=self.align)
+            self._reset()
         while k >= self._found:
             self._extend()
         members = self._bins[k]

@@ -9,14 +9,14 @@ The row for an index never changes, so a run's data position stays one integer.
 from __future__ import annotations
 
 import dataclasses
-from typing import Callable, Sequence
+from typing import Sequence
 
 import torch
 import torch.nn.functional as F
 
 from megavlm.config.schema import ModelConfig
 from megavlm.data.batch import Batch
-from megavlm.data.encode import DECODE_COUNTS, SampleError
+from megavlm.data.encode import DECODE_COUNTS, SampleEncoder, SampleError
 from megavlm.positions import sample_position_ids
 
 
@@ -48,7 +48,7 @@ class EncodedDataset:
     to sit here: up to several GB per loader process with megapixel images, and after the
     packer stopped re-reading the tail of its last chunk, training never hit it.)"""
 
-    def __init__(self, source: Sequence, encode: Callable, model: ModelConfig):
+    def __init__(self, source: Sequence, encode: SampleEncoder, model: ModelConfig):
         self.source = source
         self.encode = encode
         self.model = model
@@ -87,11 +87,8 @@ class EncodedDataset:
     def length(self, i: int) -> int:
         """Tokens of row ``i`` from headers, nothing decoded (``SampleEncoder.num_tokens``): what
         the packer plans with; 0 for a sample that will be skipped (its row is empty)."""
-        num_tokens = getattr(self.encode, "num_tokens", None)
-        if num_tokens is None:
-            return self._build(i).tokens.shape[-1]
         try:
-            return num_tokens(self.source[i])
+            return self.encode.num_tokens(self.source[i])
         except SampleError:
             return 0
 

@@ -17,6 +17,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 from megavlm.config.schema import Config
+from megavlm.config.validate import energon_has_split
 
 
 class _Range(Sequence):
@@ -38,7 +39,7 @@ def prompt_sources(cfg: Config) -> tuple[Sequence, Sequence]:
     """``(training prompts, held-out prompts)`` for ``cfg.data`` (see the module docstring)."""
     from megavlm.data.shards import ShardDataset
     from megavlm.data.synthetic import SyntheticMultimodalDataset
-    from megavlm.data.webdataset import WebdatasetSource, is_energon
+    from megavlm.data.webdataset import WebdatasetSource
 
     d, r = cfg.data, cfg.rl
     if d.dataset == "synthetic_multimodal":
@@ -46,7 +47,7 @@ def prompt_sources(cfg: Config) -> tuple[Sequence, Sequence]:
                 SyntheticMultimodalDataset(seed=d.seed + 1, tasks=tuple(r.tasks)))
     if d.dataset == "webdataset":
         source = WebdatasetSource(d.path, seed=d.seed, split=d.split)
-        if is_energon(d.path) and d.split != "val" and _has_val(d.path):
+        if d.split != "val" and energon_has_split(d.path, "val"):
             return source, WebdatasetSource(d.path, seed=d.seed, split="val")
     elif d.dataset == "shards":
         source = ShardDataset(d.path)
@@ -57,9 +58,3 @@ def prompt_sources(cfg: Config) -> tuple[Sequence, Sequence]:
     if held >= len(source):
         raise ValueError(f"rl.eval_prompts={held} holds out every sample of data.path={d.path} ({len(source)} samples)")
     return _Range(source, 0, len(source) - held), _Range(source, len(source) - held, len(source))
-
-
-def _has_val(path: str) -> bool:
-    from megavlm.config.validate import _energon_split
-
-    return _energon_split(path, "val")

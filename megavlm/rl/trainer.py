@@ -40,8 +40,8 @@ from megavlm.config import dump_yaml
 from megavlm.config.schema import Config
 from megavlm.config.validate import validate_rl
 from megavlm.models.vlm import pipeline_seq_multiplier
-from megavlm.parallel.context import gather_from_cp
-from megavlm.parallel.partition import CPPartition, cp_partition, split_for_cp
+from megavlm.parallel.context import gather_from_cp, shard_for_cp
+from megavlm.parallel.partition import CPPartition, split_for_cp
 from megavlm.platform import device
 from megavlm.platform.distributed import initialize
 from megavlm.platform.launch import detect_dist_env
@@ -169,13 +169,15 @@ class PPOTrainer:
         cp = parallel_state.get_context_parallel_world_size()
         if cp == 1:
             return batch, None
-        partition = cp_partition(cp, parallel_state.get_context_parallel_rank(), seq_len=batch.tokens.shape[1])
-        pos_dim = 2 if batch.position_ids.dim() == 3 else 1
+        shard = shard_for_cp(
+            tokens=batch.tokens, labels=batch.labels, loss_mask=batch.mask, loss_weights=None,
+            position_ids=batch.position_ids, cu_seqlens=None, sample_ids=None, cp_size=cp,
+            cp_rank=parallel_state.get_context_parallel_rank(), pad_token_id=0,
+        )
         return dataclasses.replace(
-            batch, position_ids=split_for_cp(batch.position_ids, partition, dim=pos_dim),
-            labels=split_for_cp(batch.labels, partition), mask=split_for_cp(batch.mask, partition),
-            per_token={k: split_for_cp(v, partition) for k, v in batch.per_token.items()},
-        ), partition
+            batch, position_ids=shard.position_ids, labels=shard.labels, mask=shard.loss_mask,
+            per_token={k: split_for_cp(v, shard.partition) for k, v in batch.per_token.items()},
+        ), shard.partition
 
     @staticmethod
     def _forward(model, batch: MicroBatch, partition: CPPartition | None = None):
