@@ -4,7 +4,9 @@ One process, one HF Qwen3-VL directory (random weights, written to a temporary f
 megavlm loads it the way ``tools/generate.py`` does (``load_for_inference``), HF loads it with
 ``from_pretrained``. Both get the same batch of prompts (text + one image each, different
 lengths, so the batch is left-padded) and decode greedily ``--new-tokens`` tokens per prompt
-(no stop token, so every row runs to the end). Timing is interleaved in rounds, the order
+(no stop token, so every row runs to the end). megavlm runs twice: eager, and with
+``inference.compile_decode`` (the decoding step through ``torch.compile``; its two
+compilations happen in the warm-up run, whose time is printed). Timing is interleaved in rounds, the order
 alternating, and the medians give the printed ratios (megavlm new tokens/s over HF's), by wall
 time and by process CPU time (the one to read on a shared machine). The
 fraction of tokens on which the two agree is printed too (same weights, greedy).
@@ -39,7 +41,7 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--image-patches", type=int, default=8, help="image side in patches (tokens = side^2 / 4)")
     p.add_argument("--rounds", type=int, default=5)
     p.add_argument("--threads", type=int, default=_default_threads())
-    p.add_argument("--profile", help="write a torch.profiler table of one megavlm rollout here")
+    p.add_argument("--profile", help="write a torch.profiler table of one megavlm+compile rollout here")
     return p.parse_args()
 
 
@@ -112,6 +114,7 @@ def main() -> None:
     hf = hf.to(dev).eval()
     hf_inputs = {k: v.to(dev) for k, v in hf_inputs.items()}
     engine = GenerationEngine(chunks)
+    compiled = GenerationEngine(chunks, compile_decode=True)
     params = SamplingParams(max_new_tokens=a.new_tokens)
     hf.generation_config.eos_token_id = None  # every row runs to the end, as megavlm's without stop tokens
 
@@ -119,10 +122,13 @@ def main() -> None:
         if dev.type == "cuda":
             torch.cuda.synchronize()
 
-    def megavlm_run() -> torch.Tensor:
+    def megavlm_run(engine=engine) -> torch.Tensor:
         out = engine.generate(prompts, params)
         sync()
         return torch.stack(out)
+
+    def compiled_run() -> torch.Tensor:
+        return megavlm_run(compiled)
 
     def hf_run() -> torch.Tensor:
         with _no_torch_function_modes(), torch.no_grad():
@@ -131,9 +137,12 @@ def main() -> None:
         sync()
         return out[:, hf_inputs["input_ids"].shape[1]:].cpu()
 
-    runs = {"megavlm": megavlm_run, "hf": hf_run}
-    outputs = {name: run() for name, run in runs.items()}  # warm-up, and the tokens compared
-    agree = (outputs["megavlm"] == outputs["hf"]).float().mean().item()
+    runs = {"megavlm": megavlm_run, "megavlm+compile": compiled_run, "hf": hf_run}
+    outputs, warmup = {}, {}
+    for name, run in runs.items():  # warm-up (compilation included), and the tokens compared
+        start = time.perf_counter()
+        outputs[name] = run()
+        warmup[name] = time.perf_counter() - start
     times: dict[str, list[float]] = {name: [] for name in runs}  # wall seconds
     cpu: dict[str, list[float]] = {name: [] for name in runs}  # process CPU seconds (robust to a shared machine)
     for r in range(a.rounds):
@@ -151,25 +160,28 @@ def main() -> None:
           f"{a.image_patches}x{a.image_patches}-patch image | greedy, {a.new_tokens} new tokens")
     new = a.batch * a.new_tokens
     header = "".join(f"{'round ' + str(i + 1):>9}" for i in range(a.rounds))
-    print(f"\nnew tokens/s{header}{'median':>9}")
+    print(f"\n{'new tokens/s':16}{header}{'median':>9}")
     rate = {}
     for name, ts in times.items():
         rate[name] = new / statistics.median(ts)
-        print(f"{name:12}" + "".join(f"{new / t:9.0f}" for t in ts) + f"{rate[name]:9.0f}")
-    print(f"\nnew tokens per CPU-second{header}{'median':>9}")
+        print(f"{name:16}" + "".join(f"{new / t:9.0f}" for t in ts) + f"{rate[name]:9.0f}")
+    print(f"\n{'per CPU-second':16}{header}{'median':>9}")
     cpu_rate = {}
     for name, ts in cpu.items():
         cpu_rate[name] = new / statistics.median(ts)
-        print(f"{name:12}" + "".join(f"{new / t:9.0f}" for t in ts) + f"{cpu_rate[name]:9.0f}")
-    print(f"tokens equal to HF's: {agree:.1%}")
-    print(f"ratio megavlm/hf: {rate['megavlm'] / rate['hf']:.2f}x wall, {cpu_rate['megavlm'] / cpu_rate['hf']:.2f}x CPU time")
+        print(f"{name:16}" + "".join(f"{new / t:9.0f}" for t in ts) + f"{cpu_rate[name]:9.0f}")
+    print("first (warm-up) run, s: " + ", ".join(f"{name} {t:.1f}" for name, t in warmup.items()))
+    for name in ("megavlm", "megavlm+compile"):
+        agree = (outputs[name] == outputs["hf"]).float().mean().item()
+        print(f"{name}: tokens equal to HF's {agree:.1%}; ratio to hf {rate[name] / rate['hf']:.2f}x wall, "
+              f"{cpu_rate[name] / cpu_rate['hf']:.2f}x CPU time")
 
     if a.profile:
         with torch.profiler.profile() as prof:
-            megavlm_run()
+            compiled_run()
         Path(a.profile).write_text(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=40)
                                    + "\n" + prof.key_averages().table(sort_by="cpu_time_total", row_limit=40))
-        print(f"profile of one megavlm rollout: {a.profile}")
+        print(f"profile of one megavlm+compile rollout: {a.profile}")
 
 
 if __name__ == "__main__":

@@ -29,7 +29,7 @@ def generate_from_inputs(cfg: Config, model, args) -> None:
     prompts = prompts_from_hf_inputs(read_hf_inputs(args.inputs, cfg.model), cfg.model)
     params = SamplingParams(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p,
                             seed=args.seed, stop_token_ids=args.stop_token_id)
-    completions = GenerationEngine(model).rollout(prompts, params)
+    completions = GenerationEngine(model, compile_decode=cfg.inference.compile_decode).rollout(prompts, params)
     if dist.get_rank() == 0:
         Path(args.dump_tokens).parent.mkdir(parents=True, exist_ok=True)
         torch.save({"tokens": [c.tokens for c in completions], "logprobs": [c.logprobs for c in completions],
@@ -54,6 +54,6 @@ def generate_from_prompt(cfg: Config, model, args) -> None:
     stop = tokenizer.token_id("<|im_end|>")
     params = SamplingParams(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p,
                             seed=args.seed, stop_token_ids=[stop])
-    (answer,) = GenerationEngine(model).generate([Prompt(tokens=tokens, **pixels)], params)
+    (answer,) = GenerationEngine(model, compile_decode=cfg.inference.compile_decode).generate([Prompt(tokens=tokens, **pixels)], params)
     if dist.get_rank() == 0:
         print(tokenizer.decode([t for t in answer.tolist() if t != stop]), flush=True)

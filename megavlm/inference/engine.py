@@ -306,9 +306,26 @@ class _PipelineStage:
 
 
 class GenerationEngine:
-    """Batched generation for VLMModel: one chunk per rank (``parallel.vpp`` unset)."""
+    """Batched generation for VLMModel: one chunk per rank (``parallel.vpp`` unset).
 
-    def __init__(self, model_chunks, *, pad_token_id: int = 0):
+    ``compile_decode`` (``inference.compile_decode``): the one-token decoding steps call the
+    model through ``torch.compile``; the prompt's prefill (media, ViT, packed shapes) stays
+    eager, as it runs once per rollout. Why the whole step and not each layer: at decode
+    sizes the time goes to Python (megatron's module stack, its autograd functions even
+    under ``no_grad``, the KV-cache bookkeeping), not to kernels, and one graph per step
+    removes all of it; compiling layer by layer keeps the Python between layers and
+    recompiles per ``layer_number`` (an int attribute dynamo keeps static). Shapes:
+    dynamo's automatic dynamic shapes compile the first step with static shapes and the
+    second with the cache length (the mask width and the cache slice) dynamic, after
+    which every step and every later rollout of the same batch size reuses that graph. One
+    graph break per step remains, at megatron's ``make_viewless_tensor`` (a ``.data``
+    assignment) at the decoder's entry. The compiled step is the same computation: tokens
+    and log-probs are tested against HF's ``generate`` and the eager engine. On GPUs the
+    same call compiles Triton kernels; that path, and Transformer Engine layers under
+    ``torch.compile``, have not been run here.
+    """
+
+    def __init__(self, model_chunks, *, pad_token_id: int = 0, compile_decode: bool = False):
         chunks = model_chunks if isinstance(model_chunks, list) else [model_chunks]
         if len(chunks) > 1:
             raise ValueError(
@@ -320,13 +337,15 @@ class GenerationEngine:
         self.pad_token_id = pad_token_id
         cfg = self.model.model_cfg
         self.vocab_size = cfg.language.vocab_size
+        self._decode_model = torch.compile(self.model, dynamic=None) if compile_decode else self.model
 
-    def _forward(self, tokens: Tensor, positions: Tensor, **kwargs) -> Tensor:
-        """This stage's part of one step: logits on the last stage, hidden states elsewhere."""
+    def _forward(self, tokens: Tensor, positions: Tensor, *, decode: bool = False, **kwargs) -> Tensor:
+        """This stage's part of one step (``decode``: a one-token decoding step): logits on the
+        last stage, hidden states elsewhere."""
         stage = self.stage
         if stage.size > 1 and not stage.first:
             self.model.set_input_tensor(stage.recv(tokens.device))
-        output = self.model(tokens, positions, **kwargs)
+        output = (self._decode_model if decode else self.model)(tokens, positions, **kwargs)
         if stage.size > 1 and not stage.last:
             stage.send(output)
         return output
@@ -417,6 +436,7 @@ class GenerationEngine:
                     # a generated query is never padding: the key padding alone is its mask
                     attention_mask=pad_key[:, None, None, :end] if padded else None,
                     media_mask=False,  # generated tokens are never media
+                    decode=True,
                 )  # [b, 1, vocab (padded)]
         model.train(was_training)
         self.stage.from_last(logprobs)

@@ -185,7 +185,11 @@ class VLMModel(MegatronModule):
         if cp_partition is not None:  # this CP rank's tokens, after the media are in place
             embeds = split_for_cp(embeds, cp_partition, dim=1)
             addends = None if addends is None else [split_for_cp(a, cp_partition, dim=1) for a in addends]
-        embeds = embeds.transpose(0, 1).contiguous()  # [s, b, h]
+        # [s, b, h] as a new tensor, never a view (``.contiguous()`` returns the view itself when
+        # b == 1 or s == 1, as in every decoding step): megatron's TransformerBlock turns a view
+        # into a "viewless" tensor by assigning ``.data``, which torch.compile cannot trace (a
+        # graph break in each compiled decoding step, ``inference.compile_decode``).
+        embeds = embeds.transpose(0, 1).clone(memory_format=torch.contiguous_format)
         addends = [] if addends is None else [a.transpose(0, 1).contiguous() for a in addends]
         if self.config.sequence_parallel:
             embeds = tensor_parallel.scatter_to_sequence_parallel_region(embeds)

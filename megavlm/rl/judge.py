@@ -42,7 +42,7 @@ class GenerativeJudge:
         load_model_weights(path, self.chunks)
         for chunk in self.chunks:
             chunk.requires_grad_(False).eval()
-        self.engine = GenerationEngine(self.chunks)
+        self.engine = GenerationEngine(self.chunks, compile_decode=cfg.inference.compile_decode)
         self.encoder, self.mode, self.max_new_tokens = encoder, mode, max_new_tokens
         tokenizer = encoder.template.tok
         self.tokenizer, self.stop = tokenizer, tokenizer.token_id("<|im_end|>")

@@ -62,7 +62,7 @@ def pacore_setup(cfg: Config, model):
     builder = PromptBuilder(encoder, context_budget=budget, max_new_tokens=p.max_new_tokens)
     params = SamplingParams(max_new_tokens=p.max_new_tokens, temperature=p.temperature, top_p=p.top_p, seed=p.seed,
                             stop_token_ids=[encoder.template.tok.token_id("<|im_end|>")])
-    return GenerationEngine(model), builder, params
+    return GenerationEngine(model, compile_decode=cfg.inference.compile_decode), builder, params
 
 
 def run_file(cfg: Config, model, input_path: str, output_path: str, *, compare: bool = False) -> dict:

@@ -384,7 +384,7 @@ class PPOTrainer:
         train, held_out = prompt_sources(cfg)
         judge = GenerativeJudge(cfg, encoder, mode=r.judge_mode) if r.judge else None
         reward = build_reward(r.rewards, point_scale=r.point_scale, judge=judge)
-        engine = GenerationEngine(self.actor.model, pad_token_id=0)
+        engine = GenerationEngine(self.actor.model, pad_token_id=0, compile_decode=cfg.inference.compile_decode)
         tokenizer = encoder.template.tok
         self._data = (encoder, train, held_out, reward, engine, tokenizer)
         if r.prompt_source == "pacore":

@@ -29,6 +29,7 @@ from megatron.core.fusions.fused_bias_dropout import get_bias_dropout_add
 
 from megavlm.config import schema
 from megavlm.models.language.core_attention import SDPAAttention
+from megavlm.models.linear import RowParallelLinear
 from megavlm.models.norms import Norm
 
 
@@ -40,6 +41,9 @@ class LocalBackend(LocalSpecProvider):
 
     def core_attention(self) -> type:
         return SDPAAttention
+
+    def row_parallel_linear(self) -> type:
+        return RowParallelLinear
 
 
 def backend_provider(*, use_te: bool) -> BackendSpecProvider:
