@@ -355,9 +355,10 @@ class InferenceConfig:
     few sample answers at the end of pretraining stay eager (a compilation would cost more than
     they take)."""
 
-    # torch.compile the one-token decoding step (the prompt's prefill stays eager): about 2.8x
-    # the eager engine's tokens/s on the tiny CPU bench, after two compilations per process
-    # (one static, then one with the cache length dynamic) of some seconds each.
+    # torch.compile the one-token decoding step (the prompt's prefill stays eager): 2.6-3.9x
+    # the eager engine's tokens/s on the tiny CPU bench (bench/rollout_throughput.py), after
+    # two compilations per process (one static, then one with the cache length dynamic),
+    # 10-40 s together on 2 CPU cores.
     compile_decode: bool = False
 
 
