@@ -588,9 +588,10 @@ class PPOTrainer:
         self._log(f"megavlm: saved PPO checkpoint {path}")
         return path
 
-    def run(self) -> list[dict[str, float]]:
+    def run(self, *, keep_history: bool = False) -> list[dict[str, float]]:
         """PPO to ``train.iters``: log every ``logging.interval`` (with the held-out reward),
-        checkpoint on ``checkpoint.interval`` and at the end. Returns every iteration's metrics."""
+        checkpoint on ``checkpoint.interval`` and at the end. With ``keep_history``, returns
+        every iteration's metrics (else nothing is kept: they are in ``metrics.jsonl``)."""
         cfg = self.cfg
         logger = MetricsLogger(cfg.logging.dir, total_iters=cfg.train.iters, enabled=dist.get_rank() == 0,
                                tensorboard=cfg.logging.tensorboard)
@@ -600,7 +601,8 @@ class PPOTrainer:
             it = self.state.iteration
             if cfg.rl.eval_prompts and (it % cfg.logging.interval == 0 or it == cfg.train.iters):
                 metrics.update(self.evaluate())
-            history.append(metrics)
+            if keep_history:
+                history.append(metrics)
             if it % cfg.logging.interval == 0 or it == cfg.train.iters:
                 logger.log(it, metrics)
             if cfg.checkpoint.save and ((cfg.checkpoint.interval and it % cfg.checkpoint.interval == 0)

@@ -241,13 +241,15 @@ class Trainer:
         if dist.get_rank() == 0:
             print(message, flush=True)
 
-    def run(self) -> dict[int, float]:
+    def run(self, *, keep_losses: bool = False) -> dict[int, float]:
         """Train to ``train.iters``: log, checkpoint on interval, at the end and on signals.
 
         Async saves are finalized without waiting at each step, and waited for before the
         next save and before returning (also after a stop signal).
 
-        Returns the loss of every iteration run (the same on all ranks)."""
+        With ``keep_losses``, returns the loss of every iteration run (the same on all ranks),
+        for tests and scripts that compare runs; else nothing is kept (a long run would hold
+        one entry per iteration) and the losses are in ``metrics.jsonl``."""
         cfg = self.cfg
         is_logger = dist.get_rank() == dist.get_world_size() - 1
         logger = MetricsLogger(cfg.logging.dir, total_iters=cfg.train.iters, enabled=is_logger,
@@ -258,7 +260,8 @@ class Trainer:
             with collective_phase("the training step", cfg.parallel.timeout_minutes):
                 metrics = self.step()
             it = self.state.iteration
-            losses[it] = metrics["loss"]
+            if keep_losses:
+                losses[it] = metrics["loss"]
             if it % cfg.logging.interval == 0 or it == cfg.train.iters:
                 logger.log(it, metrics)
                 release_freed_memory()  # RSS shows live memory, not glibc's kept holes

@@ -80,7 +80,7 @@ def run(out: Path, sft_steps: int, iters: int, eval_prompts: int = 0) -> dict:
     sft_time = time.perf_counter() - start
     before = held_out_reward(trainer)
     start = time.perf_counter()
-    history = trainer.run()
+    history = trainer.run(keep_history=True)
     ppo_time = time.perf_counter() - start
     after = held_out_reward(trainer)
     final = {**gather_full_tensors(trainer.actor.model), **{"critic." + k: v for k, v in

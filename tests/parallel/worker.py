@@ -132,14 +132,14 @@ def run_resume(name: str, out: Path, log_dir: Path) -> None:
               "resume_vlm_pp2": VLM + ["parallel.pp=2", "train.global_batch_size=4"]}[name]
     ckpt = log_dir / f"{name}_ckpt"
     common = BASE + layout + ["train.iters=6", "train.lr_phases=[{iters: 6, end_lr: 1e-3}]"]
-    full = Trainer(load_config(None, common + [f"logging.dir={log_dir / name}_a"])).run()
+    full = Trainer(load_config(None, common + [f"logging.dir={log_dir / name}_a"])).run(keep_losses=True)
     _teardown()
     first = Trainer(load_config(None, common + [f"logging.dir={log_dir / name}_b", f"checkpoint.save={ckpt}", "checkpoint.interval=3"]))
     while first.state.iteration < 3:
         first.step()
     first.save()
     _teardown()
-    resumed = Trainer(load_config(None, common + [f"logging.dir={log_dir / name}_b", f"checkpoint.load={ckpt}"])).run()
+    resumed = Trainer(load_config(None, common + [f"logging.dir={log_dir / name}_b", f"checkpoint.load={ckpt}"])).run(keep_losses=True)
     _teardown()
     if dist.get_rank() == 0:
         torch.save({"full": full, "resumed": resumed}, out / f"{name}.pt")
@@ -153,7 +153,7 @@ def run_resume_async(name: str, out: Path, log_dir: Path) -> None:
     ckpt = log_dir / f"{name}_ckpt"
     common = BASE + ["parallel.distributed_optimizer=true", "train.iters=6", "train.lr_phases=[{iters: 6, end_lr: 1e-3}]"]
     uninterrupted = Trainer(load_config(None, common + [f"logging.dir={log_dir / name}_a"]))
-    full = uninterrupted.run()
+    full = uninterrupted.run(keep_losses=True)
     full_params = gather_full_tensors(uninterrupted.model)
     _teardown()
     saving = Trainer(load_config(None, common + [f"logging.dir={log_dir / name}_b", f"checkpoint.save={ckpt}",
@@ -164,12 +164,12 @@ def run_resume_async(name: str, out: Path, log_dir: Path) -> None:
         losses[saving.state.iteration] = loss
     path = saving.save()  # scheduled, not yet finalized: the writer may still be running
     marked_while_pending = (path / COMPLETE_MARKER).exists()
-    losses.update(saving.run())  # finalizes it, saves again at step 6 and waits for that
+    losses.update(saving.run(keep_losses=True))  # finalizes it, saves again at step 6 and waits for that
     complete = sorted(p.name for p in ckpt.iterdir() if (p / COMPLETE_MARKER).is_file())
     _teardown()
     resuming = Trainer(load_config(None, common + [f"logging.dir={log_dir / name}_c",
                                                    f"checkpoint.load={ckpt / 'iter_0000003'}"]))
-    resumed = resuming.run()
+    resumed = resuming.run(keep_losses=True)
     params_equal = all(torch.equal(a, full_params[k]) for k, a in gather_full_tensors(resuming.model).items())
     _teardown()
     if dist.get_rank() == 0:
