@@ -262,6 +262,17 @@ def _sample(logits: Tensor, params: SamplingParams, generator: torch.Generator) 
     return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
 
 
+def _stage_step(model: torch.nn.Module, received: Tensor | None, tokens: Tensor, positions: Tensor, **kwargs) -> Tensor:
+    """One pipeline stage's forward: ``received`` (the previous stage's output; None on the
+    first stage) becomes the model's input tensor. One function, so that a compiled decoding
+    step takes the received hidden states as a graph input: megatron's block reads them from
+    an attribute (``set_input_tensor``), which a graph compiled outside the setter does not
+    take as an input (inductor rejected the next step's tensor)."""
+    if received is not None:
+        model.set_input_tensor(received)
+    return model(tokens, positions, **kwargs)
+
+
 # How many decoding steps run between two checks that every row has stopped: the check
 # waits for the device, and a finished row only costs its share of a batched step.
 STOP_CHECK_EVERY = 8
@@ -319,9 +330,13 @@ class GenerationEngine:
     second with the cache length (the mask width and the cache slice) dynamic, after
     which every step and every later rollout of the same batch size reuses that graph. One
     graph break per step remains, at megatron's ``make_viewless_tensor`` (a ``.data``
-    assignment) at the decoder's entry. The compiled step is the same computation: tokens
-    and log-probs are tested against HF's ``generate`` and the eager engine. On GPUs the
-    same call compiles Triton kernels; that path, and Transformer Engine layers under
+    assignment) at the decoder's entry of a text-only model (the VLM's embeddings are never a
+    view). Pipeline stages call ``_stage_step``, so the received hidden states are a graph
+    input (and a fresh tensor: ``DeepStackInjector.split_received``). The compiled step is
+    the same computation: greedy tokens are tested against full recomputation (and equal
+    HF's ``generate`` in bench/rollout_throughput.py), sampled rollouts at TP=2 and PP=2
+    against the eager single rank (tests/parallel/test_ppo.py). On GPUs the same call
+    compiles Triton kernels; that path, and Transformer Engine layers under
     ``torch.compile``, have not been run here.
     """
 
@@ -337,15 +352,15 @@ class GenerationEngine:
         self.pad_token_id = pad_token_id
         cfg = self.model.model_cfg
         self.vocab_size = cfg.language.vocab_size
-        self._decode_model = torch.compile(self.model, dynamic=None) if compile_decode else self.model
+        self._decode_step = torch.compile(_stage_step, dynamic=None) if compile_decode else _stage_step
 
     def _forward(self, tokens: Tensor, positions: Tensor, *, decode: bool = False, **kwargs) -> Tensor:
         """This stage's part of one step (``decode``: a one-token decoding step): logits on the
         last stage, hidden states elsewhere."""
         stage = self.stage
-        if stage.size > 1 and not stage.first:
-            self.model.set_input_tensor(stage.recv(tokens.device))
-        output = (self._decode_model if decode else self.model)(tokens, positions, **kwargs)
+        received = stage.recv(tokens.device) if stage.size > 1 and not stage.first else None
+        step = self._decode_step if decode else _stage_step
+        output = step(self.model, received, tokens, positions, **kwargs)
         if stage.size > 1 and not stage.last:
             stage.send(output)
         return output

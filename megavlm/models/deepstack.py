@@ -58,7 +58,11 @@ class DeepStackInjector:
         parts = received.chunk(1 + self.late, dim=0)
         first_late = self.levels - self.late
         self.addends = {first_late + i: part for i, part in enumerate(parts[1:])}
-        return parts[0]
+        # Without autograd (generation) the hidden states are copied out of the received
+        # buffer: a view goes through megatron's make_viewless_tensor (a ``.data``
+        # assignment), which torch.compile miscompiles (inductor then rejects the next step's
+        # input: ``inference.compile_decode`` on a later pipeline stage). Training keeps the view.
+        return parts[0] if torch.is_grad_enabled() else parts[0].clone()
 
     def attach_to_output(self, hidden: Tensor) -> Tensor:
         """Before sending to the next stage: append the late addends to the hidden states."""

@@ -41,6 +41,9 @@ LAYOUTS = {
     "pp2": ["parallel.pp=2"],
     "cp2": ["parallel.cp=2"],
 }
+# rollouts only, with the decoding step compiled (inference.compile_decode): TP's all-reduces
+# and PP's stage exchanges around a compiled step
+COMPILED = {f"{name}_compiled": LAYOUTS[name] + ["inference.compile_decode=true"] for name in ("tp2", "pp2")}
 
 
 def fixed_experiences(cfg, *, prompts: int, k: int, seed: int = 0) -> list[Experience]:
@@ -63,22 +66,27 @@ def fixed_experiences(cfg, *, prompts: int, k: int, seed: int = 0) -> list[Exper
 
 
 def run_update(name: str, out: Path) -> None:
-    cfg = load_config(None, BASE + LAYOUTS[name] + [f"logging.dir={out / 'logs' / name}"])
+    cfg = load_config(None, BASE + {**LAYOUTS, **COMPILED}[name] + [f"logging.dir={out / 'logs' / name}"])
     trainer = PPOTrainer(cfg)
     # rollouts from the initial weights (the same in every layout): images, prompts of
     # different lengths, sampled at T = 0.7 with one seed; then the update on fixed rollouts
     samples = SyntheticMultimodalDataset(seed=13, tasks=("count", "box"), image_sides=(64,))
     rollouts = trainer._generate([samples[i] for i in range(3)], k=2, temperature=0.7, seed=5)
     rollouts = [(e.response, e.rollout_logp, e.score) for e in rollouts]
+    layout = (parallel_state.get_tensor_model_parallel_world_size(),
+              parallel_state.get_pipeline_model_parallel_world_size(),
+              parallel_state.get_context_parallel_world_size())
+    if name in COMPILED:
+        if dist.get_rank() == 0:
+            torch.save({"rollouts": rollouts, "layout": layout}, out / f"{name}.pt")
+        parallel_state.destroy_model_parallel()
+        return
     # an iteration's rollouts, its prompts split over the rollout ranks (DP x CP)
     iteration = [(e.response, e.rollout_logp, e.group) for e in trainer.rollout()]
     metrics = trainer.update(fixed_experiences(cfg, prompts=4, k=2))
     actor = gather_full_tensors(trainer.actor.model)
     critic = gather_full_tensors(trainer.critic.model) if trainer.critic is not None else {}
     if dist.get_rank() == 0:
-        layout = (parallel_state.get_tensor_model_parallel_world_size(),
-                  parallel_state.get_pipeline_model_parallel_world_size(),
-                  parallel_state.get_context_parallel_world_size())
         torch.save({"metrics": metrics, "actor": actor, "critic": critic, "rollouts": rollouts, "layout": layout,
                     "iteration": iteration}, out / f"{name}.pt")
     parallel_state.destroy_model_parallel()
