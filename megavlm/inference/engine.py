@@ -352,15 +352,22 @@ class GenerationEngine:
         self.pad_token_id = pad_token_id
         cfg = self.model.model_cfg
         self.vocab_size = cfg.language.vocab_size
-        self._decode_step = torch.compile(_stage_step, dynamic=None) if compile_decode else _stage_step
+        self._decode_step = torch.compile(_stage_step, dynamic=None) if compile_decode else None
 
     def _forward(self, tokens: Tensor, positions: Tensor, *, decode: bool = False, **kwargs) -> Tensor:
         """This stage's part of one step (``decode``: a one-token decoding step): logits on the
         last stage, hidden states elsewhere."""
         stage = self.stage
         received = stage.recv(tokens.device) if stage.size > 1 and not stage.first else None
-        step = self._decode_step if decode else _stage_step
-        output = step(self.model, received, tokens, positions, **kwargs)
+        if decode and self._decode_step is not None:
+            output = self._decode_step(self.model, received, tokens, positions, **kwargs)
+        else:
+            # Layers compiled for training (train.compile: PPO's actor) run eager here: with an
+            # inference context they would recompile per layer (megatron reads the int
+            # ``layer_number``, which dynamo keeps static) up to dynamo's recompile limit.
+            # What generation compiles is inference.compile_decode's business alone.
+            with torch.compiler.set_stance("force_eager"):
+                output = _stage_step(self.model, received, tokens, positions, **kwargs)
         if stage.size > 1 and not stage.last:
             stage.send(output)
         return output

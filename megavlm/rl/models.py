@@ -25,6 +25,7 @@ from torch import Tensor
 from megavlm.checkpointing import load_model_weights
 from megavlm.config.schema import Config
 from megavlm.models.build import build_model_chunks
+from megavlm.training.compile import compile_layers
 from megavlm.training.data_parallel import wrap_data_parallel
 from megavlm.training.optimizer import build_lr_schedule, build_optimizer
 
@@ -63,6 +64,8 @@ class TrainedModel:
 
 
 def _trained(cfg: Config, chunks, tconfig, lr: float) -> TrainedModel:
+    if cfg.train.compile:  # as pretraining does: every layer of the models PPO trains
+        compile_layers(chunks)
     model = wrap_data_parallel(chunks, tconfig, cfg.parallel)
     tconfig.no_sync_func = [m.no_sync for m in model] if len(model) > 1 else model[0].no_sync
     tconfig.finalize_model_grads_func = finalize_model_grads

@@ -11,6 +11,7 @@ from megavlm.config import load_config
 from megavlm.inference.engine import GenerationEngine, Prompt, SamplingParams, _sample
 from megavlm.models.build import build_model_chunks
 from megavlm.positions import sample_position_ids
+from megavlm.training.compile import compile_layers
 from tests.parity.qwen3vl_case import processor_inputs
 
 pytestmark = pytest.mark.usefixtures("single_rank_megatron")
@@ -132,3 +133,33 @@ def test_compiled_decoding_with_1d_rope():
     got = GenerationEngine([chunk], compile_decode=True).generate(prompts, SamplingParams(max_new_tokens=8))
     for prompt, tokens in zip(prompts, got):
         assert tokens.tolist() == recompute_greedy(chunk, prompt, 8)
+
+
+def test_layers_compiled_for_training_run_eager_in_generation():
+    """train.compile compiles layers for training shapes (PPO's actor); generation runs them
+    eager unless inference.compile_decode says otherwise (with an inference context they would
+    recompile per layer up to dynamo's limit): nothing is compiled by a rollout."""
+    cfg = load_config(None, ["model.preset=qwen3-tiny", "model.init_std=0.2"])
+    (chunk,), _ = build_model_chunks(cfg)
+    chunk = unwrap_model(chunk)
+    g = torch.Generator().manual_seed(5)
+    prompts = [Prompt(tokens=torch.randint(0, cfg.model.language.vocab_size, (n,), generator=g)) for n in (4, 7)]
+    want = GenerationEngine([chunk]).generate(prompts, SamplingParams(max_new_tokens=4))
+    assert compile_layers([chunk]) == cfg.model.language.num_layers
+    counters.clear()
+    got = GenerationEngine([chunk]).generate(prompts, SamplingParams(max_new_tokens=4))
+    assert counters["stats"]["unique_graphs"] == 0
+    assert [t.tolist() for t in got] == [t.tolist() for t in want]
+
+
+def test_ppo_models_honour_train_compile(single_rank_megatron, monkeypatch):
+    """rl.models builds the actor and critic through one _trained, which compiles their layers
+    under train.compile as pretraining does (the compilation itself: tests/unit/test_compile.py)."""
+    from megavlm.rl import models
+
+    compiled = []
+    monkeypatch.setattr(models, "compile_layers", lambda chunks: compiled.append(chunks))
+    cfg = load_config(None, ["model.preset=qwen3-tiny", "train.compile=true"])
+    chunks, tconfig = build_model_chunks(cfg)
+    models._trained(cfg, chunks, tconfig, cfg.train.lr)
+    assert compiled == [chunks]
