@@ -124,35 +124,29 @@ def main() -> None:
         if dev.type == "cuda":
             torch.cuda.synchronize()
 
-    def megavlm_run(engine=engine) -> torch.Tensor:
+    def megavlm_run(engine) -> torch.Tensor:
         out = engine.generate(prompts, params)
         sync()
         return torch.stack(out)
 
-    def compiled_run() -> torch.Tensor:
-        return megavlm_run(compiled)
-
-    def hf_run() -> torch.Tensor:
+    def hf_run(**compiled) -> torch.Tensor:
         with _no_torch_function_modes(), torch.no_grad():
             out = hf.generate(**hf_inputs, max_new_tokens=a.new_tokens, min_new_tokens=a.new_tokens, do_sample=False,
-                              pad_token_id=0)
+                              pad_token_id=0, **compiled)
         sync()
         return out[:, hf_inputs["input_ids"].shape[1]:].cpu()
 
-    hf_compile = transformers.CompileConfig(mode="default")  # "reduce-overhead" is CUDA graphs
-    hf_compile._compile_all_devices = True  # a class attribute in transformers, not an __init__ argument
-
-    def hf_compiled_run() -> torch.Tensor:
-        """HF's own compiled decoding: a static cache, whose forward ``generate`` compiles
-        (``compile_config`` with ``_compile_all_devices``: HF compiles only on GPUs by default)."""
-        with _no_torch_function_modes(), torch.no_grad():
-            out = hf.generate(**hf_inputs, max_new_tokens=a.new_tokens, min_new_tokens=a.new_tokens, do_sample=False,
-                              pad_token_id=0, cache_implementation="static",
-                              compile_config=hf_compile)
-        sync()
-        return out[:, hf_inputs["input_ids"].shape[1]:].cpu()
-
-    runs = {"megavlm": megavlm_run, "megavlm+compile": compiled_run, "hf": hf_run, "hf+compile": hf_compiled_run}
+    # HF's own compiled decoding: a static cache, whose forward ``generate`` compiles
+    # (``_compile_all_devices``: HF compiles only on GPUs by default; a class attribute in
+    # transformers, not an __init__ argument). "reduce-overhead" would be CUDA graphs.
+    hf_compile = transformers.CompileConfig(mode="default")
+    hf_compile._compile_all_devices = True
+    runs = {
+        "megavlm": lambda: megavlm_run(engine),
+        "megavlm+compile": lambda: megavlm_run(compiled),
+        "hf": hf_run,
+        "hf+compile": lambda: hf_run(cache_implementation="static", compile_config=hf_compile),
+    }
     outputs, warmup = {}, {}
     for name, run in runs.items():  # warm-up (compilation included), and the tokens compared
         start = time.perf_counter()
@@ -195,7 +189,7 @@ def main() -> None:
 
     if a.profile:
         with torch.profiler.profile() as prof:
-            compiled_run()
+            runs["megavlm+compile"]()
         Path(a.profile).write_text(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=40)
                                    + "\n" + prof.key_averages().table(sort_by="cpu_time_total", row_limit=40))
         print(f"profile of one megavlm+compile rollout: {a.profile}")

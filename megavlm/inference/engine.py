@@ -330,9 +330,9 @@ class GenerationEngine:
     second with the cache length (the mask width and the cache slice) dynamic, after
     which every step and every later rollout of the same batch size reuses that graph. One
     graph break per step remains, at megatron's ``make_viewless_tensor`` (a ``.data``
-    assignment) at the decoder's entry of a text-only model (the VLM's embeddings are never a
-    view). Pipeline stages call ``_stage_step``, so the received hidden states are a graph
-    input (and a fresh tensor: ``DeepStackInjector.split_received``). The compiled step is
+    assignment) at the decoder's entry of a text-only model (the VLM's decoder input is never
+    a view in generation). Pipeline stages call ``_stage_step``, so the received hidden states are a graph
+    input (and never a view: ``models.viewless.block_input``). The compiled step is
     the same computation: greedy tokens are tested against full recomputation (and equal
     HF's ``generate`` in bench/rollout_throughput.py), sampled rollouts at TP=2 and PP=2
     against the eager single rank (tests/parallel/test_ppo.py). On GPUs the same call

@@ -17,6 +17,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from megavlm.models.viewless import block_input
+
 
 def late_levels(*, levels: int, num_layers: int, pp: int, vpp: int | None, first_stage_layers: int | None = None) -> int:
     """Levels whose target decoder layer is not in the first (virtual) pipeline stage
@@ -58,11 +60,7 @@ class DeepStackInjector:
         parts = received.chunk(1 + self.late, dim=0)
         first_late = self.levels - self.late
         self.addends = {first_late + i: part for i, part in enumerate(parts[1:])}
-        # Without autograd (generation) the hidden states are copied out of the received
-        # buffer: a view goes through megatron's make_viewless_tensor (a ``.data``
-        # assignment), which torch.compile miscompiles (inductor then rejects the next step's
-        # input: ``inference.compile_decode`` on a later pipeline stage). Training keeps the view.
-        return parts[0] if torch.is_grad_enabled() else parts[0].clone()
+        return block_input(parts[0])
 
     def attach_to_output(self, hidden: Tensor) -> Tensor:
         """Before sending to the next stage: append the late addends to the hidden states."""

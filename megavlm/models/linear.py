@@ -19,6 +19,6 @@ class RowParallelLinear(tensor_parallel.RowParallelLinear):
     """``tensor_parallel.RowParallelLinear`` whose GEMM call names the layer's TP group."""
 
     def _forward_impl(self, input, weight, *args, **kwargs):
-        if kwargs.get("tp_group", self.tp_group) is None:
+        if kwargs.get("tp_group") is None:
             kwargs["tp_group"] = self.tp_group
         return super()._forward_impl(input, weight, *args, **kwargs)

@@ -23,6 +23,7 @@ from megavlm.models.deepstack import DeepStackInjector, late_levels
 from megavlm.models.language.model import build_language_model
 from megavlm.models.vision.qwen3vl import VisionModel, build_vision_model
 from megavlm.models.vision.step3 import Step3VisionModel, build_step3_vision_model
+from megavlm.models.viewless import block_input
 from megavlm.parallel.partition import CPPartition, split_for_cp
 from megavlm.parallel.vision_split import encode_split_over_cp
 
@@ -185,11 +186,9 @@ class VLMModel(MegatronModule):
         if cp_partition is not None:  # this CP rank's tokens, after the media are in place
             embeds = split_for_cp(embeds, cp_partition, dim=1)
             addends = None if addends is None else [split_for_cp(a, cp_partition, dim=1) for a in addends]
-        # [s, b, h] as a new tensor, never a view (``.contiguous()`` returns the view itself when
-        # b == 1 or s == 1, as in every decoding step): megatron's TransformerBlock turns a view
-        # into a "viewless" tensor by assigning ``.data``, which torch.compile cannot trace (a
-        # graph break in each compiled decoding step, ``inference.compile_decode``).
-        embeds = embeds.transpose(0, 1).clone(memory_format=torch.contiguous_format)
+        # [s, b, h]; ``.contiguous()`` returns the view itself when b == 1 or s == 1, as in
+        # every decoding step, hence block_input
+        embeds = block_input(embeds.transpose(0, 1).contiguous())
         addends = [] if addends is None else [a.transpose(0, 1).contiguous() for a in addends]
         if self.config.sequence_parallel:
             embeds = tensor_parallel.scatter_to_sequence_parallel_region(embeds)

