@@ -65,3 +65,39 @@ def test_step3vl_views_reach_their_placeholders():
     assert diff[:8].max() == 0 and diff[8:].min() > 0
     with pytest.raises(ValueError, match="image features and placeholders differ: 5 features"):
         model(tokens[:, :-3], positions[:, :-3], pixel_values=pixels, image_grid_thw=grid)
+
+
+@pytest.mark.usefixtures("single_rank_megatron")
+def test_local_vit_packs_as_sbhd_and_equals_megatrons_thd_path():
+    """On the local backend the ViT packs its images as 'sbhd' with host-side boundaries
+    (RoPE one-to-one, no read-back per image); megatron's own 'thd' path (per-sample RoPE
+    offsets read with .item()) must give the same features and gradients."""
+    import torch
+
+    cfg = load_config(None, ["model.preset=qwen3vl-tiny"])
+    (chunk,), _ = build_model_chunks(cfg)
+    vision = unwrap_model(chunk).vision
+    assert vision.packed_format == "sbhd"
+    seen = []
+    vision.encoder.register_forward_pre_hook(lambda m, a, kw: seen.append(kw["packed_seq_params"]), with_kwargs=True)
+    grid = torch.tensor([[1, 4, 6], [2, 4, 4], [1, 8, 4]])  # an image, a 2-slice video, another image
+    n = int((grid[:, 0] * grid[:, 1] * grid[:, 2]).sum())
+    v = cfg.model.vision
+    pixels = torch.randn(n, v.in_channels * v.temporal_patch_size * v.patch_size ** 2,
+                         generator=torch.Generator().manual_seed(0))
+
+    def run(fmt):
+        vision.packed_format = fmt
+        vision.zero_grad(set_to_none=True)
+        merged, deepstack = vision(pixels, grid)
+        (merged.square().sum() + sum(d.sum() for d in deepstack)).backward()
+        return [merged.detach(), *(d.detach() for d in deepstack)], {k: p.grad.clone() for k, p in vision.named_parameters()}
+
+    out, grads = run("sbhd")
+    assert seen[-1].qkv_format == "sbhd" and seen[-1].cu_seqlens_q.device.type == "cpu"
+    ref_out, ref_grads = run("thd")
+    assert seen[-1].qkv_format == "thd"
+    for a, b in zip(out, ref_out):
+        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-6)
+    for k, g in grads.items():
+        torch.testing.assert_close(g, ref_grads[k], rtol=1e-5, atol=1e-6, msg=k)

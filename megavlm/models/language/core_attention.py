@@ -278,7 +278,8 @@ class SDPAAttention(MegatronModule):
             or mask_type not in (AttnMaskType.causal, AttnMaskType.no_mask, AttnMaskType.padding)
             or params.cu_seqlens_q is None
             or params.cu_seqlens_q_padded is not None
-            or (params.cu_seqlens_kv is not None and not torch.equal(params.cu_seqlens_q, params.cu_seqlens_kv))
+            or (params.cu_seqlens_kv is not None and params.cu_seqlens_kv is not params.cu_seqlens_q
+                and not torch.equal(params.cu_seqlens_q, params.cu_seqlens_kv))
         ):
             return None
         bounds = params.cu_seqlens_q.tolist()
@@ -338,6 +339,46 @@ class SDPAAttention(MegatronModule):
         )  # [sq, b, np, hn]
         return context.reshape(sq, b, np_ * hn)
 
+    # ------------------------------------------------------------------ SDPA
+    def _attend(
+        self, q: Tensor, k: Tensor, v: Tensor, mask_type: AttnMaskType, attention_mask: Optional[Tensor],
+        params: Optional[PackedSeqParams], dropout_p: float,
+    ) -> Tensor:
+        """``[b, np, sq, hn]`` attention of ``[b, np|ng, s, hn]`` inputs, masks as in the class
+        docstring."""
+        keep, is_causal = self._keep_mask(q.shape[2], k.shape[2], q.device, mask_type, attention_mask, params)
+        return F.scaled_dot_product_attention(
+            q, k, v,
+            attn_mask=keep,  # bool, True = may attend (SDPA convention), or None
+            dropout_p=dropout_p, is_causal=is_causal, scale=self.softmax_scale,
+            enable_gqa=k.shape[1] != q.shape[1],
+        )  # [b, np, sq, hn]
+
+    @torch.compiler.disable(reason="the per-sample split reads the packed boundaries as Python ints")
+    def _attend_packed(
+        self, q: Tensor, k: Tensor, v: Tensor, mask_type: AttnMaskType, attention_mask: Optional[Tensor],
+        params: PackedSeqParams, dropout_p: float,
+    ) -> Tensor:
+        """Packed samples attend only within themselves: one SDPA call per sample (its own
+        causal flag, no mask) does the work of the block-diagonal mask without the
+        cross-sample FLOPs, which dominate for many short samples or images. Where that is
+        not exact (padded boundaries, windows, extra masks) the block-diagonal mask is used.
+
+        Eager under ``train.compile``: the split needs the boundaries as Python ints, a
+        data-dependent graph break, so the compiled layer runs as two graphs around this call
+        instead of breaking inside it (and the boundaries are never guarded on)."""
+        segments = self._segments(params, q.shape[2], k.shape[2], mask_type, attention_mask)
+        if segments is None:
+            return self._attend(q, k, v, mask_type, attention_mask, params, dropout_p)
+        is_causal = mask_type == AttnMaskType.causal
+        return torch.cat([
+            F.scaled_dot_product_attention(
+                q[:, :, a:e], k[:, :, a:e], v[:, :, a:e], dropout_p=dropout_p, is_causal=is_causal,
+                scale=self.softmax_scale, enable_gqa=k.shape[1] != q.shape[1],
+            )
+            for a, e in segments
+        ], dim=2)  # [b, np, sq, hn]
+
     # ---------------------------------------------------------------- forward
     def forward(
         self,
@@ -381,40 +422,13 @@ class SDPAAttention(MegatronModule):
         if self.cp_size > 1:
             context = self._ring(query, key, value, attention_mask, mask_type, packed_seq_params)
             return context.squeeze(1) if thd else context
-        segments = self._segments(packed_seq_params, sq, sk, mask_type, attention_mask)
-        if segments is not None:
-            # Packed samples attend only within themselves: one SDPA call per sample (its
-            # own causal flag, no mask) does the work of the block-diagonal mask without the
-            # cross-sample FLOPs, which dominate for many short samples or images.
-            keep, is_causal = None, mask_type == AttnMaskType.causal
-        else:
-            keep, is_causal = self._keep_mask(
-                sq, sk, query.device, mask_type, attention_mask, packed_seq_params
-            )
-
         # SDPA layout: [sq, b, np, hn] -> [b, np, sq, hn]; [sk, b, ng, hn] -> [b, ng, sk, hn]
         q = query.permute(1, 2, 0, 3)
         k = key.permute(1, 2, 0, 3)
         v = value.permute(1, 2, 0, 3)
-
         dropout_p = self.attention_dropout_p if self.training else 0.0
-
-        def _attend(q, k, v) -> Tensor:
-            return F.scaled_dot_product_attention(
-                q,
-                k,
-                v,
-                attn_mask=keep,  # bool, True = may attend (SDPA convention), or None
-                dropout_p=dropout_p,
-                is_causal=is_causal,
-                scale=self.softmax_scale,
-                enable_gqa=ng != np_,
-            )  # [b, np, sq, hn]
-
-        def _sdpa() -> Tensor:
-            if segments is None:
-                return _attend(q, k, v)
-            return torch.cat([_attend(q[:, :, a:e], k[:, :, a:e], v[:, :, a:e]) for a, e in segments], dim=2)
+        args = (q, k, v, mask_type, attention_mask, packed_seq_params, dropout_p)
+        attend = self._attend if packed_seq_params is None else self._attend_packed
 
         if dropout_p > 0.0 and not self.config.sequence_parallel:
             # Heads are TP-local, so the dropout pattern must differ across TP ranks: use the
@@ -422,9 +436,9 @@ class SDPAAttention(MegatronModule):
             # runs every layer inside this fork, and nesting it would replay random numbers
             # (the same rule as DotProductAttention).
             with tensor_parallel.get_cuda_rng_tracker().fork():
-                context = _sdpa()
+                context = attend(*args)
         else:
-            context = _sdpa()
+            context = attend(*args)
 
         # [b, np, sq, hn] -> [sq, b, np, hn] -> [sq, b, hp]
         context = context.permute(2, 0, 1, 3).reshape(sq, b, np_ * hn)

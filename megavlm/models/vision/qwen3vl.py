@@ -1,9 +1,13 @@
 """The Qwen3-VL vision encoder on megatron-core blocks, with its mergers (REFERENCE 3).
 
 Many images and video frame groups of different sizes arrive packed as one sequence of
-patches; attention is variable-length over each temporal slice (megatron's ``thd`` packed
-format), not padded. The 2D RoPE angles are given per packed patch, which megatron's thd
-RoPE applies one-to-one. The encoder is a megatron ``TransformerBlock`` built from the same
+patches; attention is variable-length over each temporal slice, not padded. The 2D RoPE
+angles are given per packed patch and apply one-to-one. With Transformer Engine the packed
+format is megatron's ``thd`` (TE's variable-length kernels need it). On the local backend it
+is ``sbhd`` with the boundaries in ``cu_seqlens``: megatron then applies RoPE one-to-one on
+``[t, 1, h, d]`` (its ``thd`` RoPE reads every boundary back with ``.item()``, two host reads
+per image per layer, and breaks ``torch.compile``'s graph), and ``SDPAAttention`` splits the
+samples at boundaries kept on the host, so the encoder never waits on the device. The encoder is a megatron ``TransformerBlock`` built from the same
 pre-norm layer spec as the decoder (LayerNorm, biases, GELU-tanh, no causal mask), so TP
 splits it and TE/FP8 apply on GPU; it has no pipeline stages of its own (it lives on the
 first decoder stage) and no sequence parallelism.
@@ -72,6 +76,7 @@ class VisionModel(MegatronModule):
         super().__init__(config=config)
         self.vision = vision
         self.merge = projector.spatial_merge_size
+        self.packed_format = "thd" if use_te else "sbhd"  # why: module docstring
         self.patch_embed = PatchEmbed(vision)
         self.pos_embed = PositionEmbedding(vision, self.merge)
         layer = prenorm_layer_spec(
@@ -122,8 +127,10 @@ class VisionModel(MegatronModule):
         rope = rope_2d(grid_thw, head_dim=head_dim, theta=self.vision.rope_theta, merge=self.merge).to(x.device)
         cu = vision_cu_seqlens(grid_thw)
         longest = int((cu[1:] - cu[:-1]).max())
-        cu = cu.to(x.device)
-        packed = PackedSeqParams(qkv_format="thd", cu_seqlens_q=cu, cu_seqlens_kv=cu,
+        if self.packed_format == "thd":
+            cu = cu.to(x.device)  # TE's kernels read the boundaries on the device
+        # else they stay on the host: only SDPAAttention's per-sample split reads them
+        packed = PackedSeqParams(qkv_format=self.packed_format, cu_seqlens_q=cu, cu_seqlens_kv=cu,
                                  max_seqlen_q=longest, max_seqlen_kv=longest)
         self._captured = {}
         hidden = self.encoder(x[:, None, :], attention_mask=None, rotary_pos_emb=rope, packed_seq_params=packed)
