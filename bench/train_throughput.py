@@ -16,6 +16,10 @@ of HF steps (alternating which goes first); every step is timed on its own, and 
 that of the median step over all rounds (per-round medians and the fastest step are printed
 too, to show the spread). The ratio is megavlm's median tokens/s over HF's.
 
+The "kernel floor" contender runs only the step's GEMMs and attention kernels on tensors of
+the same shapes (``kernel_floor_step``); its rate over HF's is the ceiling of any framework
+that runs the same kernels, printed as such.
+
 HF runs with torch-function modes popped: megavlm's CPU adapter installs a process-wide
 ``TorchFunctionMode`` (``megavlm.platform.cpu_adapter``) that HF would otherwise pay for.
 
@@ -180,6 +184,7 @@ def build_hf(a: argparse.Namespace, cfg):
 
 
 PHASES = ("data", "forward", "backward", "optimizer")
+FLOOR = "kernel floor"
 _profiling = False
 
 
@@ -255,6 +260,37 @@ def compile_hf(model: torch.nn.Module) -> None:
                 layer.compile()
 
 
+def kernel_floor_step(a: argparse.Namespace):
+    """A "step" that runs only the step's GEMMs and attention kernels, on random tensors of
+    the model's shapes, and nothing else: the time no framework running these kernels can
+    beat. Each linear layer (as megatron fuses them: QKV, output projection, gate+up, down,
+    then the vocabulary projection) is one forward GEMM and two backward GEMMs (input and
+    weight gradients) over the ``mbs * seq`` tokens; each layer's attention is one causal
+    SDPA forward and backward with the model's heads. Elementwise work (norms, RoPE,
+    activations, residuals, loss, optimizer) is left out on purpose: that is what
+    frameworks can fuse or remove, the kernels are not."""
+    tokens, h, hd = a.mbs * a.seq, a.hidden, a.head_dim
+    linears = [(h, (a.heads + 2 * a.kv_heads) * hd), (a.heads * hd, h), (h, 2 * a.ffn), (a.ffn, h)] * a.layers
+    linears.append((h, a.vocab))
+    g = torch.Generator().manual_seed(0)
+    gemms = [(torch.randn(tokens, i, generator=g), torch.randn(o, i, generator=g), torch.randn(tokens, o, generator=g))
+             for i, o in linears]
+    q = torch.randn(a.mbs, a.heads, a.seq, hd, generator=g, requires_grad=True)
+    k = torch.randn(a.mbs, a.kv_heads, a.seq, hd, generator=g, requires_grad=True)
+    v = torch.randn(a.mbs, a.kv_heads, a.seq, hd, generator=g, requires_grad=True)
+    grad_out = torch.randn(a.mbs, a.heads, a.seq, hd, generator=g)
+
+    def step() -> float:
+        for x, w, dy in gemms:
+            torch.mm(x, w.t()), torch.mm(dy, w), torch.mm(dy.t(), x)  # forward, dgrad, wgrad
+        for _ in range(a.layers):
+            out = torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
+            torch.autograd.grad(out, (q, k, v), grad_out)
+        return float("nan")
+
+    return step
+
+
 def step_times(step, n: int) -> tuple[list[float], list[float], float]:
     """Wall seconds and process CPU seconds of each of ``n`` steps (CPU work is
     synchronous), and the last loss."""
@@ -293,6 +329,11 @@ def compare(steps: dict, *, tokens: int, warmup: int, rounds: int, steps_per_blo
         flat = [t for ts in per_round for t in ts]
         print(f"{name:14}" + "".join(f"{rate(ts):9.0f}" for ts in per_round)
               + f"{rate(flat):9.0f}{tokens / min(flat):9.0f}{losses[name]:11.3f}")
+    if FLOOR in times and "hf" in times:
+        ceiling = [rate(f) / rate(h) for f, h in zip(times[FLOOR], times["hf"])]
+        print(f"ceiling at these shapes: {FLOOR}/hf {statistics.median(ceiling):.2f}x (median of rounds "
+              + " ".join(f"{x:.2f}" for x in ceiling) + "): the most any framework running the same "
+              "GEMMs and attention kernels can gain over HF eager")
     ratios = {}
     for name in steps:
         if name == "megavlm":
@@ -336,6 +377,7 @@ def main() -> None:
     if a.compile:
         steps["hf+compile"], _, hf_model = build_hf(a, cfg)
         compile_hf(hf_model)
+    steps[FLOOR] = kernel_floor_step(a)
     run_bench(a, steps, trainer, tokens=a.mbs * a.seq)
 
 
@@ -346,6 +388,8 @@ def run_bench(a: argparse.Namespace, steps: dict, trainer, *, tokens: int) -> No
     compare(steps, tokens=tokens, warmup=a.warmup, rounds=a.rounds, steps_per_block=a.steps)
     profiles = {}
     for name, step in steps.items():
+        if name == FLOOR:
+            continue
         with megavlm_phases(trainer) if name == "megavlm" else contextlib.nullcontext():
             if a.profile_top:
                 print(f"\n{name}: top operators by self CPU time")
