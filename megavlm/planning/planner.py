@@ -10,7 +10,7 @@ with every assumption stated (``assumptions``).
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from typing import Iterator
 
 from megavlm.config.schema import LanguageModelConfig

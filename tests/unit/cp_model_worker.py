@@ -22,7 +22,6 @@ from megatron.core import parallel_state
 from megavlm.config import load_config
 from megavlm.data.build import training_rows
 from megavlm.models.build import build_model_chunks
-from megavlm.parallel import cp_partition
 from megavlm.parallel.context import shard_for_cp
 from megavlm.platform import cpu_adapter
 from megavlm.platform.distributed import megatron_parallel_sizes, seed_everything

@@ -11,7 +11,7 @@ from megavlm.config import ConfigError, validate
 from megavlm.config.loader import load_config
 from megavlm.config.schema import Config, LanguageModelConfig, ModelConfig
 from megavlm.training.metrics import ThroughputMeter, _tag, gpu_peak_flops, model_flops_per_step
-from megavlm.training.run_control import CollectiveTimeoutError, ExitRule, collective_phase
+from megavlm.training.run_control import ExitRule
 
 
 def _tiny_cfg() -> Config:

@@ -414,7 +414,7 @@ class SDPAAttention(MegatronModule):
             query, key, value = query.unsqueeze(1), key.unsqueeze(1), value.unsqueeze(1)
 
         sq, b, np_, hn = query.shape  # [sq, b, np, hn]
-        sk, ng = key.shape[0], key.shape[2]  # key/value: [sk, b, ng, hn]
+        ng = key.shape[2]  # key/value: [sk, b, ng, hn]
         if np_ % ng != 0:
             raise ValueError(f"query heads ({np_}) must be a multiple of key/value heads ({ng})")
 
