@@ -339,3 +339,37 @@ def test_gpt_model_packed_thd_equals_separate_samples():
         first = model(tokens[:, :5], torch.arange(5)[None], None, labels=labels[:, :5])
         second = model(tokens[:, 5:], torch.arange(7)[None], None, labels=labels[:, 5:])
     torch.testing.assert_close(packed, torch.cat([first, second], dim=1), atol=1e-5, rtol=1e-5)
+
+
+def test_packed_rows_reach_thd_kernels_as_thd():
+    """The ViT's packed sbhd row [t, 1, h, d] reaches a thd-only core attention (TE's, on GPU)
+    as [t, h, d] with the boundaries tagged thd, and comes back as the [t, 1, h * d] that
+    megatron expects from sbhd; the result equals attending each sample on its own."""
+    from megavlm.models.vision.packed_attention import thd_kernels_for_packed_rows
+
+    received = []
+
+    class ThdOnly(SDPAAttention):  # stands in for TEDotProductAttention: records what it gets
+        def forward(self, query, key, value, attention_mask, attn_mask_type=None, attention_bias=None,
+                    packed_seq_params=None):
+            received.append((packed_seq_params.qkv_format, query.dim()))
+            return super().forward(query, key, value, attention_mask, attn_mask_type=attn_mask_type,
+                                   attention_bias=attention_bias, packed_seq_params=packed_seq_params)
+
+    module = thd_kernels_for_packed_rows(ThdOnly)(_attn_config(), 1, AttnMaskType.padding, "self")
+    assert thd_kernels_for_packed_rows(ThdOnly) is type(module)  # one class per base
+    bounds = [0, 5, 12, 20]
+    q, k, v = _qkv(sq=20, b=1)
+    cu = torch.tensor(bounds, dtype=torch.int32)
+    params = PackedSeqParams(qkv_format="sbhd", cu_seqlens_q=cu, cu_seqlens_kv=cu, max_seqlen_q=8, max_seqlen_kv=8)
+    out = module(q, k, v, None, packed_seq_params=params)
+    assert received == [("thd", 3)] and out.shape == (20, 1, NP * HN)
+    plain = SDPAAttention(_attn_config(), 1, AttnMaskType.padding, "self")
+    for a, e in zip(bounds[:-1], bounds[1:]):
+        ref = plain(q[a:e], k[a:e], v[a:e], None)
+        torch.testing.assert_close(out[a:e], ref, rtol=1e-6, atol=1e-6)
+    # megatron's own thd call (already [t, h, d]) passes through untouched
+    received.clear()
+    thd = PackedSeqParams(qkv_format="thd", cu_seqlens_q=cu, cu_seqlens_kv=cu, max_seqlen_q=8, max_seqlen_kv=8)
+    assert module(q[:, 0], k[:, 0], v[:, 0], None, packed_seq_params=thd).shape == (20, NP * HN)
+    assert received == [("thd", 3)]

@@ -75,9 +75,10 @@ def prenorm_layer_spec(
     attn_mask_type: AttnMaskType,
     num_experts: int | None = None,
     grouped_gemm: bool = False,
+    core_attention: type | None = None,
 ) -> ModuleSpec:
     """One pre-norm transformer layer: attention, then an MLP or MoE (activation, gating and
-    biases come from the TransformerConfig).
+    biases come from the TransformerConfig). ``core_attention`` replaces the backend's.
 
     With TE the input norm (and the dense MLP's norm) are fused into the following linear;
     the local spec maps its separate norm keys onto those fused names so checkpoints move
@@ -105,7 +106,7 @@ def prenorm_layer_spec(
                         if fused
                         else backend.column_parallel_linear()
                     ),
-                    core_attention=backend.core_attention(),
+                    core_attention=core_attention or backend.core_attention(),
                     linear_proj=backend.row_parallel_linear(),
                     q_layernorm=qk,
                     k_layernorm=qk,

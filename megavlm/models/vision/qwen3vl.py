@@ -2,12 +2,13 @@
 
 Many images and video frame groups of different sizes arrive packed as one sequence of
 patches; attention is variable-length over each temporal slice, not padded. The 2D RoPE
-angles are given per packed patch and apply one-to-one. With Transformer Engine the packed
-format is megatron's ``thd`` (TE's variable-length kernels need it). On the local backend it
-is ``sbhd`` with the boundaries in ``cu_seqlens``: megatron then applies RoPE one-to-one on
-``[t, 1, h, d]`` (its ``thd`` RoPE reads every boundary back with ``.item()``, two host reads
-per image per layer, and breaks ``torch.compile``'s graph), and ``SDPAAttention`` splits the
-samples at boundaries kept on the host, so the encoder never waits on the device. The encoder is a megatron ``TransformerBlock`` built from the same
+angles are given per packed patch and apply one-to-one. The packed row is tagged ``sbhd``
+with the boundaries in ``cu_seqlens``, so megatron applies RoPE one-to-one on ``[t, 1, h, d]``
+(tagged ``thd``, its RoPE reads every boundary back with ``.item()``, two host reads per image
+per layer, and breaks ``torch.compile``'s graph). ``SDPAAttention`` splits the samples at
+boundaries kept on the host, so the local encoder never waits on the device; Transformer
+Engine's kernels get the row as ``thd`` through ``packed_attention``.
+The encoder is a megatron ``TransformerBlock`` built from the same
 pre-norm layer spec as the decoder (LayerNorm, biases, GELU-tanh, no causal mask), so TP
 splits it and TE/FP8 apply on GPU; it has no pipeline stages of its own (it lives on the
 first decoder stage) and no sequence parallelism.
@@ -29,6 +30,7 @@ from megavlm.config.vision import ProjectorConfig, VisionConfig
 from megavlm.models.transformer_config import precision_and_kernels
 from megavlm.models.language.specs import backend_provider, prenorm_layer_spec
 from megavlm.models.projector import PatchMerger
+from megavlm.models.vision.packed_attention import thd_kernels_for_packed_rows
 from megavlm.models.vision.embeddings import PatchEmbed, PositionEmbedding, rope_2d, vision_cu_seqlens
 from megavlm.platform import device
 from megavlm.platform.distributed import without_context_parallel
@@ -76,11 +78,14 @@ class VisionModel(MegatronModule):
         super().__init__(config=config)
         self.vision = vision
         self.merge = projector.spatial_merge_size
-        self.packed_format = "thd" if use_te else "sbhd"  # why: module docstring
+        self.packed_format = "sbhd"  # the packed row's tag (module docstring); "thd" is megatron's own path
+        self.boundaries_on_device = use_te  # TE's kernels read them there
         self.patch_embed = PatchEmbed(vision)
         self.pos_embed = PositionEmbedding(vision, self.merge)
+        backend = backend_provider(use_te=use_te)
         layer = prenorm_layer_spec(
-            backend_provider(use_te=use_te), rms_norm=False, qk_norm=False, attn_mask_type=AttnMaskType.padding,
+            backend, rms_norm=False, qk_norm=False, attn_mask_type=AttnMaskType.padding,
+            core_attention=thd_kernels_for_packed_rows(backend.core_attention()) if use_te else None,
         )
         self.encoder = TransformerBlock(
             config, TransformerBlockSubmodules(layer_specs=[layer] * vision.num_layers, layer_norm=None),
@@ -127,9 +132,8 @@ class VisionModel(MegatronModule):
         rope = rope_2d(grid_thw, head_dim=head_dim, theta=self.vision.rope_theta, merge=self.merge).to(x.device)
         cu = vision_cu_seqlens(grid_thw)
         longest = int((cu[1:] - cu[:-1]).max())
-        if self.packed_format == "thd":
-            cu = cu.to(x.device)  # TE's kernels read the boundaries on the device
-        # else they stay on the host: only SDPAAttention's per-sample split reads them
+        if self.boundaries_on_device or self.packed_format == "thd":
+            cu = cu.to(x.device)
         packed = PackedSeqParams(qkv_format=self.packed_format, cu_seqlens_q=cu, cu_seqlens_kv=cu,
                                  max_seqlen_q=longest, max_seqlen_kv=longest)
         self._captured = {}
