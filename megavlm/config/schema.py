@@ -204,6 +204,10 @@ class TrainConfig:
     # Weight of each supervised token, normalized over the global batch: "per_token" (1),
     # "per_sample" (1/N_i) or "sqrt" (1/sqrt(N_i)), N_i the supervised tokens of sample i.
     loss_normalization: str = "per_token"
+    # Project to the vocabulary and compute the cross entropy only at supervised positions
+    # (loss mask non-zero): prompt, image and padding tokens never get logits. Same loss and
+    # gradients; less compute and far less logit memory ([tokens, vocab / tp] in fp32).
+    supervised_logits_only: bool = True
     recompute: RecomputeConfig = field(default_factory=RecomputeConfig)
     # Save and exit cleanly after every N-th iteration (0: off), or once the run has
     # trained this many minutes (0: off); resume with checkpoint.load as after a SIGTERM.

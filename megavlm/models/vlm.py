@@ -98,6 +98,7 @@ class VLMModel(MegatronModule):
         position_ids: Tensor,
         *,
         labels: Tensor | None = None,
+        loss_mask: Tensor | None = None,
         pixel_values: Tensor | None = None,
         image_grid_thw: Tensor | None = None,
         pixel_values_videos: Tensor | None = None,
@@ -110,6 +111,8 @@ class VLMModel(MegatronModule):
         cp_partition: CPPartition | None = None,
     ) -> Tensor:
         """Per-token loss ``[b, s]`` with labels on the last stage, logits without, else hidden states.
+        With ``loss_mask`` (``[b, s]``, same share as ``labels``), logits and loss are computed
+        only where it is non-zero, the loss elsewhere is 0 (``SupervisedLogitsGPTModel``).
 
         ``tokens [b, s]``; ``position_ids [3, b, s]`` (MRoPE) or ``[b, s]``; media as flattened
         patches ``[N, C*T*P*P]`` with one ``grid_thw`` row per image / video block;
@@ -133,7 +136,8 @@ class VLMModel(MegatronModule):
             tokens = split_for_cp(tokens, cp_partition, dim=1)
         output = self.language(
             tokens, position_ids, attention_mask, decoder_input=decoder_input, labels=labels,
-            packed_seq_params=packed_seq_params, runtime_gather_output=runtime_gather_output,
+            loss_mask=None if labels is None else loss_mask, packed_seq_params=packed_seq_params,
+            runtime_gather_output=runtime_gather_output,
             inference_context=inference_context,
         )
         if not self.post_process:

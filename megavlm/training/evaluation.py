@@ -12,6 +12,7 @@ or dropout masks).
 from __future__ import annotations
 
 import copy
+from functools import partial
 from pathlib import Path
 
 import torch
@@ -76,7 +77,7 @@ class Evaluator:
         forward_backward = get_forward_backward_func()
         for step in self._eval_steps():
             reports = forward_backward(
-                forward_step_func=forward_step,
+                forward_step_func=partial(forward_step, supervised_logits_only=self.cfg.train.supervised_logits_only),
                 data_iterator=[iter(step) for _ in model] if len(model) > 1 else iter(step),
                 model=model, num_microbatches=self.num_microbatches, seq_length=self.seq_length,
                 micro_batch_size=self.cfg.train.micro_batch_size, forward_only=True,

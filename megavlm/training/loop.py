@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import time
+from functools import partial
 from pathlib import Path
 
 import torch
@@ -174,7 +175,7 @@ class Trainer:
             chunk.zero_grad_buffer()
         self.optimizer.zero_grad()
         losses_reduced = self.forward_backward(
-            forward_step_func=forward_step,
+            forward_step_func=partial(forward_step, supervised_logits_only=t.supervised_logits_only),
             data_iterator=self._step_data(),
             model=self.model,
             num_microbatches=self.num_microbatches,

@@ -48,18 +48,21 @@ def packed_seq_params(cu_seqlens: torch.Tensor, target: torch.device | None = No
 HOST_FIELDS = ("image_grid_thw", "video_grid_thw")
 
 
-def forward_step(data_iterator: Iterator[Batch], model: torch.nn.Module):
+def forward_step(data_iterator: Iterator[Batch], model: torch.nn.Module, *, supervised_logits_only: bool = True):
+    """megatron's ``forward_step_func``; ``supervised_logits_only`` (``train.supervised_logits_only``,
+    bound by the caller) gives the model the loss mask, so logits exist only where it is non-zero."""
     host = next(data_iterator)
     batch = host.to(device.device())
     media = {**batch.media(), **{name: getattr(host, name) for name in HOST_FIELDS}}
     if parallel_state.get_context_parallel_world_size() > 1:
-        return _forward_context_parallel(batch, model, media)
+        return _forward_context_parallel(batch, model, media, supervised_logits_only)
     packed = None if host.cu_seqlens is None else packed_seq_params(host.cu_seqlens, batch.tokens.device)
-    output = model(batch.tokens, batch.position_ids, labels=batch.labels, packed_seq_params=packed, **media)
+    output = model(batch.tokens, batch.position_ids, labels=batch.labels, packed_seq_params=packed,
+                   loss_mask=host.loss_mask if supervised_logits_only else None, **media)  # host: no sync
     return output, partial(token_loss_sum, batch.loss_mask, batch.loss_weights)
 
 
-def _forward_context_parallel(batch: Batch, model: torch.nn.Module, media: dict):
+def _forward_context_parallel(batch: Batch, model: torch.nn.Module, media: dict, supervised_logits_only: bool):
     """This CP rank's share of the micro-batch through the model (megavlm.parallel.context);
     the loss is the token sum of the share, which megatron's per-token normalization turns
     into the global-batch loss over DP x CP."""
@@ -75,6 +78,6 @@ def _forward_context_parallel(batch: Batch, model: torch.nn.Module, media: dict)
     )
     output = model(
         shard.tokens, shard.position_ids, labels=shard.labels, packed_seq_params=shard.packed_seq_params,
-        cp_partition=shard.partition, **media,
+        cp_partition=shard.partition, loss_mask=shard.loss_mask if supervised_logits_only else None, **media,
     )
     return output, partial(token_loss_sum, shard.loss_mask, shard.loss_weights)

@@ -123,9 +123,9 @@ def run_layout(name: str, log_dir: Path) -> dict:
     first_forward: list[int] = []
     clean_forward = loop.forward_step
 
-    def measured_forward(data_iterator, model):
+    def measured_forward(data_iterator, model, **kwargs):
         before = tracker.live
-        out = clean_forward(data_iterator, model)
+        out = clean_forward(data_iterator, model, **kwargs)
         first_forward.append(tracker.live - before)
         return out
 

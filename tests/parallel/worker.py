@@ -217,8 +217,8 @@ def run_nan_skip(name: str, out: Path, log_dir: Path) -> None:
     before = gather_full_tensors(trainer.model)
     clean_forward = loop.forward_step
 
-    def poisoned_forward(data_iterator, model):
-        output, loss_func = clean_forward(data_iterator, model)
+    def poisoned_forward(data_iterator, model, **kwargs):
+        output, loss_func = clean_forward(data_iterator, model, **kwargs)
         return output * float("nan") if dist.get_rank() == 0 else output, loss_func
 
     loop.forward_step = poisoned_forward
