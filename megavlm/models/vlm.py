@@ -109,6 +109,7 @@ class VLMModel(MegatronModule):
         inference_context=None,
         media_mask: Tensor | bool | None = None,
         cp_partition: CPPartition | None = None,
+        host_tokens: Tensor | None = None,
     ) -> Tensor:
         """Per-token loss ``[b, s]`` with labels on the last stage, logits without, else hidden states.
         With ``loss_mask`` (``[b, s]``, same share as ``labels``), logits and loss are computed
@@ -119,7 +120,8 @@ class VLMModel(MegatronModule):
         ``attention_mask`` (bool, True = masked out) only for padded inference batches;
         ``media_mask [b, s]`` (bool) marks the placeholder tokens that take media features (default:
         every placeholder id; ``False``: none, so no scan): a generated ``<image_pad>`` is a plain
-        token, not media.
+        token, not media. ``host_tokens``: the same ``tokens`` on the host (the data path's copy):
+        placeholders are then counted there, with no read-back from the device.
         Context parallelism (``cp_partition``, ``megavlm.parallel.context``): ``tokens`` are the
         whole row, everything else is this CP rank's share; media features are scattered into
         the whole row, then the embeddings and DeepStack addends are split by the partition.
@@ -130,7 +132,7 @@ class VLMModel(MegatronModule):
         if self.pre_process and self.model_cfg.vision is not None:
             decoder_input = self._embed(
                 tokens, pixel_values, image_grid_thw, pixel_values_videos, video_grid_thw, media_mask,
-                cp_partition,
+                cp_partition, host_tokens,
             )
         if cp_partition is not None:
             tokens = split_for_cp(tokens, cp_partition, dim=1)
@@ -145,7 +147,8 @@ class VLMModel(MegatronModule):
         return output
 
     def _embed(
-        self, tokens, pixel_values, image_grid_thw, pixel_values_videos, video_grid_thw, media_mask, cp_partition
+        self, tokens, pixel_values, image_grid_thw, pixel_values_videos, video_grid_thw, media_mask, cp_partition,
+        host_tokens=None,
     ) -> Tensor:
         """Token embeddings with media features at their placeholders; DeepStack addends set."""
         ids = self.model_cfg.token_ids
@@ -162,10 +165,17 @@ class VLMModel(MegatronModule):
             media = []
         elif media_mask is not None:
             media = [(mask & media_mask, *rest) for mask, *rest in media]
-        encoded = self._encode_media(media)
+        # Placeholders counted on the host copy when there is one (the count is a host sync
+        # on a GPU otherwise, twice per micro-batch); a media_mask is applied on the device.
+        on_host = host_tokens is not None and media_mask is None
+        counts = {
+            kind: int((host_tokens == token_id).sum()) if on_host else None
+            for kind, token_id in (("image", ids.image_token_id), ("video", ids.video_token_id))
+        }
+        encoded = self._encode_media(media, counts)
         addends = None
         for mask, pixels, grid_thw, kind, token in media:
-            n_placeholders = int(mask.sum())
+            n_placeholders = counts[kind] if on_host else int(mask.sum())
             if pixels is None:
                 if n_placeholders:
                     raise ValueError(
@@ -201,7 +211,7 @@ class VLMModel(MegatronModule):
         return embeds
 
 
-    def _encode_media(self, media) -> dict[str, tuple[Tensor, list[Tensor]]]:
+    def _encode_media(self, media, counts: dict[str, int | None]) -> dict[str, tuple[Tensor, list[Tensor]]]:
         """Visual features (and DeepStack levels) of the micro-batch's images and videos.
 
         With ``parallel.vision_cp_split`` every CP rank encodes a contiguous share of all media
@@ -224,7 +234,8 @@ class VLMModel(MegatronModule):
         # placeholders (the total is checked against the placeholders by the caller, per kind)
         out, start = {}, 0
         for i, (kind, mask, _, _) in enumerate(present):
-            end = features.shape[0] if i == len(present) - 1 else start + int(mask.sum())
+            count = counts[kind] if counts[kind] is not None else int(mask.sum())
+            end = features.shape[0] if i == len(present) - 1 else start + count
             out[kind] = (features[start:end], [d[start:end] for d in deepstack])
             start = end
         return out

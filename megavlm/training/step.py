@@ -44,7 +44,8 @@ def packed_seq_params(cu_seqlens: torch.Tensor, target: torch.device | None = No
 
 
 # Small host-side tensors that only shape the computation: kept on the CPU so that reading
-# them (lengths, grid sizes) never synchronizes with the device in the forward.
+# them (lengths, grid sizes) never synchronizes with the device in the forward. The host
+# tokens go along too: the model counts media placeholders there.
 HOST_FIELDS = ("image_grid_thw", "video_grid_thw")
 
 
@@ -53,7 +54,7 @@ def forward_step(data_iterator: Iterator[Batch], model: torch.nn.Module, *, supe
     bound by the caller) gives the model the loss mask, so logits exist only where it is non-zero."""
     host = next(data_iterator)
     batch = host.to(device.device())
-    media = {**batch.media(), **{name: getattr(host, name) for name in HOST_FIELDS}}
+    media = {**batch.media(), **{name: getattr(host, name) for name in HOST_FIELDS}, "host_tokens": host.tokens}
     if parallel_state.get_context_parallel_world_size() > 1:
         return _forward_context_parallel(batch, model, media, supervised_logits_only)
     packed = None if host.cu_seqlens is None else packed_seq_params(host.cu_seqlens, batch.tokens.device)

@@ -65,6 +65,15 @@ def test_step3vl_views_reach_their_placeholders():
     assert diff[:8].max() == 0 and diff[8:].min() > 0
     with pytest.raises(ValueError, match="image features and placeholders differ: 5 features"):
         model(tokens[:, :-3], positions[:, :-3], pixel_values=pixels, image_grid_thw=grid)
+    # With the data path's host copy the placeholders are counted there (no device read):
+    # the same tokens give the same output, a copy that disagrees is what gets counted.
+    with torch.no_grad():
+        hosted = model(tokens, positions, pixel_values=pixels, image_grid_thw=grid, host_tokens=tokens.clone())
+    assert torch.equal(hosted, base)
+    lying = tokens.clone()
+    lying[0, 2] = 27
+    with pytest.raises(ValueError, match="image features and placeholders differ: 5 features .* but 4 placeholder"):
+        model(tokens, positions, pixel_values=pixels, image_grid_thw=grid, host_tokens=lying)
 
 
 @pytest.mark.usefixtures("single_rank_megatron")
