@@ -207,6 +207,7 @@ class TrainConfig:
     # Project to the vocabulary and compute the cross entropy only at supervised positions
     # (loss mask non-zero): prompt, image and padding tokens never get logits. Same loss and
     # gradients; less compute and far less logit memory ([tokens, vocab / tp] in fp32).
+    # Pretraining, SFT and evaluation; PPO computes its log-probs from a pass of its own.
     supervised_logits_only: bool = True
     recompute: RecomputeConfig = field(default_factory=RecomputeConfig)
     # Save and exit cleanly after every N-th iteration (0: off), or once the run has
