@@ -138,7 +138,7 @@ class VLMModel(MegatronModule):
             tokens = split_for_cp(tokens, cp_partition, dim=1)
         output = self.language(
             tokens, position_ids, attention_mask, decoder_input=decoder_input, labels=labels,
-            loss_mask=None if labels is None else loss_mask, packed_seq_params=packed_seq_params,
+            loss_mask=loss_mask, packed_seq_params=packed_seq_params,
             runtime_gather_output=runtime_gather_output,
             inference_context=inference_context,
         )
@@ -165,17 +165,18 @@ class VLMModel(MegatronModule):
             media = []
         elif media_mask is not None:
             media = [(mask & media_mask, *rest) for mask, *rest in media]
-        # Placeholders counted on the host copy when there is one (the count is a host sync
-        # on a GPU otherwise, twice per micro-batch); a media_mask is applied on the device.
+        # Placeholders per kind, counted on the host copy when there is one (on the device
+        # the count is a host sync on a GPU); a media_mask exists on the device only.
         on_host = host_tokens is not None and media_mask is None
         counts = {
-            kind: int((host_tokens == token_id).sum()) if on_host else None
-            for kind, token_id in (("image", ids.image_token_id), ("video", ids.video_token_id))
+            kind: int((host_tokens == (ids.image_token_id if kind == "image" else ids.video_token_id)).sum())
+            if on_host else int(mask.sum())
+            for mask, _, _, kind, _ in media
         }
         encoded = self._encode_media(media, counts)
         addends = None
         for mask, pixels, grid_thw, kind, token in media:
-            n_placeholders = counts[kind] if on_host else int(mask.sum())
+            n_placeholders = counts[kind]
             if pixels is None:
                 if n_placeholders:
                     raise ValueError(
@@ -211,7 +212,7 @@ class VLMModel(MegatronModule):
         return embeds
 
 
-    def _encode_media(self, media, counts: dict[str, int | None]) -> dict[str, tuple[Tensor, list[Tensor]]]:
+    def _encode_media(self, media, counts: dict[str, int]) -> dict[str, tuple[Tensor, list[Tensor]]]:
         """Visual features (and DeepStack levels) of the micro-batch's images and videos.
 
         With ``parallel.vision_cp_split`` every CP rank encodes a contiguous share of all media
@@ -233,9 +234,8 @@ class VLMModel(MegatronModule):
         # blocks keep their order, so each kind's features are the next rows: as many as its
         # placeholders (the total is checked against the placeholders by the caller, per kind)
         out, start = {}, 0
-        for i, (kind, mask, _, _) in enumerate(present):
-            count = counts[kind] if counts[kind] is not None else int(mask.sum())
-            end = features.shape[0] if i == len(present) - 1 else start + count
+        for i, (kind, _, _, _) in enumerate(present):
+            end = features.shape[0] if i == len(present) - 1 else start + counts[kind]
             out[kind] = (features[start:end], [d[start:end] for d in deepstack])
             start = end
         return out

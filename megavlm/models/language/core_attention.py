@@ -340,19 +340,21 @@ class SDPAAttention(MegatronModule):
         return context.reshape(sq, b, np_ * hn)
 
     # ------------------------------------------------------------------ SDPA
+    def _sdpa(self, q: Tensor, k: Tensor, v: Tensor, keep: Optional[Tensor], is_causal: bool,
+              dropout_p: float) -> Tensor:
+        """``[b, np, sq, hn]`` from ``[b, np|ng, s, hn]``; ``keep``: bool, True = may attend."""
+        return F.scaled_dot_product_attention(
+            q, k, v, attn_mask=keep, dropout_p=dropout_p, is_causal=is_causal, scale=self.softmax_scale,
+            enable_gqa=k.shape[1] != q.shape[1],
+        )
+
     def _attend(
         self, q: Tensor, k: Tensor, v: Tensor, mask_type: AttnMaskType, attention_mask: Optional[Tensor],
         params: Optional[PackedSeqParams], dropout_p: float,
     ) -> Tensor:
-        """``[b, np, sq, hn]`` attention of ``[b, np|ng, s, hn]`` inputs, masks as in the class
-        docstring."""
+        """Attention with the masks of the class docstring."""
         keep, is_causal = self._keep_mask(q.shape[2], k.shape[2], q.device, mask_type, attention_mask, params)
-        return F.scaled_dot_product_attention(
-            q, k, v,
-            attn_mask=keep,  # bool, True = may attend (SDPA convention), or None
-            dropout_p=dropout_p, is_causal=is_causal, scale=self.softmax_scale,
-            enable_gqa=k.shape[1] != q.shape[1],
-        )  # [b, np, sq, hn]
+        return self._sdpa(q, k, v, keep, is_causal, dropout_p)
 
     @torch.compiler.disable(reason="the per-sample split reads the packed boundaries as Python ints")
     def _attend_packed(
@@ -372,11 +374,7 @@ class SDPAAttention(MegatronModule):
             return self._attend(q, k, v, mask_type, attention_mask, params, dropout_p)
         is_causal = mask_type == AttnMaskType.causal
         return torch.cat([
-            F.scaled_dot_product_attention(
-                q[:, :, a:e], k[:, :, a:e], v[:, :, a:e], dropout_p=dropout_p, is_causal=is_causal,
-                scale=self.softmax_scale, enable_gqa=k.shape[1] != q.shape[1],
-            )
-            for a, e in segments
+            self._sdpa(q[:, :, a:e], k[:, :, a:e], v[:, :, a:e], None, is_causal, dropout_p) for a, e in segments
         ], dim=2)  # [b, np, sq, hn]
 
     # ---------------------------------------------------------------- forward

@@ -44,13 +44,12 @@ class SupervisedLogitsGPTModel(GPTModel):
 
     def _postprocess(self, hidden_states, input_ids, position_ids, labels, *args, loss_mask=None,
                      mtp_in_postprocess=None, inference_context=None, **kwargs):
+        training_loss = (labels is not None and loss_mask is not None and self.post_process
+                         and not mtp_in_postprocess and self.config.mtp_num_layers is None
+                         and inference_context is None and kwargs.get("inference_params") is None)
         # Rows of the [s, b] hidden states to keep. A host loss mask (the data path's) costs no
         # device synchronization; a device one (a context-parallel share) one nonzero().
-        positions = None
-        if not (labels is None or loss_mask is None or not self.post_process or mtp_in_postprocess
-                or self.config.mtp_num_layers is not None or inference_context is not None
-                or kwargs.get("inference_params") is not None):
-            positions = loss_mask.transpose(0, 1).reshape(-1).nonzero().squeeze(1)
+        positions = loss_mask.transpose(0, 1).reshape(-1).nonzero().squeeze(1) if training_loss else None
         if positions is None or not self._selection_keeps_less(positions.numel(), loss_mask.numel()):
             return super()._postprocess(hidden_states, input_ids, position_ids, labels, *args, loss_mask=loss_mask,
                                         mtp_in_postprocess=mtp_in_postprocess, inference_context=inference_context,
