@@ -52,6 +52,8 @@ PATCHED_SYMBOLS = (
     ("megatron.core.optimizer.clip_grads", "clip_grad_by_total_norm_fp32"),
     ("megatron.core.optimizer.optimizer", "clip_grad_by_total_norm_fp32"),
     ("megatron.core.optimizer.distrib_optimizer", "DistributedOptimizer._set_main_param_and_optimizer_states"),
+    ("megatron.core.optimizer.clip_grads", "l2_norm_impl"),
+    ("megatron.core.optimizer.clip_grads", "multi_tensor_scale_impl"),
 )
 
 # megatron-core references this name without defining it when Transformer Engine is absent.
@@ -226,6 +228,33 @@ def _keep_torch_adam_step(original):
     return wrapper
 
 
+def _foreach_l2_norm(chunk_size, noop_flag, tensor_lists, per_tensor, *args):
+    """Drop-in for megatron's CPU fallback ``local_multi_tensor_l2_norm`` (amp_C's interface):
+    the same per-tensor norms and the same norm of their fp32 vector, bit for bit, but as one
+    ``_foreach_norm`` call. megatron's fallback loops in Python and builds the vector with
+    ``torch.tensor(list of 0-d tensors)``, one host read per gradient (110 per step for the
+    tiny VLM); on a GPU TE's or apex's fused kernel is used instead and this is not installed.
+    """
+    norms = [n for tensors in tensor_lists for n in torch._foreach_norm(tensors)]
+    if not norms:
+        return torch.zeros(1), None
+    if len({n.dtype for n in norms}) > 1:
+        norms = [n.float() for n in norms]
+    # In the gradients' dtype, as megatron's vector of norms is (bf16 grads: a bf16 norm).
+    return torch.linalg.vector_norm(torch.stack(norms)).float().reshape(1), None
+
+
+def _foreach_scale(chunk_size, noop_flag, tensor_lists, scale):
+    """Drop-in for megatron's ``local_multi_tensor_scale`` (``dst.copy_(src * scale)`` per
+    tensor, a temporary each): in place with one ``_foreach_mul_`` when ``src`` is ``dst``
+    (gradient clipping), else one ``_foreach_mul`` and one ``_foreach_copy_``. Same values."""
+    src, dst = tensor_lists
+    if len(src) == len(dst) and all(s is d for s, d in zip(src, dst)):
+        torch._foreach_mul_(dst, scale)
+    else:
+        torch._foreach_copy_(dst, torch._foreach_mul(src, scale))
+
+
 def _resolve(module_name: str, attr_path: str):
     """Return (owner object, final attribute name), raising if any part is missing."""
     owner = importlib.import_module(module_name)
@@ -273,6 +302,9 @@ def _replacements():
         ): classmethod(_with_cuda_type_names(build_groups.__func__)),
         ("megatron.core.optimizer.clip_grads", "clip_grad_by_total_norm_fp32"): clip_fn,
         ("megatron.core.optimizer.optimizer", "clip_grad_by_total_norm_fp32"): clip_fn,
+        # Without CUDA there is no TE or apex kernel: megatron binds its Python-loop fallbacks.
+        ("megatron.core.optimizer.clip_grads", "l2_norm_impl"): _foreach_l2_norm,
+        ("megatron.core.optimizer.clip_grads", "multi_tensor_scale_impl"): _foreach_scale,
         (
             "megatron.core.optimizer.distrib_optimizer",
             "DistributedOptimizer._set_main_param_and_optimizer_states",

@@ -124,6 +124,27 @@ def test_packed_sbhd_segments_are_independent(b):
     assert not torch.allclose(out[5:], sdpa(q, k, v, None)[5:], atol=1e-3)
 
 
+@pytest.mark.parametrize("mask_type", [AttnMaskType.causal, AttnMaskType.no_mask])
+def test_packed_runs_of_equal_length_equal_separate_calls(mask_type):
+    """Consecutive samples of one length (images of one size) share one batched SDPA call;
+    output and every input gradient equal attending each sample alone, bit for bit (SDPA's
+    batch entries are independent), also next to samples of other lengths."""
+    sdpa = SDPAAttention(_attn_config(), 1, mask_type, "self")
+    cu = [0, 3, 6, 9, 14, 18, 22, 23]  # runs: 3 x 3, 1 x 5, 2 x 4, 1 x 1
+    q, k, v = _qkv(sq=cu[-1], b=1)
+    params = PackedSeqParams(qkv_format="sbhd", cu_seqlens_q=torch.tensor(cu, dtype=torch.int32),
+                             cu_seqlens_kv=torch.tensor(cu, dtype=torch.int32))
+    out, grads = _run_with_grads(sdpa, q, k, v, packed_seq_params=params)
+
+    def separate(q, k, v, mask, **kw):
+        return _segment_reference(sdpa, q, k, v, cu)
+
+    ref, ref_grads = _run_with_grads(separate, q, k, v)
+    assert torch.equal(out, ref)
+    for g, g_ref in zip(grads, ref_grads):
+        assert torch.equal(g, g_ref)
+
+
 def test_packed_thd_and_padded():
     sdpa = SDPAAttention(_attn_config(), 1, AttnMaskType.padding_causal, "self")
     q, k, v = _qkv(b=1, requires_grad=False)

@@ -66,3 +66,39 @@ def test_device_redirect_suspended_lifts_only_the_adapter_mode(monkeypatch):
         with torch.overrides.TorchFunctionMode() as other:
             with cpu_adapter.device_redirect_suspended():
                 assert stack()[-2:] == [mode, other]
+
+
+def test_foreach_grad_norm_and_scale_equal_megatrons_fallbacks():
+    """The gradient-clipping kernels installed on CPU give megatron's own fallback results bit
+    for bit (its Python loops are the reference): the total L2 norm of fp32 and bf16 gradient
+    lists of mixed sizes, in-place clipping, and an out-of-place scaled copy."""
+    from megatron.core.utils import local_multi_tensor_l2_norm, local_multi_tensor_scale
+
+    g = torch.Generator().manual_seed(0)
+    for dtype in (torch.float32, torch.bfloat16):
+        grads = [torch.randn(n, generator=g).to(dtype) * s for n, s in ((1, 3.0), (257, 1e-3), (4096, 0.5), (3, 1e4))]
+        ours, _ = cpu_adapter._foreach_l2_norm(2048 * 32, None, [grads], False)
+        with cpu_adapter._CudaToCpuMode():  # megatron's fallback allocates on "cuda"
+            ref, _ = local_multi_tensor_l2_norm(2048 * 32, None, [grads], False)
+        assert ours.dtype == ref.dtype == torch.float32 and ours.shape == ref.shape == (1,)
+        assert torch.equal(ours, ref), (dtype, ours, ref)
+
+    grads = [torch.randn(n, generator=g) for n in (5, 300, 7)]
+    clipped, expected = [t.clone() for t in grads], [t.clone() for t in grads]
+    cpu_adapter._foreach_scale(0, None, [clipped, clipped], 0.37)
+    local_multi_tensor_scale(0, None, [expected, expected], 0.37)
+    assert all(torch.equal(a, b) for a, b in zip(clipped, expected))
+    out, expected_out = [torch.empty_like(t) for t in grads], [torch.empty_like(t) for t in grads]
+    cpu_adapter._foreach_scale(0, None, [grads, out], 1.0 / 3)
+    local_multi_tensor_scale(0, None, [grads, expected_out], 1.0 / 3)
+    assert all(torch.equal(a, b) for a, b in zip(out, expected_out))
+
+
+def test_clip_grads_uses_the_foreach_kernels():
+    """Installed: megatron's clipping module calls them (so a megatron upgrade that rebinds the
+    names differently fails here rather than silently keeping the slow loops)."""
+    import megatron.core.optimizer.clip_grads as clip_grads
+
+    cpu_adapter.install()
+    assert clip_grads.l2_norm_impl is cpu_adapter._foreach_l2_norm
+    assert clip_grads.multi_tensor_scale_impl is cpu_adapter._foreach_scale
