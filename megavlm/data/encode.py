@@ -14,8 +14,8 @@ where DALI lacks the codec (``video.VideoDecoder``), counted the same way. In-me
 need no decoding.
 
 Process model: on a CUDA machine the decoder in the training process uses DALI's mixed
-(nvJPEG / NVDEC) decoding on the current device (images come back to the host for the
-HF-exact resize of ``data.image_pixels``; videos stay on the GPU) and media are moved there; loader
+(nvJPEG / NVDEC) decoding on the current device (images and videos come back to the host for
+the HF-exact resize of ``data.image_pixels``) and media are moved there; loader
 worker processes (``data.num_workers``) are *spawned* (``data.sampler``; forking after CUDA
 is initialized breaks CUDA) and decode on DALI's CPU operators, since their tensors cross
 the process boundary through shared CPU memory anyway.
@@ -34,12 +34,9 @@ from PIL import Image, ImageOps
 from megavlm.data import image_pixels
 from megavlm.data.chat_template import MediaLayout, Qwen3VLChatTemplate
 from megavlm.data.image_rules import (
-    QWEN3VL_MEAN,
     QWEN3VL_PATCH_SIZE,
-    QWEN3VL_STD,
     STEP3_GLOBAL_SIZE,
     STEP3_LOCAL_SIZE,
-    patchify,
     qwen3vl_num_tokens,
     smart_resize,
     step3_crop_plan,
@@ -135,16 +132,6 @@ def _decode_device() -> str:
     from megavlm.platform.device import has_cuda
 
     return "gpu" if has_cuda() and torch.utils.data.get_worker_info() is None else "cpu"
-
-
-def _resize_video(frames: np.ndarray, size: tuple[int, int]) -> np.ndarray:
-    """uint8 ``[T, H, W, 3]`` resized as HF's video processor does it (torchvision's tensor
-    resize: bicubic, antialiased, clamped and rounded back to uint8)."""
-    if frames.shape[1:3] == tuple(size):
-        return frames
-    x = torch.from_numpy(np.ascontiguousarray(frames)).permute(0, 3, 1, 2).float()
-    x = torch.nn.functional.interpolate(x, size=size, mode="bicubic", antialias=True, align_corners=False)
-    return x.clamp(0, 255).round().to(torch.uint8).permute(0, 2, 3, 1).numpy()
 
 
 class SampleEncoder:
@@ -336,8 +323,7 @@ class SampleEncoder:
 
     def _video_from_frames(self, sample: Sample, media: Media):
         index, size, fps = self._frames_plan(sample, media)
-        frames = _resize_video(media.array[index], size)
-        patches, grid = patchify(image_pixels.normalize(frames, QWEN3VL_MEAN, QWEN3VL_STD))
+        patches, grid = image_pixels.qwen3vl_video_patches(media.array[index], size)
         return patches, grid, pair_timestamps(index, fps)
 
     def layouts(self, sample: Sample) -> list[MediaLayout]:

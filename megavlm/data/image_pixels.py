@@ -16,6 +16,14 @@ image resized to the crop plan's size, cut into windows, each window resized to 
 bilinear, antialiased, on uint8 (torchvision resizes uint8 CPU tensors with torch's native
 uint8 kernel, ``interpolate(..., antialias=True)``, which this calls directly); rescale and
 CLIP normalization in float32.
+
+Qwen3-VL videos: HF's ``Qwen3VLVideoProcessor``, which has only the torchvision backend and runs
+on the CPU unless given a ``device``: torchvision's ``resize(BICUBIC, antialias=True)`` of the
+stacked uint8 frames, which for a uint8 CPU tensor is torch's native uint8 kernel
+(``resize_video_u8``), then the fused rescale + normalize ``(x - 255 mean) / (255 std)`` in
+float32 (``torchvision_normalize``) and ``patchify``: bit for bit (tests/unit/test_video.py runs
+HF's processor itself against every video route). DALI only decodes videos, as it only decodes
+images: its cubic resize differs from torch's uint8 kernel.
 """
 
 from __future__ import annotations
@@ -55,6 +63,55 @@ def _resize_u8(chw: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
         return chw
     return torch.nn.functional.interpolate(chw[None], size=size, mode="bilinear", antialias=True,
                                            align_corners=False)[0]
+
+
+def resize_video_u8(frames: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+    """uint8 ``[T, 3, H, W]`` frames resized to ``size`` (h, w) as HF's video processor resizes
+    them: uint8 ``[T, 3, h, w]``, on the host.
+
+    HF processes videos on the CPU by default, where torchvision's ``resize(..., BICUBIC,
+    antialias=True)`` of a uint8 tensor takes torch's native uint8 kernel (its
+    ``_do_native_uint8_resize_on_cpu``): ``interpolate(mode="bicubic", antialias=True,
+    align_corners=False)`` straight on uint8, fixed-point weights, no float cast and no
+    clamp/round. That is this call. (torchvision's other path, cast to float, interpolate,
+    clamp, round, is what it does on a GPU; it differs by up to a few uint8 levels.) The
+    identity when the size is unchanged, as torchvision skips the resize then. Frames on a GPU
+    (DALI's NVDEC decode) are copied to the host first: torch's uint8 antialiased kernel exists
+    on the CPU only.
+    """
+    if frames.dtype != torch.uint8 or frames.ndim != 4 or frames.shape[1] != 3:
+        raise ValueError(f"resize_video_u8: expected uint8 [T, 3, H, W], got {frames.dtype} {tuple(frames.shape)}")
+    frames = frames.cpu()
+    if tuple(frames.shape[-2:]) == tuple(size):
+        return frames
+    # contiguous NCHW, as HF hands its stacked frames to torchvision
+    return torch.nn.functional.interpolate(frames.contiguous(), size=tuple(size), mode="bicubic", antialias=True,
+                                           align_corners=False)
+
+
+def torchvision_normalize(frames: torch.Tensor, mean, std) -> torch.Tensor:
+    """uint8 ``[..., 3, H, W]`` -> float32 ``(x - mean / r) / (std / r)``, r = 1/255: HF's fused
+    rescale + normalize of its torchvision backend (``_fuse_mean_std_and_rescale_factor``, then
+    torchvision's ``normalize``), bit for bit. ``normalize`` (``x / 255`` first) may differ by an
+    ulp (~6e-8)."""
+    scale = 1.0 / (1 / 255)  # HF: 1.0 / rescale_factor
+    m = (torch.tensor(mean) * scale).view(-1, 1, 1).to(frames.device)
+    s = (torch.tensor(std) * scale).view(-1, 1, 1).to(frames.device)
+    return frames.to(torch.float32).sub(m).div_(s)
+
+
+def qwen3vl_video_pixels(frames: np.ndarray | torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+    """Sampled uint8 ``[T, H, W, 3]`` video frames -> float32 ``[T, 3, h, w]`` resized to
+    ``size`` (video_smart_resize's target) and normalized, as HF's Qwen3-VL video processor."""
+    x = torch.from_numpy(np.asarray(frames)) if isinstance(frames, np.ndarray) else frames
+    return torchvision_normalize(resize_video_u8(x.permute(0, 3, 1, 2), size), R.QWEN3VL_MEAN, R.QWEN3VL_STD)
+
+
+def qwen3vl_video_patches(frames: np.ndarray | torch.Tensor, size: tuple[int, int],
+                          temporal_patch_size: int = R.QWEN3VL_TEMPORAL_PATCH_SIZE) -> tuple[torch.Tensor, torch.Tensor]:
+    """Qwen3-VL patches and grid_thw of sampled uint8 ``[T, H, W, 3]`` frames (an odd T is padded
+    with its last frame by ``patchify``, as HF does)."""
+    return R.patchify(qwen3vl_video_pixels(frames, size), temporal_patch_size=temporal_patch_size)
 
 
 def step3_views_u8(image: np.ndarray, plan: R.CropPlan | None = None) -> tuple[torch.Tensor, torch.Tensor]:

@@ -1,9 +1,9 @@
 """Video decoding and frame sampling for Qwen3-VL (REFERENCE.md section 4) with NVIDIA DALI.
 
-Like :mod:`megavlm.data.dali_images`, one pipeline definition serves both machines: on a GPU
-(``megavlm.platform.device.has_cuda()``) the decoder runs ``device="mixed"`` (NVDEC) and
-resize/normalize follow on the GPU; without one the pipeline is built with ``device_id=None``
-and runs DALI's CPU operators.
+Like :mod:`megavlm.data.dali_images`, DALI only decodes, and one pipeline definition serves
+both machines: on a GPU (``megavlm.platform.device.has_cuda()``) the decoder runs
+``device="mixed"`` (NVDEC) and the frames are copied to the host; without one the pipeline is
+built with ``device_id=None`` and runs DALI's CPU decoder.
 
 Flow of ``VideoDecoder.decode(sources, names)``:
 
@@ -21,12 +21,15 @@ Flow of ``VideoDecoder.decode(sources, names)``:
    ``smart_resize`` (``video_smart_resize``: temporal factor, video min/max pixels).
 3. *Route* by codec (``select_backend``): DALI decodes VP8, VP9 and MJPEG on the CPU, and
    additionally H.264, HEVC, AV1 and MPEG-4 through NVDEC on a GPU. Everything else is
-   decoded by PyAV. PyAV's frames then go through *the same* DALI resize/normalize: the
-   pipeline is built a second time with ``fn.external_source`` (uint8, layout FHWC) where
-   the decoder would be (``build_pipeline(source="frames")``), so both routes share one
-   ``fn.resize`` (cubic, antialiased, as HF resizes BICUBIC) and ``fn.crop_mirror_normalize``.
-4. After the pipeline, in torch: Qwen3-VL frames are patchified by ``image_rules.patchify``
-   (an odd frame count is padded with the last frame, as HF does).
+   decoded by PyAV. Both give uint8 frames ``[T, H, W, 3]`` on the host.
+4. Resize and normalize, the same code for both routes (and for in-memory frames in
+   ``data.encode``): :mod:`megavlm.data.image_pixels` (``qwen3vl_video_pixels``) does what HF's
+   video processor does on the CPU, its default: torchvision's uint8 bicubic antialiased
+   resize, which on a CPU is torch's native uint8 kernel (``resize_video_u8``), then HF's
+   fused rescale + normalize (``torchvision_normalize``), bit for bit. DALI's ``fn.resize``
+   is not used: its cubic is another kernel (measured up to 4 uint8 levels off, test_video).
+5. Qwen3-VL frames are patchified by ``image_rules.patchify`` (an odd frame count is padded
+   with the last frame, as HF does).
 
 Per-sample isolation follows dali_images: a DALI batch with a bad video raises for the whole
 batch and leaves the pipeline unusable, so the decoder rebuilds it and bisects the batch (the
@@ -54,6 +57,7 @@ from typing import Literal
 import numpy as np
 import torch
 
+from megavlm.data import image_pixels as P
 from megavlm.data import image_rules as R
 from megavlm.data.dali_images import DecodeError
 
@@ -386,50 +390,22 @@ def decode_frames_pyav(data: bytes, indices: np.ndarray, *, threads: int = 0) ->
 # --- DALI ----------------------------------------------------------------------------------------
 
 
-def build_pipeline(
-    source: Literal["encoded", "frames"],
-    mode: Mode,
-    *,
-    batch_size: int,
-    num_threads: int,
-    device_id: int | None,
-    build: bool = True,
-):
-    """The one DALI pipeline definition, CPU (``device_id=None``) or GPU (``device_id=k``).
+def build_pipeline(*, batch_size: int, num_threads: int, device_id: int | None, build: bool = True):
+    """The one DALI pipeline definition, CPU (``device_id=None``) or GPU (``device_id=k``): it
+    only decodes.
 
-    ``source="encoded"``: inputs ``encoded`` (uint8 bytes) and ``indices`` (int32 frame
-    indices, per sample) into ``fn.decoders.video`` (``device="mixed"`` on a GPU: NVDEC).
-    ``source="frames"``: input ``frames``, uint8 FHWC from PyAV, copied to the GPU when there
-    is one; the rest of the graph is the same. Modes other than "frames" add input ``size``
-    (float32 [h, w]) and return float32 FCHW normalized with Qwen3-VL's mean/std; "frames"
-    returns the decoded uint8 FHWC. ``build=False`` returns the pipeline unbuilt (its graph
-    can be inspected without CUDA, which is how the GPU placement is unit-tested).
+    Inputs ``encoded`` (uint8 bytes) and ``indices`` (int32 frame indices, per sample) into
+    ``fn.decoders.video`` (``device="mixed"`` on a GPU: NVDEC); output uint8 ``[F, H, W, 3]``
+    (FHWC). ``build=False`` returns the pipeline unbuilt (its graph can be inspected without
+    CUDA, which is how the GPU placement is unit-tested).
     """
     from nvidia.dali import fn, pipeline_def, types
 
-    if mode not in ("qwen3vl", "normalized", "frames"):
-        raise ValueError(f"unknown mode {mode!r}")
-    if source == "frames" and mode == "frames":
-        raise ValueError("a 'frames' pipeline in 'frames' mode would do nothing: use PyAV's frames directly")
-    mean255 = [m * 255.0 for m in R.QWEN3VL_MEAN]
-    std255 = [s * 255.0 for s in R.QWEN3VL_STD]
-
     @pipeline_def(batch_size=batch_size, num_threads=num_threads, device_id=device_id, prefetch_queue_depth=1)
     def pipe():
-        if source == "encoded":
-            encoded = fn.external_source(name="encoded", dtype=types.UINT8, ndim=1)
-            indices = fn.external_source(name="indices", dtype=types.INT32, ndim=1)
-            video = fn.decoders.video(encoded, device="cpu" if device_id is None else "mixed", frames=indices)
-        else:
-            video = fn.external_source(name="frames", dtype=types.UINT8, ndim=4, layout="FHWC")
-            if device_id is not None:
-                video = video.gpu()
-        if mode == "frames":
-            return video  # [F, H, W, 3] uint8
-        size = fn.external_source(name="size", dtype=types.FLOAT, ndim=1)
-        resized = fn.resize(video, size=size, interp_type=types.INTERP_CUBIC, antialias=True)
-        # [F, 3, h, w] float32
-        return fn.crop_mirror_normalize(resized, mean=mean255, std=std255, dtype=types.FLOAT, output_layout="FCHW")
+        encoded = fn.external_source(name="encoded", dtype=types.UINT8, ndim=1)
+        indices = fn.external_source(name="indices", dtype=types.INT32, ndim=1)
+        return fn.decoders.video(encoded, device="cpu" if device_id is None else "mixed", frames=indices)
 
     p = pipe()
     if build:
@@ -445,7 +421,6 @@ class _Item:
     probe: VideoProbe
     indices: np.ndarray
     size: tuple[int, int] | None  # resize target, None in "frames" mode
-    frames: np.ndarray | None = None  # PyAV's decoded frames (PyAV route)
     dali_error: str | None = None  # why DALI failed, when PyAV took over
 
 
@@ -458,7 +433,9 @@ class VideoDecoder:
     ``min_pixels`` / ``max_pixels`` / ``cap_pixels_per_frame`` as HF's video processor (defaults:
     Qwen3-VL's released config, uncapped). ``device``: "cpu" / "gpu" to override
     ``has_cuda()``. ``dali_codecs``: override the codec routing table (``select_backend``).
-    Results live on the pipeline's device. Not thread-safe: one decoder per loader worker.
+    Results are CPU tensors, as ``ImageDecoder``'s: on a GPU, videos are decoded there (NVDEC)
+    and copied to the host for the HF-exact resize. Not thread-safe: one decoder per loader
+    worker.
     """
 
     def __init__(
@@ -494,9 +471,8 @@ class VideoDecoder:
         self.dali_codecs = dali_codecs
         self.gpu = has_cuda() if device is None else device == "gpu"
         self.device_id = torch.cuda.current_device() if self.gpu else None
-        self.torch_device = torch.device("cuda", self.device_id) if self.gpu else torch.device("cpu")
         self.rebuilds = 0  # pipelines rebuilt after a failing batch (observability, tests)
-        self._pipes: dict[str, object] = {}  # built on first use: a CPU loader may never see a PyAV video
+        self._pipeline = None  # built on first use: a loader may only ever see PyAV's codecs
 
     # -- public ------------------------------------------------------------------------------
 
@@ -518,7 +494,7 @@ class VideoDecoder:
                 continue
             routes[select_backend(item.probe.codec, gpu=self.gpu, dali_codecs=self.dali_codecs)].append(item)
         for start in range(0, len(routes["dali"]), self.batch_size):
-            self._run_group("encoded", routes["dali"][start : start + self.batch_size], results)
+            self._run_group(routes["dali"][start : start + self.batch_size], results)
         self._run_pyav(routes["pyav"], results)
         return results  # type: ignore[return-value]
 
@@ -563,80 +539,58 @@ class VideoDecoder:
 
     # -- running -----------------------------------------------------------------------------
 
-    def _pipe(self, source: str):
-        if source not in self._pipes:
-            self._pipes[source] = build_pipeline(
-                source, self.mode, batch_size=self.batch_size, num_threads=self.num_threads, device_id=self.device_id
+    def _pipe(self):
+        if self._pipeline is None:
+            self._pipeline = build_pipeline(
+                batch_size=self.batch_size, num_threads=self.num_threads, device_id=self.device_id
             )
-        return self._pipes[source]
+        return self._pipeline
 
-    def _rebuild(self, source: str):
-        self._pipes.pop(source, None)  # drop the broken pipeline before building its replacement
-        self._pipe(source)
+    def _rebuild(self):
+        self._pipeline = None  # drop the broken pipeline before building its replacement
+        self._pipe()
         self.rebuilds += 1
 
     def _run_pyav(self, items: list[_Item], results: list) -> None:
-        """PyAV decode, then (except in "frames" mode) the DALI resize/normalize of the frames pipeline."""
-        ready: list[_Item] = []
+        """PyAV decode, then the same resize/normalize as DALI's frames (``_result``)."""
         for it in items:
             try:
-                it.frames = decode_frames_pyav(it.data, it.indices, threads=self.num_threads)
+                frames = decode_frames_pyav(it.data, it.indices, threads=self.num_threads)
             except RuntimeError as e:
                 reason = f"DALI: {it.dali_error}; PyAV: {e}" if it.dali_error else str(e)
                 results[it.index] = VideoDecodeError(it.name, reason)
                 continue
-            if self.mode == "frames":
-                out = torch.from_numpy(it.frames).to(self.torch_device)
-                results[it.index] = self._result(it, "pyav", out)
-            else:
-                ready.append(it)
-        for start in range(0, len(ready), self.batch_size):
-            self._run_group("frames", ready[start : start + self.batch_size], results)
+            results[it.index] = self._result(it, "pyav", torch.from_numpy(frames))
 
-    def _run_group(self, source: str, items: list[_Item], results: list) -> None:
+    def _run_group(self, items: list[_Item], results: list) -> None:
+        """DALI-decode ``items`` as one batch; a failing batch is bisected, a video failing alone
+        gets a PyAV try."""
         if not items:
             return
-        pipe = self._pipe(source)
+        pipe = self._pipe()
         try:
-            if source == "encoded":
-                pipe.feed_input("encoded", [np.frombuffer(it.data, dtype=np.uint8) for it in items])
-                pipe.feed_input("indices", [it.indices.astype(np.int32) for it in items])
-            else:
-                pipe.feed_input("frames", [it.frames for it in items], layout="FHWC")
-            if self.mode != "frames":
-                pipe.feed_input("size", [np.asarray(it.size, dtype=np.float32) for it in items])
+            pipe.feed_input("encoded", [np.frombuffer(it.data, dtype=np.uint8) for it in items])
+            pipe.feed_input("indices", [it.indices.astype(np.int32) for it in items])
             (out,) = pipe.run()
         except Exception as e:  # noqa: BLE001 - DALI raises RuntimeError for a bad sample, naming none
-            self._rebuild(source)
+            self._rebuild()
             if len(items) > 1:
                 half = len(items) // 2
-                self._run_group(source, items[:half], results)
-                self._run_group(source, items[half:], results)
-            elif source == "encoded":  # failed alone in DALI's decoder: PyAV gets a try
+                self._run_group(items[:half], results)
+                self._run_group(items[half:], results)
+            else:  # failed alone in DALI's decoder: PyAV gets a try
                 items[0].dali_error = _dali_reason(e)
                 self._run_pyav(items, results)
-            else:
-                results[items[0].index] = VideoDecodeError(items[0].name, _dali_reason(e))
             return
-        backend = ("dali-gpu" if self.gpu else "dali-cpu") if source == "encoded" else "pyav"
+        decoded = out if self.device_id is None else out.as_cpu()  # GPU: one copy per batch
+        backend = "dali-gpu" if self.gpu else "dali-cpu"
         for j, it in enumerate(items):
-            results[it.index] = self._result(it, backend, self._fetch(out, j))
-            it.frames = None  # release PyAV's frames once converted
+            # a zero-copy view of DALI's buffer, valid until the next run: _result copies out of it
+            frames = torch.from_numpy(np.asarray(decoded[j]))
+            results[it.index] = self._result(it, backend, frames)
 
-    def _fetch(self, tensor_list, j: int) -> torch.Tensor:
-        """Sample j as a torch tensor. CPU: a zero-copy view of DALI's buffer, valid until the
-        next run (``_result`` copies out of it). GPU: copied into a torch tensor."""
-        t = tensor_list[j]
-        if self.device_id is None:
-            return torch.from_numpy(np.asarray(t))
-        from nvidia.dali.plugin.pytorch import feed_ndarray
-
-        dtype = torch.uint8 if self.mode == "frames" else torch.float32
-        out = torch.empty(t.shape(), dtype=dtype, device=self.torch_device)
-        feed_ndarray(t, out, cuda_stream=torch.cuda.current_stream(self.torch_device))
-        return out
-
-    def _result(self, it: _Item, backend: str, out: torch.Tensor) -> DecodedVideo:
+    def _result(self, it: _Item, backend: str, frames: torch.Tensor) -> DecodedVideo:
+        """uint8 ``[T, H, W, 3]`` host frames -> the mode's result (never a view of ``frames``)."""
         pr = it.probe
         v = DecodedVideo(
             name=it.name, codec=pr.codec, backend=backend, source_fps=pr.fps, total_frames=pr.num_frames,
@@ -644,13 +598,14 @@ class VideoDecoder:
             timestamps=pair_timestamps(it.indices, pr.fps, self.temporal_patch_size),
             resized_size=it.size,
         )
-        if self.mode == "qwen3vl":
-            patches, grid = R.patchify(out, temporal_patch_size=self.temporal_patch_size)
-            if patches.untyped_storage().data_ptr() == out.untyped_storage().data_ptr():
-                patches = patches.clone()  # never hand out memory the pipeline reuses
-            v.pixel_values, v.grid_thw = patches, grid
+        if self.mode == "frames":
+            v.frames = frames.clone()
         else:
-            v.frames = out.clone()
+            pixels = P.qwen3vl_video_pixels(frames, it.size)  # a new tensor, also when the size is unchanged
+            if self.mode == "qwen3vl":
+                v.pixel_values, v.grid_thw = R.patchify(pixels, temporal_patch_size=self.temporal_patch_size)
+            else:
+                v.frames = pixels
         return v
 
 

@@ -119,18 +119,18 @@ VIDEOS = [(30, 10.0, 48, 64), (13, None, 120, 160), (75, 25.0, 90, 200)]
 
 
 @pytest.mark.parametrize("n,fps,h,w", VIDEOS)
-def test_in_memory_video_equals_hf_video_processor(n, fps, h, w):
+def test_in_memory_video_equals_hf_video_processor(monkeypatch, n, fps, h, w):
     """Frames given as arrays, against transformers' Qwen3-VL video processor on the same
-    frames: its ``sample_frames`` (24 fps without metadata), its ``smart_resize`` with the
-    released bounds, its processor's ``_calculate_timestamps``, and its pixels: torchvision's
-    tensor resize (bicubic, antialias, round to uint8), rescale/normalize and its ``patchify``,
-    transcribed in test_image_rules because the module needs torchvision, absent here."""
+    frames: its ``sample_frames`` (24 fps without metadata), its processor's
+    ``_calculate_timestamps``, and its pixels and grid: the processor itself with the released
+    bounds on the sampled frames (test_video.hf_qwen3vl_video: HF's code, with a stand-in for
+    torchvision's uint8 CPU resize and normalize, absent here). Measured max |d| 0.0."""
     from transformers.models.qwen3_vl.processing_qwen3_vl import Qwen3VLProcessor
-    from transformers.models.qwen3_vl.video_processing_qwen3_vl import Qwen3VLVideoProcessor, smart_resize
+    from transformers.models.qwen3_vl.video_processing_qwen3_vl import Qwen3VLVideoProcessor
     from transformers.video_utils import VideoMetadata
 
     from megavlm.data.video import VIDEO_MAX_PIXELS, VIDEO_MIN_PIXELS
-    from tests.unit.test_image_rules import _hf_video_patchify
+    from tests.unit.test_video import hf_qwen3vl_video
 
     rng = np.random.default_rng(n)
     frames = np.clip(rng.normal(128, 40, (n, h, w, 3)), 0, 255).astype(np.uint8)
@@ -141,15 +141,10 @@ def test_in_memory_video_equals_hf_video_processor(n, fps, h, w):
     out = enc(sample)
     meta = VideoMetadata(total_num_frames=n, fps=fps, width=w, height=h)
     index = Qwen3VLVideoProcessor().sample_frames(meta)
-    th, tw = smart_resize(len(index), h, w, temporal_factor=2, factor=32, min_pixels=VIDEO_MIN_PIXELS,
-                          max_pixels=VIDEO_MAX_PIXELS)
-    x = torch.from_numpy(frames[index]).permute(0, 3, 1, 2).float()
-    if (th, tw) != (h, w):
-        x = torch.nn.functional.interpolate(x, size=(th, tw), mode="bicubic", antialias=True, align_corners=False)
-        x = x.clamp(0, 255).round()
-    ref, grid = _hf_video_patchify(((x / 255 - 0.5) / 0.5)[None])
-    assert out.video_grid_thw.tolist() == [list(grid)]
-    assert (out.pixel_values_videos - ref[0]).abs().max() < 1e-5
+    ref, grid, _ = hf_qwen3vl_video(monkeypatch, frames[index], min_pixels=VIDEO_MIN_PIXELS,
+                                    max_pixels=VIDEO_MAX_PIXELS)
+    assert out.video_grid_thw.tolist() == [grid.tolist()]
+    assert (out.pixel_values_videos - ref).abs().max() <= 1e-6
     times = Qwen3VLProcessor._calculate_timestamps(None, index, meta.fps)  # metadata.fps: 24 when missing
     rendered = enc.template.tok.decode(out.tokens.tolist())
     assert rendered.count(" seconds>") == len(times) == grid[0]

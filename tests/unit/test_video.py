@@ -4,22 +4,29 @@ and per-video error isolation.
 Test videos are made here with PyAV: 64 x 48, 3 s at 10 fps (30 frames), a 6 x 6 white square
 on grey moving 2 px right per frame, so a decoded frame's square position names its index.
 VP9/WebM goes through DALI's CPU decoder, H.264/MP4 through PyAV (DALI's CPU decoder takes
-only VP8, VP9 and MJPEG).
+only VP8, VP9 and MJPEG). A third, 160 x 90 VP9 at 25 fps (70 frames, 5 sampled: an odd count)
+with a noise-textured background, checks the pixels at another size, rate and length.
 
 Tolerances, measured here (DALI 2.4, PyAV 18.1 with its bundled FFmpeg):
 * square centroid vs 2 * index + 2.5: exact (0.0 px) for both codecs; asserted <= 1 px.
 * DALI vs PyAV decoding the same VP9 stream (their YUV -> RGB conversions round differently):
   mean |d| 0.99, max 1 uint8 step; asserted mean < 2, max <= 8.
-* Qwen3-VL patches vs an HF-equivalent reference on the same uint8 frames (torch bicubic
-  antialias, clamp, round: what torchvision's tensor resize does inside HF's video processor;
-  then image_rules.patchify): max |d| 6e-8 (float rounding only) for the 48 -> 64 upscale, a
-  2x downscale and a 2x upscale; asserted mean < 0.002, max < 0.008 (one uint8 step is
-  0.0078), since other content may round one step apart.
+* Qwen3-VL pixel_values vs HF's own ``Qwen3VLVideoProcessor`` on the same decoded uint8 frames
+  (``test_qwen3vl_pixels_equal_hf_processor``): max |d| 0.0 (bit for bit) for the three videos,
+  each at the released budget and at budgets forcing a downscale and an upscale, through
+  DALI's CPU decoder, PyAV and the in-memory route; asserted <= 1e-6. Against this reference
+  the replaced paths were: DALI ``fn.resize`` (cubic, antialiased) + ``crop_mirror_normalize``
+  up to 0.0314 (4 uint8 levels; mean 1.9e-3) on the textured video and 0.0078 (1 level) on
+  the smooth ones; the float resize (cast, interpolate, clamp, round) of in-memory frames up
+  to 0.0235 (3 levels); the exact resize with ``image_pixels.normalize`` (``x / 255`` first)
+  instead of HF's fused normalize 5.9e-8.
 """
 
 from __future__ import annotations
 
+import enum
 import io
+import types
 
 import numpy as np
 import pytest
@@ -27,6 +34,7 @@ import torch
 
 import av
 
+from megavlm.data import image_pixels as P
 from megavlm.data import image_rules as R
 from megavlm.data.dali_images import DecodeError
 from megavlm.data.video import (
@@ -50,20 +58,24 @@ EXPECTED_INDICES = [0, 6, 12, 17, 23, 29]  # HF: int(30 / 10 * 2) = 6 frames
 EXPECTED_TIMESTAMPS = [0.3, 1.45, 2.5999999999999996]  # HF's float arithmetic, bit for bit
 
 
-def _frame(i: int) -> np.ndarray:
-    a = np.full((H, W, 3), 60, np.uint8)
+def _frame(i: int, h: int = H, w: int = W, texture: bool = False) -> np.ndarray:
+    if texture:  # seeded noise: content whose resize rounds differently between kernels
+        a = np.random.default_rng(7).integers(30, 200, (h, w, 3), dtype=np.uint8)
+    else:
+        a = np.full((h, w, 3), 60, np.uint8)
     a[20 : 20 + SQ, 2 * i : 2 * i + SQ] = 230
     return a
 
 
-def _encode(codec: str, fmt: str, options: dict | None = None) -> bytes:
+def _encode(codec: str, fmt: str, options: dict | None = None, *, h: int = H, w: int = W, fps: int = FPS,
+            n: int = N, texture: bool = False) -> bytes:
     buf = io.BytesIO()
     with av.open(buf, "w", format=fmt) as c:
-        s = c.add_stream(codec, rate=FPS)
-        s.width, s.height, s.pix_fmt = W, H, "yuv420p"
+        s = c.add_stream(codec, rate=fps)
+        s.width, s.height, s.pix_fmt = w, h, "yuv420p"
         s.options = options or {}
-        for i in range(N):
-            for p in s.encode(av.VideoFrame.from_ndarray(_frame(i), format="rgb24")):
+        for i in range(n):
+            for p in s.encode(av.VideoFrame.from_ndarray(_frame(i, h, w, texture), format="rgb24")):
                 c.mux(p)
         for p in s.encode():
             c.mux(p)
@@ -78,6 +90,12 @@ def vp9():
 @pytest.fixture(scope="module")
 def h264():
     return _encode("libx264", "mp4", {"crf": "18"})
+
+
+@pytest.fixture(scope="module")
+def vp9_big():
+    """160 x 90, 25 fps, 70 frames (HF samples 5), textured."""
+    return _encode("libvpx-vp9", "webm", {"crf": "20", "b:v": "0"}, h=90, w=160, fps=25, n=70, texture=True)
 
 
 @pytest.fixture(scope="module")
@@ -198,22 +216,18 @@ def test_backend_selection():
     assert select_backend("vp9", gpu=False, dali_codecs=frozenset()) == "pyav"
 
 
-@pytest.mark.parametrize("source", ["encoded", "frames"])
-def test_gpu_graph_placement(source):
-    """The GPU pipeline (not runnable here) defines: NVDEC ("mixed") decoding or PyAV frames
-    copied to the GPU, then resize and normalize on the GPU. Checked on the unbuilt graph via
-    DALI internals; skipped if those change."""
-    p = build_pipeline(source, "qwen3vl", batch_size=2, num_threads=1, device_id=0, build=False)
+def test_gpu_graph_placement():
+    """The GPU pipeline (not runnable here) only decodes: NVDEC ("mixed") fed from two CPU
+    inputs, no resize or normalize in DALI (those are image_pixels' on the host). Checked on the
+    unbuilt graph via DALI internals; skipped if those change."""
+    p = build_pipeline(batch_size=2, num_threads=1, device_id=0, build=False)
     try:
         p._build_graph()
         ops = {o.name: (o._op.device, [i.device for i in o.inputs]) for o in p._ops}
     except AttributeError as e:
         pytest.skip(f"DALI graph internals changed: {e}")
     kinds = {name.strip("_").rsplit("_", 1)[0]: v for name, v in ops.items()}
-    if source == "encoded":
-        assert kinds["Video"][0] == "mixed"
-    assert kinds["Resize"] == ("gpu", ["gpu", "cpu"])  # frames on the GPU, size a CPU argument
-    assert kinds["CropMirrorNormalize"][0] == "gpu"
+    assert kinds == {"encoded": ("cpu", []), "indices": ("cpu", []), "Video": ("mixed", ["cpu", "cpu"])}
 
 
 # --- decoding -----------------------------------------------------------------------------------
@@ -249,35 +263,155 @@ def test_dali_and_pyav_agree_on_vp9(raw, vp9):
     assert d.mean() < 2 and d.max() <= 8, (d.mean(), d.max())
 
 
-def _hf_reference_patches(frames_u8: torch.Tensor, size) -> torch.Tensor:
-    x = frames_u8.permute(0, 3, 1, 2).float()  # [T, 3, H, W]
-    x = torch.nn.functional.interpolate(x, size=size, mode="bicubic", antialias=True, align_corners=False)
-    x = x.clamp(0, 255).round() / 255.0
-    return R.patchify((x - 0.5) / 0.5)[0]
+# --- pixels vs HF's own video processor ---------------------------------------------------------
 
 
-# (min_pixels, max_pixels) -> per-frame target: released config (48 rows up to 64), a budget
-# forcing a 2x antialiased downscale, and one forcing an upscale
-RESIZE_BUDGETS = [((4096, 25165824), (64, 64)), ((1024, 6144), (32, 32)), ((6 * 96 * 128, 25165824), (96, 128))]
+class _InterpolationMode(enum.Enum):
+    """torchvision's InterpolationMode (the members HF's code names)."""
+
+    NEAREST = "nearest"
+    NEAREST_EXACT = "nearest-exact"
+    BILINEAR = "bilinear"
+    BICUBIC = "bicubic"
+    BOX = "box"
+    HAMMING = "hamming"
+    LANCZOS = "lanczos"
 
 
-@pytest.mark.parametrize("budget,target", RESIZE_BUDGETS)
-def test_qwen3vl_patches_both_routes(raw, vp9, h264, budget, target):
-    """Qwen3-VL mode: HF's video resize target and grid, pixel values equal to an HF-equivalent
-    resize of the same frames, for the DALI route and the PyAV -> DALI resize route."""
-    qwen = VideoDecoder(mode="qwen3vl", device="cpu", batch_size=4, min_pixels=budget[0], max_pixels=budget[1])
-    frames = raw.decode([vp9, h264])
-    out = qwen.decode([vp9, h264])
-    gh, gw = target[0] // 16, target[1] // 16
-    for f, q, backend in zip(frames, out, ("dali-cpu", "pyav")):
-        assert q.ok and q.backend == backend and q.frames is None
-        assert q.resized_size == target
-        assert q.grid_thw.tolist() == [3, gh, gw] and q.num_tokens == 3 * gh * gw // 4
-        assert q.tokens_per_pair == gh * gw // 4
-        ref = _hf_reference_patches(f.frames, q.resized_size)
-        assert q.pixel_values.shape == ref.shape == (3 * gh * gw, 1536)
-        d = (q.pixel_values - ref).abs()
-        assert d.mean() < 0.002 and d.max() < 0.008, (backend, d.mean().item(), d.max().item())
+def _tv_resize(image, size, interpolation=_InterpolationMode.BILINEAR, max_size=None, antialias=True):
+    """torchvision's ``resize_image`` (v2 functional) for the only case HF's video processor
+    reaches here: a uint8 tensor on the CPU with BICUBIC. ``_do_native_uint8_resize_on_cpu(BICUBIC)``
+    is True, so uint8 is an acceptable dtype and torchvision calls ``interpolate`` on the uint8
+    tensor itself (no float cast, no clamp/round); an unchanged size returns the input."""
+    assert interpolation is _InterpolationMode.BICUBIC and max_size is None, (interpolation, max_size)
+    assert image.dtype == torch.uint8 and image.device.type == "cpu", (image.dtype, image.device)
+    shape = image.shape
+    c, old_h, old_w = shape[-3:]
+    new_h, new_w = (int(v) for v in size)
+    if (new_h, new_w) == (old_h, old_w):
+        return image
+    x = image.reshape(-1, c, old_h, old_w)
+    x = torch.nn.functional.interpolate(x, size=[new_h, new_w], mode="bicubic", align_corners=False,
+                                        antialias=bool(antialias))
+    return x.reshape(shape[:-3] + (c, new_h, new_w))
+
+
+def _tv_normalize(image, mean, std, inplace=False):
+    """torchvision's ``normalize_image``: mean/std as tensors of the image's dtype viewed
+    ``[C, 1, 1]``, ``image.sub_(mean)`` when inplace else ``image.sub(mean)``, then ``.div_(std)``."""
+    assert image.is_floating_point()
+    mean = torch.as_tensor(mean, dtype=image.dtype, device=image.device).view(-1, 1, 1)
+    std = torch.as_tensor(std, dtype=image.dtype, device=image.device).view(-1, 1, 1)
+    image = image.sub_(mean) if inplace else image.sub(mean)
+    return image.div_(std)
+
+
+def hf_qwen3vl_video(monkeypatch, frames: np.ndarray, *, min_pixels: int, max_pixels: int):
+    """``(pixel_values_videos, video_grid_thw[0], resize calls)`` of HF's ``Qwen3VLVideoProcessor``
+    (transformers' own code: ``preprocess``, ``_preprocess``, its ``resize``/``smart_resize``,
+    the backend's fused ``rescale_and_normalize``, its ``patchify``) on uint8 ``[T, H, W, 3]``
+    frames that are already sampled (``do_sample_frames=False``; RGB, so ``do_convert_rgb=False``).
+
+    torchvision cannot be installed on this machine (PyPI's wheel is CUDA-built and fails to
+    import), and transformers binds its ``tvF`` only when torchvision imports. Where it is
+    missing, a stand-in is injected: ``tvF.resize`` = torchvision's ``resize_image`` for a uint8
+    CPU tensor with BICUBIC (``_tv_resize``: torch's native uint8 ``interpolate``, what
+    torchvision calls there), ``tvF.normalize`` = its ``normalize_image`` (``_tv_normalize``),
+    ``tvF.InterpolationMode`` and the PIL -> InterpolationMode map. Everything else is HF's.
+    The stand-in asserts HF hands it exactly that case, and nothing else of tvF exists, so a
+    change in HF's path fails loudly instead of comparing something else.
+    """
+    import transformers.image_processing_backends as backends
+    import transformers.video_processing_utils as video_utils
+    from transformers.image_utils import PILImageResampling
+    from transformers.models.qwen3_vl.video_processing_qwen3_vl import Qwen3VLVideoProcessor
+
+    calls = []
+
+    def resize(image, size, **kw):
+        calls.append((tuple(image.shape[-2:]), tuple(size)))
+        return _tv_resize(image, size, **kw)
+
+    current = getattr(backends, "tvF", None)
+    if current is None or getattr(current, "stand_in", False):  # absent, or an earlier call's stand-in
+        stand_in = types.SimpleNamespace(resize=resize, normalize=_tv_normalize, InterpolationMode=_InterpolationMode,
+                                         stand_in=True)
+        monkeypatch.setattr(backends, "tvF", stand_in, raising=False)
+        monkeypatch.setattr(video_utils, "tvF", stand_in, raising=False)
+        monkeypatch.setattr(backends, "pil_torch_interpolation_mapping",
+                            {PILImageResampling.BICUBIC: _InterpolationMode.BICUBIC})
+    hf = Qwen3VLVideoProcessor(size={"shortest_edge": min_pixels, "longest_edge": max_pixels},
+                               cap_pixels_per_frame=False)
+    out = hf([np.ascontiguousarray(frames)], do_sample_frames=False, do_convert_rgb=False, return_tensors="pt")
+    return out["pixel_values_videos"], out["video_grid_thw"][0], calls
+
+
+# (min_pixels, max_pixels) as a function of the sampled count and frame size: the released config,
+# a budget forcing a ~2x antialiased downscale, and one forcing a ~2x upscale
+BUDGETS = {
+    "released": lambda n, h, w: (4096, 25165824),
+    "down": lambda n, h, w: (1024, n * h * w // 4),
+    "up": lambda n, h, w: (n * h * w * 4, 25165824),
+}
+# video fixture -> the routes it takes (H.264 cannot go through DALI's CPU decoder)
+ROUTES = {"vp9": ("dali-cpu", "pyav"), "h264": ("pyav",), "vp9_big": ("dali-cpu", "pyav")}
+
+
+@pytest.mark.parametrize("budget", list(BUDGETS))
+@pytest.mark.parametrize("which", list(ROUTES))
+def test_qwen3vl_pixels_equal_hf_processor(monkeypatch, request, which, budget):
+    """pixel_values and grid_thw equal HF's ``Qwen3VLVideoProcessor`` run on the same decoded
+    frames (see ``hf_qwen3vl_video``), through DALI's CPU decoder, PyAV (forced for VP9 with
+    an empty DALI codec table) and the in-memory route (``image_pixels.qwen3vl_video_patches``,
+    what ``SampleEncoder`` calls on array frames). Measured max |d| 0.0; asserted <= 1e-6."""
+    data = request.getfixturevalue(which)
+    pr = probe_video(data, which)
+    n = len(sample_frame_indices(pr.num_frames, pr.fps))
+    lo, hi = BUDGETS[budget](n, *pr.hw)
+    for backend in ROUTES[which]:
+        table = None if backend == "dali-cpu" else frozenset()
+        (f,) = VideoDecoder(mode="frames", device="cpu", dali_codecs=table).decode([data])
+        (q,) = VideoDecoder(mode="qwen3vl", device="cpu", dali_codecs=table, min_pixels=lo, max_pixels=hi).decode([data])
+        assert f.backend == q.backend == backend and q.frames is None
+        ref, grid, calls = hf_qwen3vl_video(monkeypatch, f.frames.numpy(), min_pixels=lo, max_pixels=hi)
+        th, tw = q.resized_size
+        if budget != "released":  # the budgets do force the direction they name
+            assert (th * tw < pr.hw[0] * pr.hw[1]) == (budget == "down"), (q.resized_size, pr.hw)
+        assert calls == [(pr.hw, (th, tw))]  # HF resized once, to our target (torchvision skips equal sizes)
+        assert q.grid_thw.tolist() == grid.tolist() == [-(-n // 2), th // 16, tw // 16]
+        assert q.pixel_values.shape == ref.shape
+        d = (q.pixel_values - ref).abs().max().item()
+        assert d <= 1e-6, (which, backend, budget, d)
+        patches, g = P.qwen3vl_video_patches(f.frames.numpy(), q.resized_size)  # in-memory route
+        assert g.tolist() == grid.tolist()
+        assert (patches - ref).abs().max().item() <= 1e-6
+
+
+@pytest.mark.parametrize("size", [(32, 32), (96, 64), (48, 64), (20, 130), (130, 20)])
+def test_resize_video_u8_is_torchvision_cpu_kernel(size):
+    """``image_pixels.resize_video_u8`` equals the torchvision stand-in bit for bit on uint8
+    (down, up, unchanged, mixed), and the stand-in is not the float path (cast, interpolate,
+    clamp, round; torchvision's on a GPU), which this content tells apart."""
+    frames = torch.from_numpy(np.random.default_rng(3).integers(0, 256, (5, 48, 64, 3), dtype=np.uint8))
+    chw = frames.permute(0, 3, 1, 2)
+    ours = P.resize_video_u8(chw, size)
+    ref = _tv_resize(chw.contiguous(), size, _InterpolationMode.BICUBIC)
+    assert ours.dtype == torch.uint8 and tuple(ours.shape) == (5, 3, *size)
+    assert torch.equal(ours, ref)
+    if size != (48, 64):
+        x = torch.nn.functional.interpolate(chw.float(), size=size, mode="bicubic", antialias=True, align_corners=False)
+        float_path = x.clamp(0, 255).round().to(torch.uint8)
+        assert not torch.equal(float_path, ref)
+    else:
+        assert torch.equal(ours, chw)
+
+
+def test_normalized_mode_equals_patches(vp9):
+    """"normalized" mode returns the frames the patches are made of: [T, 3, h, w] float32."""
+    (v,) = VideoDecoder(mode="normalized", device="cpu").decode([vp9])
+    (q,) = VideoDecoder(mode="qwen3vl", device="cpu").decode([vp9])
+    assert v.frames.dtype == torch.float32 and tuple(v.frames.shape) == (6, 3, *q.resized_size)
+    assert torch.equal(R.patchify(v.frames)[0], q.pixel_values)
 
 
 def _corrupt_mdat(mp4: bytes) -> bytes:
