@@ -272,19 +272,33 @@ def kernel_floor_step(a: argparse.Namespace):
     tokens, h, hd = a.mbs * a.seq, a.hidden, a.head_dim
     linears = [(h, (a.heads + 2 * a.kv_heads) * hd), (a.heads * hd, h), (h, 2 * a.ffn), (a.ffn, h)] * a.layers
     linears.append((h, a.vocab))
+    attention = [(a.mbs, a.heads, a.kv_heads, a.seq, hd, True)] * a.layers
+    return kernel_floor([(tokens, i, o, True) for i, o in linears], attention)
+
+
+def kernel_floor(linears: list[tuple[int, int, int, bool]], attention: list[tuple[int, int, int, int, int, bool]]):
+    """The kernel-floor step of the given shapes: per linear ``(rows, in, out, input_grad)``
+    its forward GEMM, its weight-gradient GEMM and (``input_grad``) its input-gradient GEMM;
+    per attention ``(batch, heads, kv_heads, seq, head_dim, causal)`` one SDPA forward and
+    backward."""
     g = torch.Generator().manual_seed(0)
-    gemms = [(torch.randn(tokens, i, generator=g), torch.randn(o, i, generator=g), torch.randn(tokens, o, generator=g))
-             for i, o in linears]
-    q = torch.randn(a.mbs, a.heads, a.seq, hd, generator=g, requires_grad=True)
-    k = torch.randn(a.mbs, a.kv_heads, a.seq, hd, generator=g, requires_grad=True)
-    v = torch.randn(a.mbs, a.kv_heads, a.seq, hd, generator=g, requires_grad=True)
-    grad_out = torch.randn(a.mbs, a.heads, a.seq, hd, generator=g)
+    gemms = [(torch.randn(rows, i, generator=g), torch.randn(o, i, generator=g), torch.randn(rows, o, generator=g),
+              input_grad) for rows, i, o, input_grad in linears]
+    attn = []
+    for b, heads, kv_heads, seq, hd, causal in attention:
+        q = torch.randn(b, heads, seq, hd, generator=g, requires_grad=True)
+        k = torch.randn(b, kv_heads, seq, hd, generator=g, requires_grad=True)
+        v = torch.randn(b, kv_heads, seq, hd, generator=g, requires_grad=True)
+        attn.append((q, k, v, torch.randn(b, heads, seq, hd, generator=g), causal))
 
     def step() -> float:
-        for x, w, dy in gemms:
-            torch.mm(x, w.t()), torch.mm(dy, w), torch.mm(dy.t(), x)  # forward, dgrad, wgrad
-        for _ in range(a.layers):
-            out = torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
+        for x, w, dy, input_grad in gemms:
+            torch.mm(x, w.t()), torch.mm(dy.t(), x)  # forward, wgrad
+            if input_grad:
+                torch.mm(dy, w)  # dgrad
+        for q, k, v, grad_out, causal in attn:
+            out = torch.nn.functional.scaled_dot_product_attention(
+                q, k, v, is_causal=causal, enable_gqa=k.shape[1] != q.shape[1])
             torch.autograd.grad(out, (q, k, v), grad_out)
         return float("nan")
 
@@ -332,7 +346,7 @@ def compare(steps: dict, *, tokens: int, warmup: int, rounds: int, steps_per_blo
     if FLOOR in times and "hf" in times:
         ceiling = [rate(f) / rate(h) for f, h in zip(times[FLOOR], times["hf"])]
         print(f"ceiling at these shapes: {FLOOR}/hf {statistics.median(ceiling):.2f}x (median of rounds "
-              + " ".join(f"{x:.2f}" for x in ceiling) + "): the most any framework running the same "
+              + " ".join(f"{x:.2f}" for x in ceiling) + "): the most any framework running these "
               "GEMMs and attention kernels can gain over HF eager")
     ratios = {}
     for name in steps:

@@ -9,7 +9,9 @@ training steps: forward, backward, gradient clipping at 1.0 and AdamW.
 * HF: ``labels`` with -100 off the supervised text, ``torch.optim.AdamW``, ``clip_grad_norm_``.
 
 Timing is interleaved in rounds (see bench/train_throughput.py, whose harness this reuses);
-the printed ratio is megavlm's median-step tokens/s over HF's. The first-step losses are
+the printed ratio is megavlm's median-step tokens/s over HF's. A "kernel floor" contender runs
+only megavlm's GEMMs and attention kernels (``vlm_kernel_floor_step``): its rate over HF's is
+the ceiling of any framework running those kernels, and megavlm's rate over it what is left. The first-step losses are
 printed too: equal weights and inputs must give equal losses.
 
 Usage: ``python bench/vlm_throughput.py [--threads 2 --mbs 4 --seq 256]``
@@ -30,7 +32,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
 from train_throughput import (  # noqa: E402
-    _default_threads, _free_port, _no_torch_function_modes, add_common_args, compile_hf, phase, run_bench,
+    FLOOR, _default_threads, _free_port, _no_torch_function_modes, add_common_args, compile_hf, kernel_floor, phase,
+    run_bench,
 )
 
 REPO = Path(__file__).resolve().parents[1]
@@ -92,6 +95,37 @@ def make_batch(cfg, a):
     types = (tokens == ids.image_token_id).long()
     hf = dict(input_ids=tokens, mm_token_type_ids=types, pixel_values=pixels, image_grid_thw=grid, labels=hf_labels)
     return batch, hf
+
+
+def vlm_kernel_floor_step(cfg, a, supervised_rows: int):
+    """The VLM step's GEMMs and attention kernels alone (``train_throughput.kernel_floor``),
+    in the shapes megavlm runs: the patch embedding (no input gradient: pixels need none), each
+    ViT layer's QKV, projection and MLP, each merger's two linears (the final one and one per
+    DeepStack level) over the 2x2-merged rows, each decoder layer's fused QKV, output, gate+up
+    and down projections, and the vocabulary projection over the supervised rows only (as
+    ``train.supervised_logits_only`` does; HF projects every token). Attention: per ViT layer
+    one non-causal SDPA with the images in the batch dimension, per decoder layer one causal
+    GQA SDPA."""
+    v, lm = cfg.model.vision, cfg.model.language
+    patches = a.mbs * a.image_patches ** 2
+    merged = patches // cfg.model.projector.spatial_merge_size ** 2
+    merger_width = v.hidden_size * cfg.model.projector.spatial_merge_size ** 2
+    tokens, hd = a.mbs * a.seq, lm.head_dim
+    linears = [(patches, v.in_channels * v.temporal_patch_size * v.patch_size ** 2, v.hidden_size, False)]
+    linears += [(patches, i, o, True) for i, o in ((v.hidden_size, 3 * v.hidden_size), (v.hidden_size, v.hidden_size),
+                                                   (v.hidden_size, v.ffn_hidden_size), (v.ffn_hidden_size, v.hidden_size))
+                ] * v.num_layers
+    linears += [(merged, merger_width, merger_width, True), (merged, merger_width, lm.hidden_size, True)] * (
+        1 + len(v.deepstack_layers))
+    heads, groups = lm.num_attention_heads, lm.num_query_groups
+    linears += [(tokens, i, o, True) for i, o in ((lm.hidden_size, (heads + 2 * groups) * hd), (heads * hd, lm.hidden_size),
+                                                  (lm.hidden_size, 2 * lm.ffn_hidden_size), (lm.ffn_hidden_size, lm.hidden_size))
+                ] * lm.num_layers
+    linears.append((supervised_rows, lm.hidden_size, lm.vocab_size, True))
+    vit_heads = v.num_attention_heads
+    attention = [(a.mbs, vit_heads, vit_heads, a.image_patches ** 2, v.hidden_size // vit_heads, False)] * v.num_layers
+    attention += [(a.mbs, heads, groups, a.seq, hd, True)] * lm.num_layers
+    return kernel_floor(linears, attention)
 
 
 def main() -> None:
@@ -163,6 +197,7 @@ def main() -> None:
     if a.compile:
         steps["hf+compile"], hf_compiled = build_hf()
         compile_hf(hf_compiled)
+    steps[FLOOR] = vlm_kernel_floor_step(cfg, a, supervised_rows=int(batch.loss_mask.count_nonzero()))
     a.warmup = max(a.warmup - 1, 0)  # the first step above was one
     run_bench(a, steps, trainer, tokens=a.mbs * a.seq)
 
