@@ -14,8 +14,8 @@ STEP3-VL: transformers' ``Step3p7ImageProcessor`` (torchvision backend): square 
 tiny thin images, the global view resized to the (downscaled) size and then to 728 x 728, the
 image resized to the crop plan's size, cut into windows, each window resized to 504 x 504;
 bilinear, antialiased, on uint8 (torchvision resizes uint8 CPU tensors with torch's native
-uint8 kernel, ``interpolate(..., antialias=True)``, which this calls directly); rescale and
-CLIP normalization in float32.
+uint8 kernel, ``interpolate(..., antialias=True)``, which this calls directly); the backend's
+fused rescale and CLIP normalization in float32 (``torchvision_normalize``): bit for bit.
 
 Qwen3-VL videos: HF's ``Qwen3VLVideoProcessor``, which has only the torchvision backend and runs
 on the CPU unless given a ``device``: torchvision's ``resize(BICUBIC, antialias=True)`` of the
@@ -130,8 +130,9 @@ def step3_views_u8(image: np.ndarray, plan: R.CropPlan | None = None) -> tuple[t
         resized = _resize_u8(chw, plan.resized)
         for k, (top, left, window) in enumerate(plan.crops):
             crops[k] = _resize_u8(resized[:, top:top + window, left:left + window], (s, s))
-    to_float = lambda x: normalize(x.movedim(-3, -1), R.STEP3_MEAN, R.STEP3_STD)  # noqa: E731
-    return to_float(global_view[None]), to_float(crops)
+    # the processor's torchvision backend fuses rescale and normalize, as for videos
+    return torchvision_normalize(global_view[None], R.STEP3_MEAN, R.STEP3_STD), \
+        torchvision_normalize(crops, R.STEP3_MEAN, R.STEP3_STD)
 
 
 def raster_patches(view: torch.Tensor, patch: int = 14) -> tuple[torch.Tensor, torch.Tensor]:

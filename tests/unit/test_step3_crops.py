@@ -4,6 +4,7 @@ Step3p7ImageProcessor, the open STEP3 processor."""
 from __future__ import annotations
 
 import random
+import types
 from pathlib import Path
 
 import numpy as np
@@ -95,11 +96,13 @@ HF_SIZES = [
 
 
 class _HF:
-    """transformers' Step3p7ImageProcessor planning and cropping methods, as installed, with its
-    two torchvision calls replaced by the torch ops torchvision makes for uint8 CPU tensors
-    (resize: bilinear antialiased ``interpolate`` on uint8; pad: zeros at the bottom/right).
-    torchvision is not installed here, so transformers exposes the class as a dummy: its
-    methods are compiled from the installed module's source (ast) into a plain class."""
+    """transformers' Step3p7ImageProcessor planning and cropping methods, as installed, and its
+    torchvision backend's fused ``rescale_and_normalize``, with the three torchvision calls
+    replaced by what torchvision does for uint8 CPU tensors (resize: bilinear antialiased
+    ``interpolate`` on uint8; pad: zeros at the bottom/right; normalize: ``normalize_image``,
+    subtract then divide by the ``[C, 1, 1]`` mean and std). torchvision is not installed here,
+    so transformers exposes the class as a dummy: its methods are compiled from the installed
+    module's source (ast) into a plain class."""
 
     METHODS = ("_is_extreme_aspect", "_plan_patches", "get_number_of_image_patches", "_get_image_patches")
 
@@ -127,6 +130,17 @@ class _HF:
         self.proc.pad = lambda images, pad_size, **kw: [torch.nn.functional.pad(
             img, (0, pad_size.width - img.shape[-1], 0, pad_size.height - img.shape[-2])) for img in images]
 
+        def normalize(image, mean, std, inplace=False, **kw):  # torchvision's normalize_image
+            mean = torch.as_tensor(mean, dtype=image.dtype).view(-1, 1, 1)
+            std = torch.as_tensor(std, dtype=image.dtype).view(-1, 1, 1)
+            return (image.sub_(mean) if inplace else image.sub(mean)).div_(std)
+
+        from transformers.image_processing_backends import TorchvisionBackend
+
+        self.proc.normalize = normalize
+        for name in ("rescale_and_normalize", "_fuse_mean_std_and_rescale_factor"):
+            setattr(self.proc, name, types.MethodType(getattr(TorchvisionBackend, name), self.proc))
+
     def plan(self, h, w):
         return self.proc._plan_patches(w, h, 728, 504)
 
@@ -138,8 +152,10 @@ class _HF:
         chw = torch.from_numpy(image).permute(2, 0, 1)
         glob, patches, _, _ = self.proc._get_image_patches(chw, 728, 504, PILImageResampling.BILINEAR)
         local = [self.proc.resize(p[None], SizeDict(height=504, width=504))[0] for p in patches]
-        mean, std = torch.tensor(OPENAI_CLIP_MEAN)[:, None, None], torch.tensor(OPENAI_CLIP_STD)[:, None, None]
-        norm = lambda x: (x.float() / 255 - mean) / std  # noqa: E731 - its rescale_and_normalize
+        def norm(x):  # the processor's call: do_rescale, 1 / 255, do_normalize, CLIP mean and std
+            return self.proc.rescale_and_normalize(x, True, 1 / 255, True, tuple(OPENAI_CLIP_MEAN),
+                                                   tuple(OPENAI_CLIP_STD))
+
         return norm(glob), [norm(p) for p in local]
 
 
@@ -168,16 +184,16 @@ def test_step3_plans_equal_transformers(hf):
 @pytest.mark.parametrize("h,w", [(20, 400), (300, 800), (400, 728), (1000, 700), (31, 120)])
 def test_step3_pixels_equal_transformers(hf, h, w):
     """The views megavlm feeds the encoder (global 728 and every 504 crop) equal the
-    processor's to float rounding, for padded, kept-short-side, window-not-504 and plain plans."""
+    processor's bit for bit, for padded, kept-short-side, window-not-504 and plain plans."""
     from megavlm.data.image_pixels import step3_views_u8
 
     image = np.random.default_rng(h * w).integers(0, 256, (h, w, 3), dtype=np.uint8)
     glob, crops = step3_views_u8(image)
     ref_glob, ref_crops = hf.views(image)
     assert len(crops) == len(ref_crops) == R.step3_crop_plan(h, w).num_crops
-    assert (glob[0] - ref_glob).abs().max() < 1e-5
+    assert torch.equal(glob[0], ref_glob)
     for ours, theirs in zip(crops, ref_crops):
-        assert (ours - theirs).abs().max() < 1e-5
+        assert torch.equal(ours, theirs)
 
 
 def test_step3_matches_vllm_processor_counts():
