@@ -162,6 +162,10 @@ class DataConfig:
     # Encoded images (files, bytes): "dali" (NVIDIA DALI, mixed GPU decoding in a CUDA training
     # process, CPU operators otherwise; Pillow takes what DALI cannot, counted) or "pillow".
     image_decoder: str = "dali"
+    # Encoded videos: "dali" (DALI's decoder for the codecs it has, NVDEC on a GPU; PyAV for the
+    # rest, counted) or "pyav" (FFmpeg for every video: the frames HF's own video loaders give,
+    # where DALI's YUV -> RGB conversion differs by a few levels, more at sharp chroma edges).
+    video_decoder: str = "dali"
     # Threads of each DALI decoder (one per training process or loader worker).
     decode_threads: int = 2
     # Qwen3-VL chat template: "instruct" (Qwen3-VL-*-Instruct) or "thinking" (Qwen3-VL-*-Thinking:

@@ -18,6 +18,7 @@ _CHOICES = {
     "train.precision": ("auto", "fp32", "bf16"),
     "data.dataset": ("synthetic_text", "synthetic_multimodal", "shards", "webdataset"),
     "data.image_decoder": ("dali", "pillow"),
+    "data.video_decoder": ("dali", "pyav"),
     "data.split": ("train", "val", "test"),
     "data.chat_template": ("instruct", "thinking"),
     "model.rope.kind": ("rope", "mrope_interleaved", "mrope_chunked"),

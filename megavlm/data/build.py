@@ -38,7 +38,7 @@ def sample_encoder(cfg: Config) -> SampleEncoder:
         )
     return SampleEncoder(Qwen3VLChatTemplate(tokenizer, mode=d.chat_template), min_pixels=d.min_pixels, max_pixels=d.max_pixels,
                          max_length=d.seq_length, family=family, image_decoder=d.image_decoder,
-                         decode_threads=d.decode_threads)
+                         video_decoder=d.video_decoder, decode_threads=d.decode_threads)
 
 
 def pack_alignment(cfg: Config) -> int:

@@ -9,9 +9,9 @@ Decoding (``data.image_decoder``): "dali" decodes encoded images (files, bytes) 
 DALI (``dali_images.ImageDecoder``), batched over a loader step by ``prefetch``; "pillow"
 decodes them with Pillow. With DALI, Pillow still takes what DALI cannot do as HF does
 (transparency composited onto white, 16-bit scaled, formats DALI lacks, files DALI fails
-on) and each such image is counted (``DECODE_COUNTS``). Videos are decoded by DALI, PyAV
-where DALI lacks the codec (``video.VideoDecoder``), counted the same way. In-memory arrays
-need no decoding.
+on) and each such image is counted (``DECODE_COUNTS``). Videos (``data.video_decoder``) are
+decoded by DALI, PyAV where DALI lacks the codec (``video.VideoDecoder``), counted the same
+way; "pyav" decodes every video with PyAV (FFmpeg). In-memory arrays need no decoding.
 
 Process model: on a CUDA machine the decoder in the training process uses DALI's mixed
 (nvJPEG / NVDEC) decoding on the current device (images and videos come back to the host for
@@ -138,11 +138,15 @@ class SampleEncoder:
     """Callable ``Sample -> EncodedSample`` for one tokenizer and preprocessing setting."""
 
     def __init__(self, template: Qwen3VLChatTemplate, *, min_pixels: int, max_pixels: int, max_length: int,
-                 family: str = "qwen3vl", image_decoder: str = "dali", decode_threads: int = 2):
+                 family: str = "qwen3vl", image_decoder: str = "dali", video_decoder: str = "dali",
+                 decode_threads: int = 2):
         if family not in ("qwen3vl", "step3vl"):
             raise ValueError(f"model family {family!r} is not one of qwen3vl, step3vl")
         if image_decoder not in ("dali", "pillow"):
             raise ValueError(f"data.image_decoder={image_decoder!r} is not one of dali, pillow")
+        if video_decoder not in ("dali", "pyav"):
+            raise ValueError(f"data.video_decoder={video_decoder!r} is not one of dali, pyav")
+        self.video_decoder = video_decoder
         self.family = family
         self.template = template
         self.min_pixels, self.max_pixels, self.max_length = min_pixels, max_pixels, max_length
@@ -171,8 +175,10 @@ class SampleEncoder:
                 from megavlm.data.video import VideoDecoder
 
                 # HF's video processor bounds (not the image ones), as the released model was trained
-                self._decoders[kind] = VideoDecoder(mode="qwen3vl", num_threads=self.decode_threads,
-                                                    device=_decode_device())
+                # "pyav": no codec is routed to DALI (``video.select_backend``)
+                self._decoders[kind] = VideoDecoder(
+                    mode="qwen3vl", num_threads=self.decode_threads, device=_decode_device(),
+                    dali_codecs=frozenset() if self.video_decoder == "pyav" else None)
         return self._decoders[kind]
 
     @property

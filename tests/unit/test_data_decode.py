@@ -1,5 +1,6 @@
 """The training path's decoding: DALI (batched per loader step) against the Pillow reference,
-counted fallbacks, per-sample isolation of a corrupt image, HF-exact in-memory videos.
+counted fallbacks, per-sample isolation of a corrupt image, HF-exact in-memory videos, and the
+video decoder choice (``data.video_decoder``).
 
 DALI only decodes; resize, crop and normalize are megavlm.data.image_pixels for every route,
 so the two paths agree to float rounding (asserted: 1e-5) wherever the decoders agree, which
@@ -150,3 +151,38 @@ def test_in_memory_video_equals_hf_video_processor(monkeypatch, n, fps, h, w):
     assert rendered.count(" seconds>") == len(times) == grid[0]
     for t in times:
         assert f"<{t:.1f} seconds>" in rendered
+
+
+def test_video_decoder_pyav_gives_ffmpeg_frames_through_hf_processor(monkeypatch):
+    """``data.video_decoder``: "pyav" decodes a VP9 file with PyAV (FFmpeg, the frames HF's pyav
+    video loader reads) and its pixels equal HF's video processor on those frames; "dali"
+    decodes it with DALI, counted as such, whose YUV -> RGB conversion differs from FFmpeg's by
+    the bound test_video.py measures (here on a smooth clip: about one level)."""
+    from megavlm.data.video import VIDEO_MAX_PIXELS, VIDEO_MIN_PIXELS, VideoDecoder
+    from tests.unit.test_video import _encode, hf_qwen3vl_video
+
+    clip = _encode("libvpx-vp9", "webm", {"crf": "20", "b:v": "0"})
+    sample = Sample(id="v", media=[Media("video", data=clip)], messages=[
+        Message("user", [{"type": "video", "index": 0}, {"type": "text", "text": "Motion?"}]),
+        Message("assistant", [{"type": "text", "text": "to the right"}])])
+    outs = {}
+    for decoder in ("pyav", "dali"):
+        cfg = load_config(None, ["model.preset=qwen3vl-tiny", *ROOT, f"data.video_decoder={decoder}"])
+        outs[decoder] = sample_encoder(cfg)(sample)
+        assert outs[decoder].decode_counts == {f"videos_{decoder}": 1}
+    (ffmpeg,) = VideoDecoder(mode="frames", device="cpu", dali_codecs=frozenset()).decode([clip])
+    assert ffmpeg.backend == "pyav"
+    ref, grid, _ = hf_qwen3vl_video(monkeypatch, ffmpeg.frames.numpy(), min_pixels=VIDEO_MIN_PIXELS,
+                                    max_pixels=VIDEO_MAX_PIXELS)
+    for out in outs.values():
+        assert out.video_grid_thw.tolist() == [grid.tolist()]
+    assert (outs["pyav"].pixel_values_videos - ref).abs().max() <= 1e-6
+    levels = (outs["dali"].pixel_values_videos - ref).abs() * 127.5  # normalized by (x - 127.5) / 127.5
+    assert 0.5 < levels.mean() < 2 and levels.max() <= 8.01
+
+
+def test_video_decoder_key_is_validated():
+    from megavlm.config import ConfigError, validate
+
+    with pytest.raises(ConfigError, match="data.video_decoder: 'decord' is not one of dali, pyav"):
+        validate(load_config(None, ["model.preset=qwen3vl-tiny", *ROOT, "data.video_decoder=decord"]), 1)
