@@ -275,7 +275,7 @@ def test_dali_and_pyav_bound_on_textured_vp9(raw, vp9_big):
     d = a.frames.numpy().astype(np.int16) - b.astype(np.int16)
     assert np.abs(d).mean() < 9 and np.percentile(np.abs(d), 99) <= 32 and np.abs(d).max() <= 64, (
         np.abs(d).mean(), np.percentile(np.abs(d), 99), np.abs(d).max())
-    assert 0 < d.mean() < 3  # the conversion's rounding offset, not a shifted or swapped frame
+    assert abs(d.mean()) < 3  # a rounding offset at most, not a shifted or swapped frame
 
 
 # --- pixels vs HF's own video processor ---------------------------------------------------------
