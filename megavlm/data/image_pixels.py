@@ -57,12 +57,19 @@ def qwen3vl_patches(image: np.ndarray, size: tuple[int, int]) -> tuple[torch.Ten
     return R.patchify(normalize(pillow_resize(image, size), R.QWEN3VL_MEAN, R.QWEN3VL_STD))
 
 
+def _torchvision_resize_u8(x: torch.Tensor, size: tuple[int, int], mode: str) -> torch.Tensor:
+    """uint8 ``[N, 3, H, W]`` -> ``[N, 3, h, w]`` as torchvision resizes a uint8 CPU tensor with
+    ``mode`` ("bilinear" or "bicubic") and antialiasing: torch's native uint8 kernel
+    (``interpolate`` straight on uint8, no float cast, no clamp/round); the input itself when
+    the size is unchanged, as torchvision skips the resize then."""
+    if tuple(x.shape[-2:]) == tuple(size):
+        return x
+    return torch.nn.functional.interpolate(x, size=tuple(size), mode=mode, antialias=True, align_corners=False)
+
+
 def _resize_u8(chw: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
-    """uint8 ``[3, H, W]`` -> ``[3, h, w]``: bilinear, antialiased, torch's uint8 kernel (torchvision's)."""
-    if tuple(chw.shape[-2:]) == tuple(size):
-        return chw
-    return torch.nn.functional.interpolate(chw[None], size=size, mode="bilinear", antialias=True,
-                                           align_corners=False)[0]
+    """uint8 ``[3, H, W]`` -> ``[3, h, w]``, bilinear (STEP3-VL's processor)."""
+    return _torchvision_resize_u8(chw[None], size, "bilinear")[0]
 
 
 def resize_video_u8(frames: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
@@ -81,12 +88,8 @@ def resize_video_u8(frames: torch.Tensor, size: tuple[int, int]) -> torch.Tensor
     """
     if frames.dtype != torch.uint8 or frames.ndim != 4 or frames.shape[1] != 3:
         raise ValueError(f"resize_video_u8: expected uint8 [T, 3, H, W], got {frames.dtype} {tuple(frames.shape)}")
-    frames = frames.cpu()
-    if tuple(frames.shape[-2:]) == tuple(size):
-        return frames
     # contiguous NCHW, as HF hands its stacked frames to torchvision
-    return torch.nn.functional.interpolate(frames.contiguous(), size=tuple(size), mode="bicubic", antialias=True,
-                                           align_corners=False)
+    return _torchvision_resize_u8(frames.cpu().contiguous(), size, "bicubic")
 
 
 def torchvision_normalize(frames: torch.Tensor, mean, std) -> torch.Tensor:
